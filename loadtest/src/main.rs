@@ -1,0 +1,2 @@
+//! `shoal-load`: the load generator. Filled in by the load-test issue.
+fn main() {}
