@@ -6,5 +6,9 @@
 //! never do I/O, read a clock, spawn tasks or depend on a runtime, actor system, Redis or
 //! gRPC crate (DESIGN.md invariant 1): drivers in `shoal-node` and `shoal-loadtest` feed
 //! it bytes and `now`, and carry out the actions it returns.
+pub mod error;
 pub mod framer;
+pub mod ns;
 pub mod sasl;
+pub mod stanza;
+pub mod xml;

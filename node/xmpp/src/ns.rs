@@ -1,0 +1,16 @@
+//! XML namespace names used on the wire, in one place.
+
+pub const CLIENT: &str = "jabber:client";
+pub const SERVER: &str = "jabber:server";
+pub const STREAM: &str = "http://etherx.jabber.org/streams";
+pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
+pub const STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
+pub const STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+pub const TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
+pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+pub const BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
+/// RFC 3921 session establishment, kept for old clients (RFC 6121 dropped it).
+pub const SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
+pub const PING: &str = "urn:xmpp:ping";
+pub const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
+pub const DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
