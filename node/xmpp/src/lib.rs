@@ -6,9 +6,11 @@
 //! never do I/O, read a clock, spawn tasks or depend on a runtime, actor system, Redis or
 //! gRPC crate (DESIGN.md invariant 1): drivers in `shoal-node` and `shoal-loadtest` feed
 //! it bytes and `now`, and carry out the actions it returns.
+pub mod c2s;
 pub mod error;
 pub mod framer;
 pub mod ns;
 pub mod sasl;
 pub mod stanza;
+pub mod stream;
 pub mod xml;

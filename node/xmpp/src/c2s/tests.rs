@@ -1,0 +1,474 @@
+//! Byte-level fixtures for the c2s state machine: every test feeds the exact bytes a
+//! client would send and checks the exact bytes and actions that come back.
+
+use super::*;
+use crate::sasl::{ScramClient, ScramHash, plain_initial_response};
+
+const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
+const RESP_HEADER_PREFIX: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' id='id";
+
+struct Harness {
+    stream: C2sStream,
+    buf: BytesMut,
+    next_id: u32,
+}
+
+impl Harness {
+    fn new(tls_required: bool, secure: bool) -> Self {
+        let config = C2sConfig {
+            domain: BareJid::new("localhost").unwrap(),
+            limits: FramerLimits {
+                max_stanza_size: 4096,
+                max_depth: 8,
+            },
+            tls_available: true,
+            tls_required,
+        };
+        Self {
+            stream: C2sStream::new(config, secure),
+            buf: BytesMut::new(),
+            next_id: 0,
+        }
+    }
+
+    fn feed(&mut self, bytes: &str) -> Vec<Action> {
+        self.buf.extend_from_slice(bytes.as_bytes());
+        let mut next_id = self.next_id;
+        let mut ids = || {
+            next_id += 1;
+            format!("id{next_id}")
+        };
+        let out = self.stream.receive(&mut self.buf, &mut ids);
+        self.next_id = next_id;
+        out
+    }
+
+    fn creds(&mut self, creds: Option<&StoredCredentials>) -> Vec<Action> {
+        let mut n = self.next_id;
+        let mut ids = || {
+            n += 1;
+            format!("nonce{n}")
+        };
+        self.stream.credentials(creds, &mut ids)
+    }
+
+    /// Runs PLAIN to success on a secure stream and restarts.
+    fn authenticate_plain(&mut self) {
+        self.feed(HEADER);
+        let auth = B64.encode(plain_initial_response("juliet", "pencil"));
+        let out = self.feed(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"
+        ));
+        assert_eq!(
+            out,
+            vec![Action::LookupCredentials {
+                user: BareJid::new("juliet@localhost").unwrap()
+            }]
+        );
+        let out = self.creds(Some(&creds()));
+        assert_eq!(
+            sent(&out),
+            "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
+        );
+        let out = self.feed(HEADER);
+        assert!(sent(&out).ends_with("<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session></stream:features>"));
+    }
+
+    fn bind(&mut self, resource: &str) {
+        let out = self.feed(&format!("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"));
+        assert_eq!(
+            out,
+            vec![Action::Bind {
+                resource: Some(resource.into())
+            }]
+        );
+        let jid = BareJid::new("juliet@localhost")
+            .unwrap()
+            .with_resource_str(resource)
+            .unwrap();
+        let out = self.stream.bind_result(Ok(jid));
+        assert_eq!(
+            sent(&out),
+            format!(
+                "<iq id='b1' type='result'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>juliet@localhost/{resource}</jid></bind></iq>"
+            )
+        );
+    }
+}
+
+fn creds() -> StoredCredentials {
+    StoredCredentials::derive("pencil", b"salt-for-sha1-xx", b"salt-for-sha256x", 4096)
+}
+
+/// Everything sent, concatenated.
+fn sent(actions: &[Action]) -> String {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closed_with(actions: &[Action]) -> Option<StreamErrorCondition> {
+    actions.iter().find_map(|a| match a {
+        Action::Close { error } => Some(error.as_ref().map(|e| e.condition)),
+        _ => None,
+    })?
+}
+
+#[test]
+fn plaintext_stream_requires_starttls() {
+    let mut h = Harness::new(true, false);
+    let out = h.feed(HEADER);
+    assert_eq!(
+        sent(&out),
+        format!(
+            "{RESP_HEADER_PREFIX}1' from='localhost' version='1.0' xml:lang='en'><stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls></stream:features>"
+        )
+    );
+    // SASL before TLS is refused with the SASL condition meant for it.
+    let out = h.feed("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'/>");
+    assert_eq!(
+        sent(&out),
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><encryption-required/></failure>"
+    );
+    let out = h.feed("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+    assert_eq!(
+        out,
+        vec![
+            Action::Send("<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>".into()),
+            Action::StartTls
+        ]
+    );
+    assert!(h.stream.is_secure());
+    // After the upgrade a new header gets mechanisms including PLAIN.
+    let out = h.feed(HEADER);
+    assert!(sent(&out).ends_with("<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms></stream:features>"));
+}
+
+#[test]
+fn optional_tls_offers_scram_but_not_plain_in_the_clear() {
+    let mut h = Harness::new(false, false);
+    let out = h.feed(HEADER);
+    assert!(sent(&out).ends_with("<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism></mechanisms></stream:features>"));
+    let out = h.feed("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGp1bGlldABwZW5jaWw=</auth>");
+    assert_eq!(
+        sent(&out),
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><invalid-mechanism/></failure>"
+    );
+}
+
+#[test]
+fn starttls_injection_is_refused() {
+    let mut h = Harness::new(true, false);
+    h.feed(HEADER);
+    // The attacker's bytes arrive in the same read as <starttls/>.
+    let out = h.feed(&format!(
+        "<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>{HEADER}"
+    ));
+    assert_eq!(
+        closed_with(&out),
+        Some(StreamErrorCondition::PolicyViolation)
+    );
+    assert!(!out.contains(&Action::StartTls));
+    assert!(!sent(&out).contains("proceed"));
+}
+
+#[test]
+fn scram_sha256_full_negotiation() {
+    let mut h = Harness::new(true, true);
+    h.feed(HEADER);
+    let mut client = ScramClient::new(ScramHash::Sha256, "juliet", "pencil", "cnonce".into());
+    let first = B64.encode(client.client_first());
+    let out = h.feed(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>{first}</auth>"
+    ));
+    assert!(
+        matches!(&out[..], [Action::LookupCredentials { user }] if user.as_str() == "juliet@localhost")
+    );
+    let out = h.creds(Some(&creds()));
+    let challenge = sent(&out);
+    let b64 = challenge
+        .strip_prefix("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
+        .and_then(|s| s.strip_suffix("</challenge>"))
+        .unwrap();
+    let final_msg = client.handle_challenge(&B64.decode(b64).unwrap()).unwrap();
+    let out = h.feed(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
+        B64.encode(final_msg)
+    ));
+    let success = sent(&out);
+    let v = success
+        .strip_prefix("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
+        .and_then(|s| s.strip_suffix("</success>"))
+        .unwrap();
+    client.verify_success(&B64.decode(v).unwrap()).unwrap();
+    assert!(out.contains(&Action::Authenticated {
+        user: BareJid::new("juliet@localhost").unwrap(),
+        mechanism: Mechanism::ScramSha256
+    }));
+}
+
+#[test]
+fn sasl_failures_have_rfc_conditions() {
+    let mut h = Harness::new(true, true);
+    h.feed(HEADER);
+    let fail =
+        |c: &str| format!("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><{c}/></failure>");
+    // Unknown mechanism.
+    let out = h.feed("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'/>");
+    assert_eq!(sent(&out), fail("invalid-mechanism"));
+    // Bad base64.
+    let out = h.feed(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!!notbase64</auth>",
+    );
+    assert_eq!(sent(&out), fail("incorrect-encoding"));
+    assert!(out.contains(&Action::AuthFailed {
+        mechanism: Some(Mechanism::Plain),
+        condition: SaslFailure::IncorrectEncoding
+    }));
+    // Third failure closes the stream.
+    let out = h.feed(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>",
+        B64.encode(b"no-nul-separators")
+    ));
+    assert!(sent(&out).starts_with(&fail("malformed-request")));
+    assert_eq!(
+        closed_with(&out),
+        Some(StreamErrorCondition::PolicyViolation)
+    );
+}
+
+#[test]
+fn wrong_password_is_not_authorized() {
+    let mut h = Harness::new(true, true);
+    h.feed(HEADER);
+    let auth = B64.encode(plain_initial_response("juliet", "wrong"));
+    h.feed(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"
+    ));
+    let out = h.creds(Some(&creds()));
+    assert_eq!(
+        sent(&out),
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>"
+    );
+    // Unknown account: the same answer.
+    let auth = B64.encode(plain_initial_response("nobody", "pencil"));
+    h.feed(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"
+    ));
+    let out = h.creds(None);
+    assert_eq!(
+        sent(&out),
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>"
+    );
+}
+
+#[test]
+fn abort_is_answered() {
+    let mut h = Harness::new(true, true);
+    h.feed(HEADER);
+    h.feed("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'/>");
+    let out = h.feed("<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>");
+    assert_eq!(
+        sent(&out),
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><aborted/></failure>"
+    );
+}
+
+#[test]
+fn stanzas_before_auth_are_not_authorized() {
+    let mut h = Harness::new(true, true);
+    h.feed(HEADER);
+    let out = h.feed("<message to='romeo@localhost'><body>hi</body></message>");
+    assert_eq!(closed_with(&out), Some(StreamErrorCondition::NotAuthorized));
+    assert!(sent(&out).ends_with("<stream:error><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>stanzas are not allowed before authentication and resource binding</text></stream:error></stream:stream>"));
+}
+
+#[test]
+fn bad_headers_get_our_header_then_the_error() {
+    use StreamErrorCondition::*;
+    for (header, want) in [
+        (
+            HEADER.replace("jabber:client", "jabber:server"),
+            InvalidNamespace,
+        ),
+        (
+            HEADER.replace("to='localhost'", "to='example.org'"),
+            HostUnknown,
+        ),
+        (
+            HEADER.replace("version='1.0'", "version='0.9'"),
+            UnsupportedVersion,
+        ),
+    ] {
+        let mut h = Harness::new(true, false);
+        let out = h.feed(&header);
+        assert_eq!(closed_with(&out), Some(want), "{header}");
+        let text = sent(&out);
+        assert!(text.starts_with(RESP_HEADER_PREFIX), "{text}");
+        assert!(
+            text.contains(&format!("<stream:error><{} ", want.as_str())),
+            "{text}"
+        );
+        assert!(text.ends_with("</stream:error></stream:stream>"));
+        // Nothing after the close is processed.
+        assert!(h.feed("<presence/>").is_empty());
+    }
+}
+
+#[test]
+fn framer_faults_become_stream_errors() {
+    use StreamErrorCondition::*;
+    let big = format!("<message><body>{}</body></message>", "a".repeat(5000));
+    let deep = format!("<message>{}{}</message>", "<a>".repeat(9), "</a>".repeat(9));
+    for (input, want) in [
+        ("<!-- c -->".to_string(), RestrictedXml),
+        (
+            "<message><body>&ent;</body></message>".to_string(),
+            RestrictedXml,
+        ),
+        ("<message><a></b></message>".to_string(), NotWellFormed),
+        ("junk".to_string(), NotWellFormed),
+        (big, PolicyViolation),
+        (deep, PolicyViolation),
+        ("<message><x:y/></message>".to_string(), BadNamespacePrefix),
+    ] {
+        let mut h = Harness::new(true, false);
+        h.feed(HEADER);
+        let out = h.feed(&input);
+        assert_eq!(closed_with(&out), Some(want), "{input}");
+    }
+    // Invalid UTF-8, which a &str fixture cannot hold.
+    let mut h = Harness::new(true, false);
+    h.feed(HEADER);
+    h.buf
+        .extend_from_slice(b"<message><body>\xff\xfe</body></message>");
+    let out = h.stream.receive(&mut h.buf, &mut || "x".into());
+    assert_eq!(closed_with(&out), Some(NotWellFormed));
+}
+
+#[test]
+fn bind_session_and_from_stamping() {
+    let mut h = Harness::new(true, true);
+    h.authenticate_plain();
+    // Stanzas other than bind before binding.
+    let out = h.feed("<iq type='get' id='q'><query xmlns='jabber:iq:roster'/></iq>");
+    assert_eq!(
+        sent(&out),
+        "<iq id='q' type='error'><error type='auth'><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+    );
+    // An invalid resource is a bad request.
+    let out = h.feed("<iq type='set' id='b0'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>a\u{7}b</resource></bind></iq>");
+    assert_eq!(
+        sent(&out),
+        "<iq id='b0' type='error'><error type='modify'><bad-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+    );
+    h.bind("balcony");
+    assert_eq!(h.stream.jid().unwrap().as_str(), "juliet@localhost/balcony");
+
+    // Legacy session establishment is answered directly.
+    let out = h
+        .feed("<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>");
+    assert_eq!(
+        sent(&out),
+        "<iq to='juliet@localhost/balcony' id='s1' type='result'/>"
+    );
+
+    // The server stamps 'from'.
+    let out = h.feed("<message to='romeo@localhost'><body>hi</body></message>");
+    match &out[..] {
+        [Action::Stanza(st)] => {
+            assert_eq!(
+                st.from.as_ref().unwrap().as_str(),
+                "juliet@localhost/balcony"
+            );
+            assert_eq!(
+                st.to_xml(),
+                "<message to='romeo@localhost' from='juliet@localhost/balcony'><body>hi</body></message>"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Its own bare JID as 'from' is fine (and becomes the full JID).
+    let out = h.feed("<presence from='juliet@localhost'/>");
+    assert!(
+        matches!(&out[..], [Action::Stanza(st)] if st.from.as_ref().unwrap().as_str() == "juliet@localhost/balcony")
+    );
+
+    // A bad 'to' gets a stanza error, the stream survives.
+    let out = h.feed("<message to='a@b@c' id='m1'/>");
+    assert!(sent(&out).contains("<jid-malformed "));
+    assert_eq!(closed_with(&out), None);
+
+    // A spoofed 'from' ends the stream.
+    let out = h.feed("<message from='romeo@localhost/orchard' to='x@localhost'/>");
+    assert_eq!(closed_with(&out), Some(StreamErrorCondition::InvalidFrom));
+}
+
+#[test]
+fn bind_conflict_keeps_waiting_for_bind() {
+    let mut h = Harness::new(true, true);
+    h.authenticate_plain();
+    h.feed("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>");
+    let out = h.stream.bind_result(Err(StanzaError::new(
+        StanzaErrorCondition::ResourceConstraint,
+    )));
+    assert_eq!(
+        sent(&out),
+        "<iq id='b1' type='error'><error type='wait'><resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+    );
+    h.bind("again");
+}
+
+#[test]
+fn stream_close_is_mirrored() {
+    let mut h = Harness::new(true, true);
+    h.authenticate_plain();
+    h.bind("r");
+    let out = h.feed(" </stream:stream>");
+    assert_eq!(
+        out,
+        vec![
+            Action::Send("</stream:stream>".into()),
+            Action::Close { error: None }
+        ]
+    );
+}
+
+#[test]
+fn every_split_point_negotiates_the_same() {
+    // A whole session in one string, fed in two pieces cut at every byte.
+    let auth = B64.encode(plain_initial_response("juliet", "pencil"));
+    let part1 = format!(
+        "{HEADER}<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"
+    );
+    for cut in 0..=part1.len() {
+        let mut h = Harness::new(true, true);
+        let mut out = h.feed(&part1[..cut]);
+        out.extend(h.feed(&part1[cut..]));
+        assert_eq!(
+            out.last(),
+            Some(&Action::LookupCredentials {
+                user: BareJid::new("juliet@localhost").unwrap()
+            }),
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn shutdown_close() {
+    let mut h = Harness::new(true, true);
+    h.authenticate_plain();
+    h.bind("r");
+    let out = h
+        .stream
+        .close_with(StreamError::new(StreamErrorCondition::SystemShutdown));
+    assert_eq!(
+        sent(&out),
+        "<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>"
+    );
+}
