@@ -1,0 +1,963 @@
+//! Node configuration: one optional TOML file plus `SHOAL_*` environment overrides,
+//! turned into one typed struct per component.
+//!
+//! This module owns the list of keys, their defaults (with the reason for each next to
+//! the field), and validation. Loading never stops at the first problem: every type
+//! error, unknown key and out-of-range value is collected and reported together, so an
+//! operator fixes a config in one round trip instead of one restart per typo.
+//!
+//! It must never act on the configuration: it opens no sockets, creates no directories
+//! and generates no certificates. It only reads the one file it is given.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Environment variables with the `SHOAL_` prefix that are not config keys and so must
+/// not be reported as unknown.
+const NON_KEY_ENV_VARS: &[&str] = &["SHOAL_LOG", "SHOAL_CONFIG"];
+
+/// The whole node configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `domain`, default `localhost`: the XMPP domain this node serves. `localhost` lets a
+    /// fresh install accept local clients without any DNS set up.
+    pub domain: String,
+    /// `data_dir`, default `./data`: where the embedded store and the generated
+    /// certificate live unless their own paths are given. Relative to the working
+    /// directory so a first start needs no configuration at all.
+    pub data_dir: PathBuf,
+    pub storage: StorageConfig,
+    pub tls: TlsConfig,
+    pub c2s: C2sConfig,
+    pub limits: LimitsConfig,
+    pub registration: RegistrationConfig,
+    pub admin: AdminConfig,
+    pub cluster: ClusterConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// Which storage backend holds accounts and the rest of the persistent state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageBackend {
+    /// A single redb file: durable, needs no external service.
+    Embedded,
+    /// Process memory: everything is lost on exit. For tests and throwaway nodes.
+    Memory,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// `storage.backend`, default `embedded`: single-node installs should keep their data
+    /// across restarts without running anything else.
+    pub backend: StorageBackend,
+    /// `storage.path`, default `<data_dir>/shoal.redb`: the embedded store's file. Unused
+    /// by the memory backend.
+    pub path: PathBuf,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// `tls.cert`, default `<data_dir>/tls/cert.pem`: PEM certificate chain.
+    pub cert: PathBuf,
+    /// `tls.key`, default `<data_dir>/tls/key.pem`: PEM private key.
+    pub key: PathBuf,
+    /// True when neither `tls.cert` nor `tls.key` was given: the node generates a
+    /// self-signed certificate at the default paths on first start (and reuses it
+    /// afterwards), so TLS works out of the box. Certificates the operator names are
+    /// never generated or overwritten.
+    pub self_signed: bool,
+}
+
+/// `[c2s]`: client-to-server listeners and per-connection limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct C2sConfig {
+    /// `c2s.bind`, default `0.0.0.0:5222`: the STARTTLS listener on the IANA c2s port.
+    pub bind: SocketAddr,
+    /// `c2s.direct_tls_bind`, default `0.0.0.0:5223`: the XEP-0368 direct TLS listener,
+    /// on by default because it saves clients a round trip. An empty string disables it.
+    pub direct_tls_bind: Option<SocketAddr>,
+    /// `c2s.starttls_required`, default `true`: RFC 6120 §5.1 says servers should require
+    /// TLS; turning it off is only for debugging with plaintext captures.
+    pub starttls_required: bool,
+    /// `c2s.max_stanza_size`, default 262144 bytes, allowed 4096..=16 MiB: the largest
+    /// top-level element accepted. 256 KiB fits avatars and file-transfer offers;
+    /// RFC 6120 §13.12 requires at least 10000 bytes, and beyond 16 MiB one client could
+    /// pin too much memory.
+    pub max_stanza_size: usize,
+    /// `c2s.max_depth`, default 32, allowed 2..=256: the deepest element nesting accepted.
+    /// Real stanzas rarely exceed 10 levels; the cap keeps parsing cost linear.
+    pub max_depth: usize,
+    /// `c2s.negotiation_timeout_secs`, default 30 s, must be > 0: time allowed from TCP
+    /// accept to resource binding, so half-open or stalled handshakes free their slot.
+    pub negotiation_timeout: Duration,
+    /// `c2s.idle_timeout_secs`, default 600 s, must be > 0: an established stream that
+    /// sends nothing for this long is closed. Ten minutes outlasts mobile clients' usual
+    /// keepalive interval.
+    pub idle_timeout: Duration,
+    /// `c2s.outbound_buffer_max`, default 1048576 bytes, must be ≥ `max_stanza_size`: how
+    /// much unsent output a slow reader may accumulate before it is disconnected. Four
+    /// maximum-size stanzas; smaller than one stanza could never be delivered.
+    pub outbound_buffer_max: usize,
+    /// `c2s.read_rate_bytes_per_sec`, default 0 = unlimited: per-connection read traffic
+    /// shaping. Off by default because the right rate depends on the deployment.
+    pub read_rate_bytes_per_sec: u64,
+    /// `c2s.read_burst_bytes`, default 65536, must be > 0 when shaping is on: how far a
+    /// connection may run ahead of the shaping rate, so short bursts (login, roster
+    /// fetch) are not slowed.
+    pub read_burst_bytes: u64,
+    /// `c2s.max_connections`, default 100000, must be > 0: total c2s connections this node
+    /// accepts, a bound on memory and file descriptors.
+    pub max_connections: usize,
+}
+
+/// `[limits]`: abuse limits keyed by client IP or account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// `limits.connections_per_ip_per_minute`, default 120, 0 = unlimited: generous for
+    /// NATed offices, low enough to blunt connection floods.
+    pub connections_per_ip_per_minute: u32,
+    /// `limits.auth_failures_per_ip_per_minute`, default 10, 0 = unlimited: slows password
+    /// guessing without locking out someone who mistyped a few times.
+    pub auth_failures_per_ip_per_minute: u32,
+    /// `limits.max_resources_per_user`, default 10, must be > 0: concurrent sessions per
+    /// account, enough for every device a person owns.
+    pub max_resources_per_user: usize,
+}
+
+/// `[registration]`: XEP-0077 in-band registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationConfig {
+    /// `registration.enabled`, default `true`: a fresh node should be usable without an
+    /// admin tool to create the first accounts.
+    pub enabled: bool,
+    /// `registration.per_ip_per_hour`, default 10, 0 = unlimited: bounds account spam from
+    /// one address.
+    pub per_ip_per_hour: u32,
+}
+
+/// `[admin]`: the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// `admin.bind`, default `127.0.0.1:9090`: loopback only, because metrics are not for
+    /// the public internet; set `0.0.0.0:9090` for scraping from outside a pod. An empty
+    /// string disables it.
+    pub bind: Option<SocketAddr>,
+}
+
+/// `[cluster]`: how work is divided into shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `cluster.shards`, default 1024, a power of two in 16..=65536: the number of shards
+    /// bare JIDs hash onto. A power of two so the shard is a mask of the hash; 1024 spreads
+    /// evenly over many nodes while keeping per-shard overhead small. Must be the same on
+    /// every node of a cluster.
+    pub shards: u32,
+    /// `cluster.shard_hosts`, default 0 = one per CPU core: how many shard-host tasks run
+    /// the shards on this node. Use [`ClusterConfig::effective_shard_hosts`].
+    pub shard_hosts: usize,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownConfig {
+    /// `shutdown.grace_secs`, default 10 s: how long a draining node waits for streams to
+    /// close and shards to hand off before exiting anyway. Well under Kubernetes' default
+    /// 30 s termination grace period.
+    pub grace: Duration,
+}
+
+impl ClusterConfig {
+    /// The number of shard hosts to run: `shard_hosts`, or the CPU count when it is 0.
+    pub fn effective_shard_hosts(&self) -> usize {
+        if self.shard_hosts > 0 {
+            return self.shard_hosts;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+impl Default for Config {
+    /// The configuration used with no file and no environment overrides.
+    fn default() -> Self {
+        Self::load(None, std::iter::empty()).expect("built-in defaults are valid")
+    }
+}
+
+impl Config {
+    /// Loads the configuration from an optional TOML file, then applies `SHOAL_*`
+    /// overrides from `env` (usually `std::env::vars()`), then validates everything.
+    ///
+    /// An override's name is its key path with dots as `_`, uppercased:
+    /// `c2s.max_stanza_size` is `SHOAL_C2S_MAX_STANZA_SIZE`. Overrides win over the file.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let table = match path {
+            Some(path) => read_file(path).unwrap_or_else(|e| {
+                // Keep going with an empty file so environment problems are reported too.
+                errors.push(e);
+                toml::Table::new()
+            }),
+            None => toml::Table::new(),
+        };
+        let env = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("SHOAL_") && !NON_KEY_ENV_VARS.contains(&k.as_str()))
+            .collect();
+        let mut r = Reader::new(table, env, errors);
+        let config = read_config(&mut r);
+        r.finish()?;
+        Ok(config)
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+}
+
+/// Reads every known key, then checks ranges and relations between keys. Range checks
+/// are skipped for keys that already failed to parse, so one mistake yields one error.
+fn read_config(r: &mut Reader) -> Config {
+    let domain: String = r.get("domain", "localhost".to_owned());
+    if let Err(reason) = validate_domain(&domain) {
+        r.invalid("domain", reason);
+    }
+    let data_dir: PathBuf = r.get("data_dir", PathBuf::from("./data"));
+
+    let storage = StorageConfig {
+        backend: r.get("storage.backend", StorageBackend::Embedded),
+        path: r.get("storage.path", data_dir.join("shoal.redb")),
+    };
+
+    let cert: Option<PathBuf> = r.get("tls.cert", None);
+    let key: Option<PathBuf> = r.get("tls.key", None);
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => TlsConfig {
+            cert,
+            key,
+            self_signed: false,
+        },
+        (cert, key) => {
+            // One without the other is almost certainly a mistake; generating a key for a
+            // given certificate (or the reverse) could never produce a working pair.
+            if !r.failed("tls.cert") && !r.failed("tls.key") && (cert.is_some() || key.is_some()) {
+                let (given, missing) = if cert.is_some() {
+                    ("tls.cert", "tls.key")
+                } else {
+                    ("tls.key", "tls.cert")
+                };
+                r.invalid(
+                    given,
+                    format!("is set but {missing} is not; give both or neither"),
+                );
+            }
+            TlsConfig {
+                cert: data_dir.join("tls").join("cert.pem"),
+                key: data_dir.join("tls").join("key.pem"),
+                self_signed: true,
+            }
+        }
+    };
+
+    let c2s = C2sConfig {
+        bind: r.get("c2s.bind", SocketAddr::from(([0, 0, 0, 0], 5222))),
+        direct_tls_bind: r.get(
+            "c2s.direct_tls_bind",
+            Some(SocketAddr::from(([0, 0, 0, 0], 5223))),
+        ),
+        starttls_required: r.get("c2s.starttls_required", true),
+        max_stanza_size: r.get_in("c2s.max_stanza_size", 262_144, 4096..=16 << 20),
+        max_depth: r.get_in("c2s.max_depth", 32, 2..=256),
+        negotiation_timeout: r.get_secs("c2s.negotiation_timeout_secs", 30),
+        idle_timeout: r.get_secs("c2s.idle_timeout_secs", 600),
+        outbound_buffer_max: r.get("c2s.outbound_buffer_max", 1_048_576),
+        read_rate_bytes_per_sec: r.get("c2s.read_rate_bytes_per_sec", 0),
+        read_burst_bytes: r.get("c2s.read_burst_bytes", 65_536),
+        max_connections: r.get_at_least("c2s.max_connections", 100_000, 1),
+    };
+    for (key, value) in [
+        ("c2s.negotiation_timeout_secs", c2s.negotiation_timeout),
+        ("c2s.idle_timeout_secs", c2s.idle_timeout),
+    ] {
+        if !r.failed(key) && value.is_zero() {
+            r.invalid(key, "must be greater than 0".to_owned());
+        }
+    }
+    if !r.failed("c2s.outbound_buffer_max")
+        && !r.failed("c2s.max_stanza_size")
+        && c2s.outbound_buffer_max < c2s.max_stanza_size
+    {
+        r.invalid(
+            "c2s.outbound_buffer_max",
+            format!(
+                "is {} but must be at least c2s.max_stanza_size ({}), or a maximum-size \
+                 stanza could never be sent",
+                c2s.outbound_buffer_max, c2s.max_stanza_size
+            ),
+        );
+    }
+    if !r.failed("c2s.read_burst_bytes")
+        && !r.failed("c2s.read_rate_bytes_per_sec")
+        && c2s.read_rate_bytes_per_sec > 0
+        && c2s.read_burst_bytes == 0
+    {
+        r.invalid(
+            "c2s.read_burst_bytes",
+            "must be greater than 0 when c2s.read_rate_bytes_per_sec is set".to_owned(),
+        );
+    }
+
+    let limits = LimitsConfig {
+        connections_per_ip_per_minute: r.get("limits.connections_per_ip_per_minute", 120),
+        auth_failures_per_ip_per_minute: r.get("limits.auth_failures_per_ip_per_minute", 10),
+        max_resources_per_user: r.get_at_least("limits.max_resources_per_user", 10, 1),
+    };
+    let registration = RegistrationConfig {
+        enabled: r.get("registration.enabled", true),
+        per_ip_per_hour: r.get("registration.per_ip_per_hour", 10),
+    };
+    let admin = AdminConfig {
+        bind: r.get("admin.bind", Some(SocketAddr::from(([127, 0, 0, 1], 9090)))),
+    };
+
+    let cluster = ClusterConfig {
+        shards: r.get_in("cluster.shards", 1024, 16..=65_536),
+        shard_hosts: r.get("cluster.shard_hosts", 0),
+    };
+    if !r.failed("cluster.shards") && !cluster.shards.is_power_of_two() {
+        r.invalid(
+            "cluster.shards",
+            format!("is {} but must be a power of two", cluster.shards),
+        );
+    }
+    let shutdown = ShutdownConfig {
+        grace: r.get_secs("shutdown.grace_secs", 10),
+    };
+
+    Config {
+        domain,
+        data_dir,
+        storage,
+        tls,
+        c2s,
+        limits,
+        registration,
+        admin,
+        cluster,
+        shutdown,
+    }
+}
+
+/// The checks a served domain must pass (RFC 7622 §3.2, without IDNA processing).
+fn validate_domain(domain: &str) -> Result<(), String> {
+    if domain.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if domain.len() > 1023 {
+        return Err(format!("is {} bytes long; the limit is 1023", domain.len()));
+    }
+    if let Some(c) = domain
+        .chars()
+        .find(|c| matches!(c, '@' | '/') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{domain:?} contains {c:?}, which no domain may contain"
+        ));
+    }
+    Ok(())
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    File,
+    Env(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File => f.write_str("config file"),
+            Self::Env(var) => write!(f, "environment variable {var}"),
+        }
+    }
+}
+
+/// One problem found while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {} is not valid TOML: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key} (from {origin}): expected {expected}, found {found}")]
+    WrongType {
+        key: String,
+        origin: Origin,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("unknown key `{key}` in config file")]
+    UnknownKey { key: String },
+    #[error("unknown environment variable {var}: no config key has that name")]
+    UnknownEnv { var: String },
+    #[error("{key} {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// Every problem found while loading the configuration, in the order found.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn errors(&self) -> &[ConfigError] {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A type a config key can have: how to read it from TOML and from an environment
+/// variable's text.
+trait ConfigValue: Sized {
+    /// What a valid value looks like, for error messages.
+    const EXPECTED: &'static str;
+    fn from_toml(value: &toml::Value) -> Option<Self>;
+    fn from_env(text: &str) -> Option<Self>;
+}
+
+macro_rules! unsigned_config_value {
+    ($($t:ty),*) => {$(
+        impl ConfigValue for $t {
+            const EXPECTED: &'static str = concat!("a non-negative integer fitting ", stringify!($t));
+            fn from_toml(value: &toml::Value) -> Option<Self> {
+                value.as_integer().and_then(|i| <$t>::try_from(i).ok())
+            }
+            fn from_env(text: &str) -> Option<Self> {
+                text.trim().parse().ok()
+            }
+        }
+    )*};
+}
+unsigned_config_value!(u32, u64, usize);
+
+impl ConfigValue for bool {
+    const EXPECTED: &'static str = "true or false";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value.as_bool()
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    }
+}
+
+impl ConfigValue for String {
+    const EXPECTED: &'static str = "a string";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value.as_str().map(str::to_owned)
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        Some(text.to_owned())
+    }
+}
+
+impl ConfigValue for PathBuf {
+    const EXPECTED: &'static str = "a non-empty path";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value.as_str().and_then(Self::from_env)
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        (!text.is_empty()).then(|| PathBuf::from(text))
+    }
+}
+
+/// Optional paths: an empty string means "not set", so an override can unset a path the
+/// file gives.
+impl ConfigValue for Option<PathBuf> {
+    const EXPECTED: &'static str = "a path, or \"\" for none";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value.as_str().and_then(Self::from_env)
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        Some((!text.is_empty()).then(|| PathBuf::from(text)))
+    }
+}
+
+impl ConfigValue for SocketAddr {
+    const EXPECTED: &'static str = "an IP address and port such as \"0.0.0.0:5222\"";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value.as_str().and_then(Self::from_env)
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        text.trim().parse().ok()
+    }
+}
+
+/// Optional listeners: an empty string disables them.
+impl ConfigValue for Option<SocketAddr> {
+    const EXPECTED: &'static str =
+        "an IP address and port such as \"0.0.0.0:5222\", or \"\" to disable";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value.as_str().and_then(Self::from_env)
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        let text = text.trim();
+        if text.is_empty() {
+            Some(None)
+        } else {
+            text.parse().ok().map(Some)
+        }
+    }
+}
+
+impl ConfigValue for StorageBackend {
+    const EXPECTED: &'static str = "\"embedded\" or \"memory\"";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value.as_str().and_then(Self::from_env)
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        match text.trim() {
+            "embedded" => Some(Self::Embedded),
+            "memory" => Some(Self::Memory),
+            _ => None,
+        }
+    }
+}
+
+/// Reads keys out of the file and the environment, consuming each as it goes so that
+/// whatever is left at the end is unknown, and collecting every error on the way.
+struct Reader {
+    /// The file's leaf values by dotted key path.
+    file: BTreeMap<String, toml::Value>,
+    /// `SHOAL_*` variables not yet matched to a key.
+    env: BTreeMap<String, String>,
+    errors: Vec<ConfigError>,
+    /// Keys whose value was present but unusable; their defaults stand in, and checks
+    /// that depend on them are skipped.
+    failed: HashSet<&'static str>,
+}
+
+impl Reader {
+    fn new(table: toml::Table, env: BTreeMap<String, String>, errors: Vec<ConfigError>) -> Self {
+        let mut file = BTreeMap::new();
+        flatten("", table, &mut file);
+        Self {
+            file,
+            env,
+            errors,
+            failed: HashSet::new(),
+        }
+    }
+
+    /// The value of `key`: the environment override if set, else the file's value, else
+    /// `default`. A value of the wrong type is recorded and `default` returned.
+    fn get<T: ConfigValue>(&mut self, key: &'static str, default: T) -> T {
+        let var = env_var_name(key);
+        // Always consume the file entry, even when the environment overrides it, so it is
+        // not later reported as unknown.
+        let from_file = self.file.remove(key);
+        let parsed = if let Some(text) = self.env.remove(&var) {
+            T::from_env(&text).ok_or_else(|| (Origin::Env(var), format!("{text:?}")))
+        } else if let Some(value) = from_file {
+            T::from_toml(&value).ok_or_else(|| (Origin::File, describe(&value)))
+        } else {
+            return default;
+        };
+        parsed.unwrap_or_else(|(origin, found)| {
+            self.failed.insert(key);
+            self.errors.push(ConfigError::WrongType {
+                key: key.to_owned(),
+                origin,
+                expected: T::EXPECTED,
+                found,
+            });
+            default
+        })
+    }
+
+    /// Like [`Reader::get`], and also requires the value to be within `range`.
+    fn get_in<T>(&mut self, key: &'static str, default: T, range: std::ops::RangeInclusive<T>) -> T
+    where
+        T: ConfigValue + PartialOrd + fmt::Display + Copy,
+    {
+        let value = self.get(key, default);
+        if !self.failed(key) && !range.contains(&value) {
+            self.invalid(
+                key,
+                format!(
+                    "is {value} but must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+            return default;
+        }
+        value
+    }
+
+    /// Like [`Reader::get`], and also requires the value to be at least `min`.
+    fn get_at_least(&mut self, key: &'static str, default: usize, min: usize) -> usize {
+        let value = self.get(key, default);
+        if !self.failed(key) && value < min {
+            self.invalid(key, format!("is {value} but must be at least {min}"));
+            return default;
+        }
+        value
+    }
+
+    /// A duration given in whole seconds.
+    fn get_secs(&mut self, key: &'static str, default_secs: u64) -> Duration {
+        Duration::from_secs(self.get(key, default_secs))
+    }
+
+    fn failed(&self, key: &'static str) -> bool {
+        self.failed.contains(key)
+    }
+
+    fn invalid(&mut self, key: &'static str, reason: String) {
+        self.failed.insert(key);
+        self.errors.push(ConfigError::Invalid {
+            key: key.to_owned(),
+            reason,
+        });
+    }
+
+    /// Reports whatever was not consumed, then all errors if there are any.
+    fn finish(mut self) -> Result<(), ConfigErrors> {
+        for key in std::mem::take(&mut self.file).into_keys() {
+            self.errors.push(ConfigError::UnknownKey { key });
+        }
+        for var in std::mem::take(&mut self.env).into_keys() {
+            self.errors.push(ConfigError::UnknownEnv { var });
+        }
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+}
+
+/// The override variable for a key: `c2s.max_stanza_size` → `SHOAL_C2S_MAX_STANZA_SIZE`.
+fn env_var_name(key: &str) -> String {
+    format!("SHOAL_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// Collects the leaves of `table` under dotted paths. Sections are tables, so a section
+/// given as a scalar (`c2s = 5`) stays a leaf and is reported as an unknown key.
+fn flatten(prefix: &str, table: toml::Table, out: &mut BTreeMap<String, toml::Value>) {
+    for (k, v) in table {
+        let path = if prefix.is_empty() {
+            k
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => flatten(&path, t, out),
+            v => {
+                out.insert(path, v);
+            }
+        }
+    }
+}
+
+/// A short description of a TOML value for "expected X, found Y" messages.
+fn describe(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => format!("the string {s:?}"),
+        toml::Value::Integer(i) => format!("the integer {i}"),
+        toml::Value::Float(x) => format!("the float {x}"),
+        toml::Value::Boolean(b) => format!("the boolean {b}"),
+        toml::Value::Datetime(d) => format!("the datetime {d}"),
+        toml::Value::Array(_) => "an array".to_owned(),
+        toml::Value::Table(_) => "a table".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn load_err(path: Option<&Path>, vars: &[(&str, &str)]) -> Vec<ConfigError> {
+        Config::load(path, env(vars)).unwrap_err().0
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.domain, "localhost");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.storage.backend, StorageBackend::Embedded);
+        assert_eq!(c.storage.path, PathBuf::from("./data/shoal.redb"));
+        assert!(c.tls.self_signed);
+        assert_eq!(c.tls.cert, PathBuf::from("./data/tls/cert.pem"));
+        assert_eq!(c.tls.key, PathBuf::from("./data/tls/key.pem"));
+        assert_eq!(c.c2s.bind, "0.0.0.0:5222".parse().unwrap());
+        assert_eq!(c.c2s.direct_tls_bind, Some("0.0.0.0:5223".parse().unwrap()));
+        assert!(c.c2s.starttls_required);
+        assert_eq!(c.c2s.max_stanza_size, 262_144);
+        assert_eq!(c.c2s.max_depth, 32);
+        assert_eq!(c.c2s.negotiation_timeout, Duration::from_secs(30));
+        assert_eq!(c.c2s.idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.c2s.outbound_buffer_max, 1_048_576);
+        assert_eq!(c.c2s.read_rate_bytes_per_sec, 0);
+        assert_eq!(c.c2s.read_burst_bytes, 65_536);
+        assert_eq!(c.c2s.max_connections, 100_000);
+        assert_eq!(c.limits.connections_per_ip_per_minute, 120);
+        assert_eq!(c.limits.auth_failures_per_ip_per_minute, 10);
+        assert_eq!(c.limits.max_resources_per_user, 10);
+        assert!(c.registration.enabled);
+        assert_eq!(c.registration.per_ip_per_hour, 10);
+        assert_eq!(c.admin.bind, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.cluster.shards, 1024);
+        assert_eq!(c.cluster.shard_hosts, 0);
+        assert!(c.cluster.effective_shard_hosts() >= 1);
+        assert_eq!(c.shutdown.grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn ignores_non_shoal_and_reserved_env() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PATH", "/bin"),
+                ("SHOAL_LOG", "debug"),
+                ("SHOAL_CONFIG", "x.toml"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn parses_file() {
+        let f = file(
+            r#"
+            domain = "example.org"
+            data_dir = "/var/lib/shoal"
+
+            [storage]
+            backend = "memory"
+
+            [tls]
+            cert = "/etc/shoal/cert.pem"
+            key = "/etc/shoal/key.pem"
+
+            [c2s]
+            bind = "[::]:5222"
+            direct_tls_bind = ""
+            starttls_required = false
+            max_stanza_size = 65536
+            idle_timeout_secs = 60
+
+            [admin]
+            bind = ""
+
+            [cluster]
+            shards = 64
+            shard_hosts = 4
+
+            [shutdown]
+            grace_secs = 0
+            "#,
+        );
+        let c = Config::load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.domain, "example.org");
+        assert_eq!(c.storage.backend, StorageBackend::Memory);
+        // A derived default follows data_dir.
+        assert_eq!(c.storage.path, PathBuf::from("/var/lib/shoal/shoal.redb"));
+        assert_eq!(
+            c.tls,
+            TlsConfig {
+                cert: "/etc/shoal/cert.pem".into(),
+                key: "/etc/shoal/key.pem".into(),
+                self_signed: false,
+            }
+        );
+        assert_eq!(c.c2s.bind, "[::]:5222".parse().unwrap());
+        assert_eq!(c.c2s.direct_tls_bind, None);
+        assert!(!c.c2s.starttls_required);
+        assert_eq!(c.c2s.max_stanza_size, 65_536);
+        assert_eq!(c.c2s.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.admin.bind, None);
+        assert_eq!(c.cluster.shards, 64);
+        assert_eq!(c.cluster.effective_shard_hosts(), 4);
+        assert_eq!(c.shutdown.grace, Duration::ZERO);
+        // Untouched keys keep their defaults.
+        assert_eq!(c.c2s.max_depth, 32);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let f = file("domain = \"file.example\"\n[c2s]\nmax_stanza_size = 65536\n");
+        let c = Config::load(
+            Some(f.path()),
+            env(&[
+                ("SHOAL_DOMAIN", "env.example"),
+                ("SHOAL_C2S_MAX_STANZA_SIZE", "131072"),
+                ("SHOAL_REGISTRATION_ENABLED", "false"),
+                ("SHOAL_ADMIN_BIND", ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.domain, "env.example");
+        assert_eq!(c.c2s.max_stanza_size, 131_072);
+        assert!(!c.registration.enabled);
+        assert_eq!(c.admin.bind, None);
+    }
+
+    #[test]
+    fn reports_every_error_at_once() {
+        let f = file(
+            r#"
+            [c2s]
+            max_stanza_size = "big"
+            max_depth = 1000
+            colour = "blue"
+
+            [tls]
+            cert = "/etc/cert.pem"
+            "#,
+        );
+        let errors = load_err(Some(f.path()), &[]);
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(errors.iter().any(|e| matches!(e,
+            ConfigError::WrongType { key, origin: Origin::File, .. } if key == "c2s.max_stanza_size")));
+        assert!(errors.iter().any(|e| matches!(e,
+            ConfigError::Invalid { key, .. } if key == "c2s.max_depth")));
+        assert!(errors.iter().any(|e| matches!(e,
+            ConfigError::UnknownKey { key } if key == "c2s.colour")));
+        assert!(errors.iter().any(|e| matches!(e,
+            ConfigError::Invalid { key, .. } if key == "tls.cert")));
+
+        // Display puts each problem on its own line.
+        let text = Config::load(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(text.lines().count(), 4, "{text}");
+    }
+
+    #[test]
+    fn unknown_env_var() {
+        let errors = load_err(None, &[("SHOAL_C2S_MAX_STANZA", "1")]);
+        assert!(
+            matches!(&errors[..], [ConfigError::UnknownEnv { var }] if var == "SHOAL_C2S_MAX_STANZA")
+        );
+    }
+
+    #[test]
+    fn env_type_error_names_the_variable() {
+        let errors = load_err(None, &[("SHOAL_C2S_STARTTLS_REQUIRED", "yes")]);
+        let [ConfigError::WrongType { origin, .. }] = &errors[..] else {
+            panic!("{errors:?}");
+        };
+        assert_eq!(*origin, Origin::Env("SHOAL_C2S_STARTTLS_REQUIRED".into()));
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let errors = load_err(
+            None,
+            &[
+                ("SHOAL_DOMAIN", "user@example.org"),
+                ("SHOAL_CLUSTER_SHARDS", "100"),
+                ("SHOAL_C2S_OUTBOUND_BUFFER_MAX", "8192"),
+                ("SHOAL_C2S_IDLE_TIMEOUT_SECS", "0"),
+                ("SHOAL_C2S_READ_RATE_BYTES_PER_SEC", "1000"),
+                ("SHOAL_C2S_READ_BURST_BYTES", "0"),
+                ("SHOAL_TLS_KEY", "/k.pem"),
+            ],
+        );
+        let keys: Vec<_> = errors
+            .iter()
+            .map(|e| match e {
+                ConfigError::Invalid { key, .. } => key.as_str(),
+                other => panic!("unexpected {other}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "domain",
+                "tls.key",
+                "c2s.idle_timeout_secs",
+                "c2s.outbound_buffer_max",
+                "c2s.read_burst_bytes",
+                "cluster.shards"
+            ]
+        );
+        assert!(validate_domain(&"a".repeat(1024)).is_err());
+        assert!(validate_domain("").is_err());
+        assert!(validate_domain("a/b").is_err());
+        assert!(validate_domain("example.org").is_ok());
+    }
+
+    #[test]
+    fn section_as_scalar_and_bad_toml() {
+        let f = file("c2s = 5\n");
+        let errors = load_err(Some(f.path()), &[]);
+        assert!(matches!(&errors[..], [ConfigError::UnknownKey { key }] if key == "c2s"));
+
+        // A syntax error does not hide environment problems.
+        let f = file("domain = \n");
+        let errors = load_err(Some(f.path()), &[("SHOAL_NOPE", "1")]);
+        assert!(matches!(
+            &errors[..],
+            [ConfigError::Syntax { .. }, ConfigError::UnknownEnv { .. }]
+        ));
+    }
+
+    #[test]
+    fn missing_file() {
+        let errors = load_err(Some(Path::new("/nonexistent/shoal.toml")), &[]);
+        assert!(matches!(&errors[..], [ConfigError::Read { .. }]));
+    }
+}
