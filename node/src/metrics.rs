@@ -1,0 +1,455 @@
+//! Every metric the node exports, named in this one module (prefix `shoal_`).
+//!
+//! [`Metrics`] registers each metric and each label combination once, up front, and
+//! hands out cheap clones; hot paths only touch pre-registered handles, never the
+//! registry. Label values come only from the enums below, so cardinality is fixed at
+//! compile time. This module must never accept a JID, domain, IP address or any other
+//! peer-supplied string as a label value, and no other module may call the `metrics`
+//! macros directly.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+const C2S_CONNECTIONS: &str = "shoal_c2s_connections";
+const C2S_ACCEPTED: &str = "shoal_c2s_connections_accepted_total";
+const C2S_REJECTED: &str = "shoal_c2s_connections_rejected_total";
+const STANZAS_IN: &str = "shoal_stanzas_in_total";
+const STANZAS_OUT: &str = "shoal_stanzas_out_total";
+const AUTH_SUCCESS: &str = "shoal_auth_success_total";
+const AUTH_FAILURE: &str = "shoal_auth_failure_total";
+const ROUTING_LATENCY: &str = "shoal_routing_latency_seconds";
+const MAILBOX_DROPS: &str = "shoal_mailbox_drops_total";
+const SLOW_CONSUMER_DISCONNECTS: &str = "shoal_slow_consumer_disconnects_total";
+const STREAM_ERRORS: &str = "shoal_stream_errors_total";
+const SESSIONS: &str = "shoal_sessions";
+
+/// Routing latency buckets, 50µs to 5s. A local hop is tens of microseconds and a
+/// cross-node hop about a millisecond; anything past a second means a stuck mailbox, so
+/// the resolution goes where the interesting distinctions are.
+const ROUTING_LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+/// Declares a label enum with its wire spelling and the list of all variants, so every
+/// combination can be registered (and exported as zero) before it first happens.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order (which is also the handle index).
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The label value exported for this variant.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label),+
+                }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// Which c2s listener accepted a connection (`listener` label).
+    Listener {
+        /// Port 5222: plaintext stream upgraded with STARTTLS.
+        StartTls => "starttls",
+        /// Port 5223: TLS from the first byte (XEP-0368).
+        DirectTls => "direct_tls",
+    }
+}
+
+label_enum! {
+    /// Why a connection was refused before any XML was read (`reason` label).
+    RejectReason {
+        RateLimited => "rate_limited",
+        TooManyConnections => "too_many_connections",
+    }
+}
+
+label_enum! {
+    /// Top-level stanza kind (`kind` label). Nonzas are not counted as stanzas.
+    StanzaKind {
+        Message => "message",
+        Presence => "presence",
+        Iq => "iq",
+    }
+}
+
+label_enum! {
+    /// SASL mechanism of an authentication attempt (`mechanism` label).
+    SaslMechanism {
+        ScramSha256 => "scram_sha_256",
+        ScramSha1 => "scram_sha_1",
+        Plain => "plain",
+    }
+}
+
+label_enum! {
+    /// Which bounded mailbox refused a message (`mailbox` label).
+    Mailbox {
+        Shard => "shard",
+        Connection => "connection",
+    }
+}
+
+label_enum! {
+    /// Stream error condition sent to a peer (`condition` label, RFC 6120 §4.9.3).
+    /// Conditions that Shoal sends rarely enough not to need their own series are
+    /// reported as `Other`.
+    StreamErrorCondition {
+        BadFormat => "bad_format",
+        Conflict => "conflict",
+        ConnectionTimeout => "connection_timeout",
+        HostUnknown => "host_unknown",
+        InvalidFrom => "invalid_from",
+        InvalidNamespace => "invalid_namespace",
+        InvalidXml => "invalid_xml",
+        NotAuthorized => "not_authorized",
+        NotWellFormed => "not_well_formed",
+        PolicyViolation => "policy_violation",
+        ResourceConstraint => "resource_constraint",
+        RestrictedXml => "restricted_xml",
+        SystemShutdown => "system_shutdown",
+        UnsupportedVersion => "unsupported_version",
+        Other => "other",
+    }
+}
+
+/// Installs the Prometheus recorder as the process-wide `metrics` recorder and returns
+/// the handle that renders it.
+///
+/// Installation happens at most once per process; later calls return the same handle.
+/// This matters because tests boot several nodes in one process: they share one
+/// recorder, so their counters add up, and assertions must compare deltas or look for
+/// series rather than absolute values.
+///
+/// If some other recorder was installed first (only possible from foreign code), the
+/// error is logged and a detached recorder's handle is returned, so the admin endpoint
+/// still serves well-formed (if empty) output instead of taking the node down.
+pub fn install_recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(ROUTING_LATENCY.to_owned()),
+                    ROUTING_LATENCY_BUCKETS,
+                )
+                // Only fails for an empty bucket list, which the constant is not.
+                .expect("routing latency buckets are non-empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if let Err(error) = metrics::set_global_recorder(recorder) {
+                tracing::error!(%error, "a foreign metrics recorder is installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Help texts, registered once together with the recorder.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(C2S_CONNECTIONS, "Open client connections, by listener.");
+    describe_counter!(C2S_ACCEPTED, "Client connections accepted, by listener.");
+    describe_counter!(
+        C2S_REJECTED,
+        "Client connections refused before the stream started, by reason."
+    );
+    describe_counter!(
+        STANZAS_IN,
+        "Stanzas received from clients and peers, by kind."
+    );
+    describe_counter!(
+        STANZAS_OUT,
+        "Stanzas written to clients and peers, by kind."
+    );
+    describe_counter!(
+        AUTH_SUCCESS,
+        "Successful SASL authentications, by mechanism."
+    );
+    describe_counter!(AUTH_FAILURE, "Failed SASL authentications, by mechanism.");
+    describe_histogram!(
+        ROUTING_LATENCY,
+        Unit::Seconds,
+        "Time from a stanza being parsed to it being handed to the recipient's connection."
+    );
+    describe_counter!(
+        MAILBOX_DROPS,
+        "Messages dropped because a bounded mailbox was full, by mailbox."
+    );
+    describe_counter!(
+        SLOW_CONSUMER_DISCONNECTS,
+        "Clients disconnected because their outbound buffer passed the high-water mark."
+    );
+    describe_counter!(STREAM_ERRORS, "Stream errors sent, by condition.");
+    describe_gauge!(SESSIONS, "Bound resources (sessions) on this node.");
+}
+
+/// Pre-registered handles for every metric. Build once with [`Metrics::new`] and clone
+/// it into every component; a clone is one `Arc` increment.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // Each array is indexed by the label enum's discriminant, in `ALL` order.
+    c2s_connections: Vec<Gauge>,
+    c2s_accepted: Vec<Counter>,
+    c2s_rejected: Vec<Counter>,
+    stanzas_in: Vec<Counter>,
+    stanzas_out: Vec<Counter>,
+    auth_success: Vec<Counter>,
+    auth_failure: Vec<Counter>,
+    routing_latency: Histogram,
+    mailbox_drops: Vec<Counter>,
+    slow_consumer_disconnects: Counter,
+    stream_errors: Vec<Counter>,
+    sessions: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric and label combination.
+    ///
+    /// Calls [`install_recorder`] first: handles registered before a recorder exists
+    /// are permanently no-ops, and making that ordering impossible to get wrong is worth
+    /// tying `Metrics` to the Prometheus recorder.
+    pub fn new() -> Self {
+        install_recorder();
+        Self {
+            inner: Arc::new(Inner {
+                c2s_connections: per_label(
+                    Listener::ALL,
+                    |l| metrics::gauge!(C2S_CONNECTIONS, "listener" => l.as_str()),
+                ),
+                c2s_accepted: per_label(
+                    Listener::ALL,
+                    |l| metrics::counter!(C2S_ACCEPTED, "listener" => l.as_str()),
+                ),
+                c2s_rejected: per_label(
+                    RejectReason::ALL,
+                    |r| metrics::counter!(C2S_REJECTED, "reason" => r.as_str()),
+                ),
+                stanzas_in: per_label(
+                    StanzaKind::ALL,
+                    |k| metrics::counter!(STANZAS_IN, "kind" => k.as_str()),
+                ),
+                stanzas_out: per_label(
+                    StanzaKind::ALL,
+                    |k| metrics::counter!(STANZAS_OUT, "kind" => k.as_str()),
+                ),
+                auth_success: per_label(
+                    SaslMechanism::ALL,
+                    |m| metrics::counter!(AUTH_SUCCESS, "mechanism" => m.as_str()),
+                ),
+                auth_failure: per_label(
+                    SaslMechanism::ALL,
+                    |m| metrics::counter!(AUTH_FAILURE, "mechanism" => m.as_str()),
+                ),
+                routing_latency: metrics::histogram!(ROUTING_LATENCY),
+                mailbox_drops: per_label(
+                    Mailbox::ALL,
+                    |m| metrics::counter!(MAILBOX_DROPS, "mailbox" => m.as_str()),
+                ),
+                slow_consumer_disconnects: metrics::counter!(SLOW_CONSUMER_DISCONNECTS),
+                stream_errors: per_label(
+                    StreamErrorCondition::ALL,
+                    |c| metrics::counter!(STREAM_ERRORS, "condition" => c.as_str()),
+                ),
+                sessions: metrics::gauge!(SESSIONS),
+            }),
+        }
+    }
+
+    /// Counts an accepted connection and holds it in the open-connections gauge until
+    /// the returned guard is dropped, so no exit path can leak a count.
+    #[must_use = "the connection is counted as open only while the guard lives"]
+    pub fn connection_accepted(&self, listener: Listener) -> ConnectionGuard {
+        let inner = &self.inner;
+        inner.c2s_accepted[listener as usize].increment(1);
+        let gauge = inner.c2s_connections[listener as usize].clone();
+        gauge.increment(1.0);
+        ConnectionGuard { gauge }
+    }
+
+    pub fn connection_rejected(&self, reason: RejectReason) {
+        self.inner.c2s_rejected[reason as usize].increment(1);
+    }
+
+    pub fn stanza_in(&self, kind: StanzaKind) {
+        self.inner.stanzas_in[kind as usize].increment(1);
+    }
+
+    pub fn stanza_out(&self, kind: StanzaKind) {
+        self.inner.stanzas_out[kind as usize].increment(1);
+    }
+
+    pub fn auth_success(&self, mechanism: SaslMechanism) {
+        self.inner.auth_success[mechanism as usize].increment(1);
+    }
+
+    pub fn auth_failure(&self, mechanism: SaslMechanism) {
+        self.inner.auth_failure[mechanism as usize].increment(1);
+    }
+
+    /// Records the time from a stanza being parsed to it being handed to the
+    /// recipient's connection.
+    pub fn routing_latency(&self, elapsed: Duration) {
+        self.inner.routing_latency.record(elapsed.as_secs_f64());
+    }
+
+    pub fn mailbox_drop(&self, mailbox: Mailbox) {
+        self.inner.mailbox_drops[mailbox as usize].increment(1);
+    }
+
+    pub fn slow_consumer_disconnect(&self) {
+        self.inner.slow_consumer_disconnects.increment(1);
+    }
+
+    pub fn stream_error(&self, condition: StreamErrorCondition) {
+        self.inner.stream_errors[condition as usize].increment(1);
+    }
+
+    /// Counts a bound resource until the returned guard is dropped.
+    #[must_use = "the session is counted only while the guard lives"]
+    pub fn session_bound(&self) -> SessionGuard {
+        let gauge = self.inner.sessions.clone();
+        gauge.increment(1.0);
+        SessionGuard { gauge }
+    }
+}
+
+fn per_label<L: Copy, T>(all: &[L], register: impl Fn(L) -> T) -> Vec<T> {
+    all.iter().copied().map(register).collect()
+}
+
+/// Keeps one connection counted in `shoal_c2s_connections`; decrements on drop.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    gauge: Gauge,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// Keeps one bound resource counted in `shoal_sessions`; decrements on drop.
+#[derive(Debug)]
+pub struct SessionGuard {
+    gauge: Gauge,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the series whose line starts with `series ` in a rendering.
+    fn value(rendered: &str, series: &str) -> Option<f64> {
+        rendered
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn label_spellings_are_stable() {
+        assert_eq!(Listener::DirectTls.as_str(), "direct_tls");
+        assert_eq!(SaslMechanism::ScramSha256.as_str(), "scram_sha_256");
+        assert_eq!(StreamErrorCondition::ALL.len(), 15);
+        // Handle arrays are indexed by discriminant, so `ALL` must be in that order.
+        for (i, c) in StreamErrorCondition::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+
+    #[test]
+    fn render_contains_names_and_labels() {
+        let handle = install_recorder();
+        let metrics = Metrics::new();
+        // Later calls return the same recorder rather than failing or starting over.
+        let again = install_recorder();
+
+        // Other tests in this process may share the recorder, so compare deltas.
+        let before = handle.render();
+        let stanzas = r#"shoal_stanzas_in_total{kind="iq"}"#;
+        let stanzas_before = value(&before, stanzas).unwrap_or(0.0);
+
+        let connection = metrics.connection_accepted(Listener::DirectTls);
+        metrics.connection_rejected(RejectReason::RateLimited);
+        metrics.stanza_in(StanzaKind::Iq);
+        metrics.stanza_out(StanzaKind::Message);
+        metrics.auth_success(SaslMechanism::ScramSha256);
+        metrics.auth_failure(SaslMechanism::Plain);
+        metrics.routing_latency(Duration::from_micros(70));
+        metrics.mailbox_drop(Mailbox::Shard);
+        metrics.slow_consumer_disconnect();
+        metrics.stream_error(StreamErrorCondition::NotWellFormed);
+        let session = metrics.clone().session_bound();
+
+        let rendered = again.render();
+        for expected in [
+            r#"shoal_c2s_connections{listener="direct_tls"}"#,
+            r#"shoal_c2s_connections{listener="starttls"}"#,
+            r#"shoal_c2s_connections_accepted_total{listener="direct_tls"}"#,
+            r#"shoal_c2s_connections_rejected_total{reason="rate_limited"}"#,
+            r#"shoal_c2s_connections_rejected_total{reason="too_many_connections"}"#,
+            r#"shoal_stanzas_out_total{kind="message"}"#,
+            r#"shoal_auth_success_total{mechanism="scram_sha_256"}"#,
+            r#"shoal_auth_failure_total{mechanism="plain"}"#,
+            r#"shoal_mailbox_drops_total{mailbox="shard"}"#,
+            "shoal_slow_consumer_disconnects_total",
+            r#"shoal_stream_errors_total{condition="not_well_formed"}"#,
+            r#"shoal_stream_errors_total{condition="other"}"#,
+            "shoal_sessions",
+            r#"shoal_routing_latency_seconds_bucket{le="0.0001"}"#,
+            r#"shoal_routing_latency_seconds_bucket{le="5"}"#,
+            "shoal_routing_latency_seconds_count",
+            "# HELP shoal_stream_errors_total Stream errors sent, by condition.",
+            "# TYPE shoal_routing_latency_seconds histogram",
+        ] {
+            assert!(
+                rendered.contains(expected),
+                "missing {expected}:\n{rendered}"
+            );
+        }
+        assert_eq!(value(&rendered, stanzas), Some(stanzas_before + 1.0));
+
+        let open = r#"shoal_c2s_connections{listener="direct_tls"}"#;
+        let open_before = value(&rendered, open).unwrap();
+        drop(connection);
+        drop(session);
+        assert_eq!(value(&handle.render(), open), Some(open_before - 1.0));
+    }
+}
