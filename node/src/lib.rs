@@ -3,8 +3,14 @@
 //! in-process. `main.rs` only parses the command line.
 
 pub mod admin;
+pub mod c2s;
 pub mod config;
 pub mod metrics;
 pub mod ratelimit;
+pub mod router;
+pub mod server;
+pub mod server_iq;
+pub mod shard;
 pub mod storage;
 pub mod tls;
+pub mod user;

@@ -147,6 +147,11 @@ impl C2sStream {
         }
     }
 
+    /// The authenticated account, once SASL has succeeded.
+    pub fn user(&self) -> Option<&BareJid> {
+        self.user.as_ref()
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
     }

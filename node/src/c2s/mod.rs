@@ -1,0 +1,200 @@
+//! Client-to-server listeners (RFC 6120 on 5222 with STARTTLS, XEP-0368 direct TLS on
+//! 5223): accepting, admission control, and handing each socket to a worker arbiter.
+//!
+//! Admission (per-address connection rate, the global connection cap) is decided here
+//! before any byte is read. Negotiation runs in [`negotiate`]; a bound session becomes a
+//! [`session::Session`] actor. This module never parses XMPP itself.
+
+pub mod io;
+pub mod negotiate;
+pub mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use actix::prelude::*;
+use jid::BareJid;
+use rand::Rng;
+use rand::distributions::Alphanumeric;
+use shoal_xmpp::c2s::C2sConfig;
+use shoal_xmpp::error::StreamErrorCondition;
+use shoal_xmpp::framer::FramerLimits;
+use shoal_xmpp::sasl::Mechanism;
+use shoal_xmpp::stanza::Kind;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::metrics::{self, Listener, Metrics, RejectReason};
+use crate::ratelimit::IpLimiter;
+use crate::router::Router;
+use crate::storage::Storage;
+
+/// Everything a connection needs, shared by all connections of a node.
+pub struct Shared {
+    pub config: Config,
+    pub stream_config: C2sConfig,
+    pub tls: Option<TlsAcceptor>,
+    pub storage: Storage,
+    pub router: Router,
+    pub metrics: Metrics,
+    pub auth_limiter: IpLimiter,
+    /// Open client connections (negotiating or bound), for the global cap and drain.
+    pub open: AtomicUsize,
+    next_session: AtomicU64,
+    /// Flips to true when the node starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Config,
+        domain: BareJid,
+        tls: Option<TlsAcceptor>,
+        storage: Storage,
+        router: Router,
+        metrics: Metrics,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let stream_config = C2sConfig {
+            domain,
+            limits: FramerLimits {
+                max_stanza_size: config.c2s.max_stanza_size,
+                max_depth: config.c2s.max_depth,
+            },
+            tls_available: tls.is_some(),
+            tls_required: config.c2s.starttls_required,
+        };
+        Self {
+            auth_limiter: IpLimiter::new(config.limits.auth_failures_per_ip_per_minute),
+            config,
+            stream_config,
+            tls,
+            storage,
+            router,
+            metrics,
+            open: AtomicUsize::new(0),
+            next_session: AtomicU64::new(1),
+            shutdown,
+        }
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Accepts connections on `listener` until shutdown, spreading them over `workers`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    kind: Listener,
+    shared: Arc<Shared>,
+    workers: Vec<ArbiterHandle>,
+) {
+    let conn_limiter = IpLimiter::new(shared.config.limits.connections_per_ip_per_minute);
+    let mut shutdown = shared.shutdown.clone();
+    let mut next = 0usize;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and similar: keep serving the others.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        if !conn_limiter.check(peer.ip(), Instant::now()) {
+            debug!(%peer, "connection rate limit exceeded");
+            shared
+                .metrics
+                .connection_rejected(RejectReason::RateLimited);
+            continue;
+        }
+        if shared.open.load(Ordering::Relaxed) >= shared.config.c2s.max_connections {
+            warn!(%peer, "connection refused: max_connections reached");
+            shared
+                .metrics
+                .connection_rejected(RejectReason::TooManyConnections);
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        // A tokio socket belongs to the runtime that created it; move it as a std socket
+        // and re-register it on the worker's runtime.
+        let Ok(std_tcp) = tcp.into_std() else {
+            continue;
+        };
+        let worker = &workers[next % workers.len()];
+        next = next.wrapping_add(1);
+        let shared = shared.clone();
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        // The negotiation future holds the session's actor context, which is not
+        // `Send`, so it is created on the worker's thread.
+        let spawned = worker.spawn_fn(move || {
+            actix_rt::spawn(async move {
+                match tokio::net::TcpStream::from_std(std_tcp) {
+                    Ok(tcp) => negotiate::run(tcp, peer, kind, shared).await,
+                    Err(e) => {
+                        shared.open.fetch_sub(1, Ordering::Relaxed);
+                        warn!(error = %e, "could not register socket");
+                    }
+                }
+            });
+        });
+        if !spawned {
+            warn!("worker arbiter gone; connection dropped");
+        }
+    }
+}
+
+/// A random token for stream ids, SASL nonces and server-chosen resources.
+pub fn fresh_id() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(16)
+        .map(char::from)
+        .collect()
+}
+
+pub fn stanza_kind(kind: Kind) -> metrics::StanzaKind {
+    match kind {
+        Kind::Message(_) => metrics::StanzaKind::Message,
+        Kind::Presence(_) => metrics::StanzaKind::Presence,
+        Kind::Iq(_) => metrics::StanzaKind::Iq,
+    }
+}
+
+pub fn mechanism_label(m: Mechanism) -> metrics::SaslMechanism {
+    match m {
+        Mechanism::ScramSha256 => metrics::SaslMechanism::ScramSha256,
+        Mechanism::ScramSha1 => metrics::SaslMechanism::ScramSha1,
+        Mechanism::Plain => metrics::SaslMechanism::Plain,
+    }
+}
+
+pub fn stream_error_label(c: StreamErrorCondition) -> metrics::StreamErrorCondition {
+    use metrics::StreamErrorCondition as M;
+    match c {
+        StreamErrorCondition::BadFormat => M::BadFormat,
+        StreamErrorCondition::Conflict => M::Conflict,
+        StreamErrorCondition::ConnectionTimeout => M::ConnectionTimeout,
+        StreamErrorCondition::HostUnknown => M::HostUnknown,
+        StreamErrorCondition::InvalidFrom => M::InvalidFrom,
+        StreamErrorCondition::InvalidNamespace => M::InvalidNamespace,
+        StreamErrorCondition::InvalidXml => M::InvalidXml,
+        StreamErrorCondition::NotAuthorized => M::NotAuthorized,
+        StreamErrorCondition::NotWellFormed => M::NotWellFormed,
+        StreamErrorCondition::PolicyViolation => M::PolicyViolation,
+        StreamErrorCondition::ResourceConstraint => M::ResourceConstraint,
+        StreamErrorCondition::RestrictedXml => M::RestrictedXml,
+        StreamErrorCondition::SystemShutdown => M::SystemShutdown,
+        StreamErrorCondition::UnsupportedVersion => M::UnsupportedVersion,
+        _ => M::Other,
+    }
+}

@@ -1,0 +1,299 @@
+//! Drives one client connection from its first byte to a bound resource.
+//!
+//! Before binding nothing can be routed to a connection, so negotiation is a plain task
+//! that owns the socket: it carries out the [`C2sStream`] actions (TLS upgrade,
+//! credential lookup, binding through the user's shard host) under the negotiation
+//! timeout, then turns the connection into a [`Session`] actor. Authentication failures
+//! count against the peer address's budget.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::BytesMut;
+use jid::FullJid;
+use shoal_xmpp::c2s::{Action, C2sStream};
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_util::either::Either;
+use tracing::{debug, info, warn};
+
+use crate::c2s::io::{self, Outbound, Transport};
+use crate::c2s::session::{Incoming, Session, SessionParts};
+use crate::c2s::{Shared, fresh_id, mechanism_label, stream_error_label};
+use crate::metrics::{ConnectionGuard, Listener, Mailbox};
+use crate::shard::{Bind, BindResult};
+
+/// How long the final stream error may take to reach a peer that is being closed.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connection while it negotiates. The transport is an `Option` because a TLS
+/// upgrade consumes the plaintext socket; it is `None` only while a handshake runs.
+struct Conn {
+    transport: Option<Transport>,
+    stream: C2sStream,
+    buf: BytesMut,
+}
+
+/// A connection that bound a resource, ready to become a session actor.
+struct Bound {
+    transport: Transport,
+    stream: C2sStream,
+    buf: BytesMut,
+    ctx: Context<Session>,
+    jid: FullJid,
+    id: u64,
+}
+
+/// Serves one accepted connection until it is bound (then hands over) or closed.
+pub async fn run(tcp: TcpStream, peer: SocketAddr, kind: Listener, shared: Arc<Shared>) {
+    let guard = shared.metrics.connection_accepted(kind);
+    let direct_tls = kind == Listener::DirectTls;
+    let mut conn = Conn {
+        transport: None,
+        stream: C2sStream::new(shared.stream_config.clone(), direct_tls),
+        buf: BytesMut::with_capacity(4096),
+    };
+    let mut shutdown = shared.shutdown.clone();
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(
+            shared.config.c2s.negotiation_timeout,
+            negotiate(&mut conn, tcp, peer, direct_tls, &shared),
+        ) => r.unwrap_or(Err(StreamErrorCondition::ConnectionTimeout)),
+        _ = shutdown.changed() => Err(StreamErrorCondition::SystemShutdown),
+    };
+    match outcome {
+        Ok(Some(bound)) => return start_session(*bound, guard, &shared),
+        Ok(None) => {}
+        Err(condition) => {
+            info!(%peer, condition = condition.as_str(), "closing connection during negotiation");
+            shared.metrics.stream_error(stream_error_label(condition));
+            if let Some(mut t) = conn.transport.take() {
+                let mut bytes = String::new();
+                for a in conn.stream.close_with(StreamError::new(condition)) {
+                    if let Action::Send(s) = a {
+                        bytes.push_str(&s);
+                    }
+                }
+                // A peer that does not read must not hold the task: bounded flush.
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+                    let _ = io::write_now(&mut t, &bytes).await;
+                    let _ = t.shutdown().await;
+                })
+                .await;
+            }
+        }
+    }
+    shared.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Runs negotiation. `Ok(None)`: the stream ended (any stream error was sent and
+/// logged). `Err` is never produced here; it stands for the timeout and shutdown arms.
+async fn negotiate(
+    conn: &mut Conn,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    direct_tls: bool,
+    shared: &Shared,
+) -> Result<Option<Box<Bound>>, StreamErrorCondition> {
+    conn.transport = Some(if direct_tls {
+        let Some(tls) = &shared.tls else {
+            return Ok(None);
+        };
+        match tls.accept(tcp).await {
+            Ok(s) => Either::Right(Box::new(s)),
+            Err(e) => {
+                debug!(%peer, error = %e, "direct TLS handshake failed");
+                return Ok(None);
+            }
+        }
+    } else {
+        Either::Left(tcp)
+    });
+    let mut pending_bind: Option<(Context<Session>, u64, oneshot::Receiver<BindResult>)> = None;
+    let mut actions: VecDeque<Action> = VecDeque::new();
+    loop {
+        if let Some((ctx, id, rx)) = pending_bind.take() {
+            let result = rx.await.unwrap_or_else(|_| {
+                Err(StanzaError::new(StanzaErrorCondition::InternalServerError))
+            });
+            let jid = result.as_ref().ok().cloned();
+            actions.extend(conn.stream.bind_result(result));
+            if let Some(jid) = jid {
+                // The bind result is written before the session takes the socket.
+                for a in actions.drain(..) {
+                    if let Action::Send(s) = a {
+                        if write(conn, &s).await.is_err() {
+                            return Ok(None);
+                        }
+                    }
+                }
+                let transport = conn.transport.take().expect("transport present");
+                return Ok(Some(Box::new(Bound {
+                    transport,
+                    stream: std::mem::replace(
+                        &mut conn.stream,
+                        C2sStream::new(shared.stream_config.clone(), true),
+                    ),
+                    buf: std::mem::take(&mut conn.buf),
+                    ctx,
+                    jid,
+                    id,
+                })));
+            }
+        } else {
+            let Some(t) = conn.transport.as_mut() else {
+                return Ok(None);
+            };
+            conn.buf.reserve(4096);
+            match t.read_buf(&mut conn.buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+            actions.extend(conn.stream.receive(&mut conn.buf, &mut fresh_id));
+        }
+        while let Some(action) = actions.pop_front() {
+            match action {
+                Action::Send(s) => {
+                    if write(conn, &s).await.is_err() {
+                        return Ok(None);
+                    }
+                }
+                Action::StartTls => {
+                    let (Some(Either::Left(tcp)), Some(tls)) = (conn.transport.take(), &shared.tls)
+                    else {
+                        return Ok(None);
+                    };
+                    match tls.accept(tcp).await {
+                        Ok(s) => conn.transport = Some(Either::Right(Box::new(s))),
+                        Err(e) => {
+                            info!(%peer, error = %e, "TLS handshake after STARTTLS failed");
+                            return Ok(None);
+                        }
+                    }
+                }
+                Action::LookupCredentials { user } => {
+                    let creds = match shared.storage.accounts.credentials(user.as_str()).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            warn!(%peer, error = %e, "credential lookup failed");
+                            None
+                        }
+                    };
+                    actions.extend(conn.stream.credentials(creds.as_ref(), &mut fresh_id));
+                }
+                Action::Authenticated { user, mechanism } => {
+                    shared.metrics.auth_success(mechanism_label(mechanism));
+                    debug!(%peer, %user, mechanism = mechanism.name(), "authenticated");
+                }
+                Action::AuthFailed {
+                    mechanism,
+                    condition,
+                } => {
+                    if let Some(m) = mechanism {
+                        shared.metrics.auth_failure(mechanism_label(m));
+                    }
+                    info!(%peer, condition = condition.element_name(), "authentication failed");
+                    if !shared.auth_limiter.check(peer.ip(), Instant::now()) {
+                        warn!(%peer, "too many authentication failures from this address");
+                        actions.clear();
+                        actions.extend(conn.stream.close_with(StreamError::with_text(
+                            StreamErrorCondition::PolicyViolation,
+                            "too many failed authentication attempts from your address",
+                        )));
+                    }
+                }
+                Action::Bind { resource } => {
+                    let Some(user) = conn.stream.user().cloned() else {
+                        return Ok(None);
+                    };
+                    let ctx = Context::<Session>::new();
+                    let id = shared.next_session_id();
+                    let (tx, rx) = oneshot::channel();
+                    let msg = Bind {
+                        user: user.clone(),
+                        resource: resource.unwrap_or_else(fresh_id),
+                        id,
+                        session: ctx.address(),
+                        reply: tx,
+                    };
+                    if shared.router.host_for(&user).try_send(msg).is_err() {
+                        shared.metrics.mailbox_drop(Mailbox::Shard);
+                        actions.extend(conn.stream.bind_result(Err(StanzaError::new(
+                            StanzaErrorCondition::ResourceConstraint,
+                        ))));
+                    } else {
+                        pending_bind = Some((ctx, id, rx));
+                    }
+                }
+                Action::Close { error } => {
+                    if let Some(e) = &error {
+                        info!(%peer, condition = e.condition.as_str(), text = e.text.as_deref().unwrap_or(""), "stream error during negotiation");
+                        shared.metrics.stream_error(stream_error_label(e.condition));
+                    }
+                    if let Some(t) = conn.transport.as_mut() {
+                        let _ = t.shutdown().await;
+                    }
+                    return Ok(None);
+                }
+                // The machine only emits stanzas once bound, which ends this loop.
+                Action::Stanza(_) => debug!(%peer, "stanza before binding ignored"),
+            }
+        }
+    }
+}
+
+async fn write(conn: &mut Conn, s: &str) -> std::io::Result<()> {
+    match conn.transport.as_mut() {
+        Some(t) => io::write_now(t, s).await,
+        None => Err(std::io::ErrorKind::NotConnected.into()),
+    }
+}
+
+/// Turns a bound connection into a session actor with its reader and writer tasks.
+fn start_session(bound: Bound, connection: ConnectionGuard, shared: &Arc<Shared>) {
+    let Bound {
+        transport,
+        stream,
+        buf,
+        ctx,
+        jid,
+        id,
+    } = bound;
+    let addr = ctx.address();
+    let (read, write) = io::split(transport);
+    let outbound = Outbound::start(write, shared.config.c2s.outbound_buffer_max);
+    let shaping = match shared.config.c2s.read_rate_bytes_per_sec {
+        0 => None,
+        rate => Some((rate, shared.config.c2s.read_burst_bytes)),
+    };
+    let reader = tokio::spawn(async move {
+        io::read_loop(read, shaping, |chunk| {
+            let addr = addr.clone();
+            async move { addr.send(Incoming(chunk)).await.unwrap_or(false) }
+        })
+        .await;
+    });
+    let open = shared.clone();
+    let session = Session::new(SessionParts {
+        stream,
+        buf,
+        jid,
+        id,
+        outbound,
+        reader: reader.abort_handle(),
+        router: shared.router.clone(),
+        metrics: shared.metrics.clone(),
+        idle_timeout: shared.config.c2s.idle_timeout,
+        connection,
+        on_stop: Box::new(move || {
+            open.open.fetch_sub(1, Ordering::Relaxed);
+        }),
+    });
+    ctx.run(session);
+}

@@ -1,0 +1,276 @@
+//! The connection actor of a bound client session.
+//!
+//! It owns the session's protocol state ([`C2sStream`]) and its outbound queue. Bytes
+//! from the reader task arrive as [`Incoming`]; stanzas for the client arrive from shard
+//! hosts as [`Deliver`]. It stamps and routes what the client sends, enforces the idle
+//! timeout and the outbound bound, and unbinds from its shard when it stops. It never
+//! touches another session's state.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::{Bytes, BytesMut};
+use jid::{FullJid, Jid};
+use shoal_xmpp::c2s::{Action, C2sStream};
+use shoal_xmpp::error::{StreamError, StreamErrorCondition};
+use shoal_xmpp::stanza::{IqType, Kind, Stanza};
+use tokio::task::AbortHandle;
+use tracing::{debug, info};
+
+use crate::c2s::io::{Outbound, QueueFull};
+use crate::c2s::{fresh_id, stanza_kind, stream_error_label};
+use crate::metrics::{ConnectionGuard, Metrics, SessionGuard};
+use crate::router::Router;
+use crate::shard::{OwnPresence, Unbind};
+use crate::user::SessionId;
+
+/// Messages a session may queue. Beyond this, shard hosts drop stanzas for it (counted,
+/// sender told `<resource-constraint/>`); the reader task waits instead, which is the
+/// back-pressure on a client that sends faster than it is served.
+const SESSION_MAILBOX: usize = 1024;
+
+/// Bytes read from the client (`None`: the socket closed).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Incoming(pub Option<Bytes>);
+
+/// A stanza for the client, already serialised.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver {
+    pub xml: Bytes,
+    pub kind: Kind,
+    pub since: Instant,
+}
+
+/// Close the stream with this error (conflict, shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Close(pub StreamErrorCondition);
+
+/// What a session is built from once negotiation has bound a resource.
+pub struct SessionParts {
+    pub stream: C2sStream,
+    pub buf: BytesMut,
+    pub jid: FullJid,
+    pub id: SessionId,
+    pub outbound: Outbound,
+    pub reader: AbortHandle,
+    pub router: Router,
+    pub metrics: Metrics,
+    pub idle_timeout: Duration,
+    pub connection: ConnectionGuard,
+    /// Called once when the session stops (releases the node's connection count).
+    pub on_stop: Box<dyn FnOnce()>,
+}
+
+pub struct Session {
+    stream: C2sStream,
+    buf: BytesMut,
+    jid: FullJid,
+    id: SessionId,
+    outbound: Option<Outbound>,
+    reader: AbortHandle,
+    router: Router,
+    metrics: Metrics,
+    idle_timeout: Duration,
+    last_read: Instant,
+    _connection: ConnectionGuard,
+    _session: SessionGuard,
+    on_stop: Option<Box<dyn FnOnce()>>,
+}
+
+impl Session {
+    pub fn new(parts: SessionParts) -> Self {
+        let session = parts.metrics.session_bound();
+        Self {
+            stream: parts.stream,
+            buf: parts.buf,
+            jid: parts.jid,
+            id: parts.id,
+            outbound: Some(parts.outbound),
+            reader: parts.reader,
+            router: parts.router,
+            metrics: parts.metrics,
+            idle_timeout: parts.idle_timeout,
+            last_read: Instant::now(),
+            _connection: parts.connection,
+            _session: session,
+            on_stop: Some(parts.on_stop),
+        }
+    }
+
+    fn write(&mut self, bytes: Bytes, ctx: &mut Context<Self>) {
+        let Some(out) = &self.outbound else { return };
+        match out.send(bytes) {
+            Ok(()) => {}
+            Err(QueueFull::OverLimit) => {
+                // The client does not read: stop buffering for it.
+                info!(jid = %self.jid, "slow consumer disconnected: outbound buffer full");
+                self.metrics.slow_consumer_disconnect();
+                if let Some(out) = self.outbound.take() {
+                    out.abort();
+                }
+                ctx.stop();
+            }
+            Err(QueueFull::Closed) => {
+                self.outbound = None;
+                ctx.stop();
+            }
+        }
+    }
+
+    fn process(&mut self, ctx: &mut Context<Self>) {
+        let actions = self.stream.receive(&mut self.buf, &mut fresh_id);
+        self.run_actions(actions, ctx);
+    }
+
+    fn run_actions(&mut self, actions: Vec<Action>, ctx: &mut Context<Self>) {
+        for action in actions {
+            match action {
+                Action::Send(s) => self.write(Bytes::from(s), ctx),
+                Action::Stanza(st) => self.route(st),
+                Action::Close { error } => {
+                    if let Some(e) = &error {
+                        info!(jid = %self.jid, condition = e.condition.as_str(), text = e.text.as_deref().unwrap_or(""), "stream error");
+                        self.metrics.stream_error(stream_error_label(e.condition));
+                    }
+                    self.finish(ctx);
+                    return;
+                }
+                // Negotiation actions cannot occur once bound.
+                other => debug!(?other, "ignored negotiation action in a bound session"),
+            }
+        }
+    }
+
+    /// Routes a stanza the client sent (its `from` already stamped).
+    fn route(&mut self, mut st: Stanza) {
+        let since = Instant::now();
+        self.metrics.stanza_in(stanza_kind(st.kind));
+        match (&st.to, st.kind) {
+            // Presence without 'to' is the session's broadcast presence.
+            (None, Kind::Presence(_)) => {
+                let msg = OwnPresence {
+                    from: self.jid.clone(),
+                    stanza: st,
+                    since,
+                };
+                let host = self.router.host_for(&self.jid.to_bare());
+                if host.try_send(msg).is_err() {
+                    self.metrics.mailbox_drop(crate::metrics::Mailbox::Shard);
+                }
+            }
+            // An iq without 'to' is for the server, on behalf of the account.
+            (None, Kind::Iq(IqType::Get | IqType::Set)) => {
+                st.to = Some(Jid::from(self.router.domain().clone()));
+                self.router.route(st, since);
+            }
+            // A message without 'to' is to the sender's own bare JID (RFC 6120 §10.3.1).
+            (None, _) => {
+                st.to = Some(Jid::from(self.jid.to_bare()));
+                self.router.route(st, since);
+            }
+            _ => self.router.route(st, since),
+        }
+    }
+
+    /// Stops the actor; the stream close has been queued (or cannot be sent).
+    fn finish(&mut self, ctx: &mut Context<Self>) {
+        if let Some(out) = self.outbound.take() {
+            out.close();
+        }
+        ctx.stop();
+    }
+
+    fn close_with(&mut self, condition: StreamErrorCondition, ctx: &mut Context<Self>) {
+        let actions = self.stream.close_with(StreamError::new(condition));
+        self.run_actions(actions, ctx);
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(SESSION_MAILBOX);
+        // Bytes that arrived behind the bind request are processed now.
+        if !self.buf.is_empty() {
+            self.process(ctx);
+        }
+        let period = (self.idle_timeout / 4).max(Duration::from_millis(250));
+        ctx.run_interval(period, |act, ctx| {
+            if act.last_read.elapsed() >= act.idle_timeout {
+                info!(jid = %act.jid, "idle timeout");
+                act.close_with(StreamErrorCondition::ConnectionTimeout, ctx);
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.reader.abort();
+        if let Some(out) = self.outbound.take() {
+            out.close();
+        }
+        let unbind = Unbind {
+            jid: self.jid.clone(),
+            id: self.id,
+        };
+        if self
+            .router
+            .host_for(&self.jid.to_bare())
+            .try_send(unbind)
+            .is_err()
+        {
+            // The shard removes the entry when its next delivery finds this mailbox
+            // closed, so a lost unbind only delays the cleanup.
+            self.metrics.mailbox_drop(crate::metrics::Mailbox::Shard);
+        }
+        if let Some(f) = self.on_stop.take() {
+            f();
+        }
+        debug!(jid = %self.jid, "session ended");
+    }
+}
+
+impl Handler<Incoming> for Session {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) -> bool {
+        match msg.0 {
+            Some(bytes) => {
+                self.last_read = Instant::now();
+                self.buf.extend_from_slice(&bytes);
+                self.process(ctx);
+                !self.stream.is_closed()
+            }
+            None => {
+                debug!(jid = %self.jid, "client closed the connection");
+                self.finish(ctx);
+                false
+            }
+        }
+    }
+}
+
+impl Handler<Deliver> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        if self.stream.is_closed() {
+            return;
+        }
+        self.metrics.stanza_out(stanza_kind(msg.kind));
+        self.metrics.routing_latency(msg.since.elapsed());
+        self.write(msg.xml, ctx);
+    }
+}
+
+impl Handler<Close> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: Close, ctx: &mut Self::Context) {
+        info!(jid = %self.jid, condition = msg.0.as_str(), "closing session");
+        self.close_with(msg.0, ctx);
+    }
+}

@@ -1,0 +1,114 @@
+//! Requests the server answers itself (RFC 6120 §10.3.3): iqs addressed to the domain.
+//!
+//! Stateless: each request is answered from the request alone. Unknown namespaces get
+//! `<service-unavailable/>` as RFC 6120 §8.4 requires; results and errors addressed to
+//! the server are consumed silently. Anything needing an account's data belongs to the
+//! user actor instead.
+
+use jid::{BareJid, Jid};
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
+use shoal_xmpp::ns;
+use shoal_xmpp::stanza::{IqType, Kind, MessageType, Stanza};
+use shoal_xmpp::xml::Element;
+
+/// Features advertised in disco#info on the server.
+const FEATURES: &[&str] = &[ns::DISCO_INFO, ns::DISCO_ITEMS, ns::PING];
+
+/// The reply to a stanza addressed to the server, if one is owed.
+pub fn handle(stanza: &Stanza, domain: &BareJid) -> Option<Stanza> {
+    let mut reply = match stanza.kind {
+        Kind::Iq(IqType::Get | IqType::Set) => answer_iq(stanza, domain),
+        // A chat message to the server has no one to read it.
+        Kind::Message(MessageType::Normal | MessageType::Chat) => {
+            stanza.error_reply(&StanzaError::new(StanzaErrorCondition::ServiceUnavailable))
+        }
+        _ => None,
+    }?;
+    reply.from = Some(Jid::from(domain.clone()));
+    Some(reply)
+}
+
+fn answer_iq(iq: &Stanza, domain: &BareJid) -> Option<Stanza> {
+    let payload = match iq.iq_payload() {
+        Ok(Some(p)) => p,
+        _ => {
+            return iq.error_reply(&StanzaError::with_text(
+                StanzaErrorCondition::BadRequest,
+                "an iq request carries exactly one payload element",
+            ));
+        }
+    };
+    let get = iq.kind == Kind::Iq(IqType::Get);
+    match (get, payload.ns.as_str(), payload.name.as_str()) {
+        (true, ns::PING, "ping") => Some(iq.iq_result(None)),
+        (true, ns::DISCO_INFO, "query") if payload.get_attr("node").is_none() => {
+            let mut query = Element::new("query", ns::DISCO_INFO).child(
+                Element::new("identity", ns::DISCO_INFO)
+                    .attr("category", "server")
+                    .attr("type", "im")
+                    .attr("name", "Shoal"),
+            );
+            for f in FEATURES {
+                query = query.child(Element::new("feature", ns::DISCO_INFO).attr("var", *f));
+            }
+            Some(iq.iq_result(Some(&query)))
+        }
+        (true, ns::DISCO_ITEMS, "query") if payload.get_attr("node").is_none() => {
+            Some(iq.iq_result(Some(&Element::new("query", ns::DISCO_ITEMS))))
+        }
+        _ => {
+            let _ = domain;
+            iq.error_reply(&StanzaError::new(StanzaErrorCondition::ServiceUnavailable))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use shoal_xmpp::stanza::{TopLevel, parse_top_level};
+    use shoal_xmpp::xml::NsContext;
+
+    fn ask(xml: &str) -> Option<String> {
+        let st = match parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT) {
+            Ok(TopLevel::Stanza(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        handle(&st, &BareJid::new("localhost").unwrap()).map(|s| s.to_xml())
+    }
+
+    #[test]
+    fn ping_and_disco() {
+        assert_eq!(
+            ask("<iq from='a@localhost/r' to='localhost' id='p' type='get'><ping xmlns='urn:xmpp:ping'/></iq>").unwrap(),
+            "<iq to='a@localhost/r' from='localhost' id='p' type='result'/>"
+        );
+        let info = ask("<iq from='a@localhost/r' to='localhost' id='d' type='get'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").unwrap();
+        assert_eq!(
+            info,
+            "<iq to='a@localhost/r' from='localhost' id='d' type='result'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='server' type='im' name='Shoal'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='urn:xmpp:ping'/></query></iq>"
+        );
+    }
+
+    #[test]
+    fn unknown_namespaces_are_service_unavailable() {
+        assert_eq!(
+            ask("<iq from='a@localhost/r' to='localhost' id='x' type='get'><query xmlns='urn:unknown'/></iq>").unwrap(),
+            "<iq to='a@localhost/r' from='localhost' id='x' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+        );
+        // A set of a get-only namespace.
+        assert!(ask("<iq from='a@localhost/r' to='localhost' id='x' type='set'><ping xmlns='urn:xmpp:ping'/></iq>").unwrap().contains("service-unavailable"));
+        assert!(
+            ask("<iq from='a@localhost/r' to='localhost' id='x' type='get'/>")
+                .unwrap()
+                .contains("bad-request")
+        );
+        // Results, errors and presence to the server are consumed.
+        assert_eq!(
+            ask("<iq from='a@localhost/r' to='localhost' id='x' type='result'/>"),
+            None
+        );
+        assert_eq!(ask("<presence from='a@localhost/r' to='localhost'/>"), None);
+    }
+}
