@@ -1,1 +1,40 @@
-//! Test harness for Shoal: boots real nodes in-process and drives them over real TCP/TLS.
+//! Test harness for Shoal: boots real nodes in-process on port 0 and drives them over
+//! real TCP and TLS with a small client built on `shoal-xmpp`.
+//!
+//! Nodes run on their own thread with their own actix system, exactly as the binary
+//! runs them; tests talk to them only through sockets. Nothing here may reach into a
+//! node's internals.
+
+pub mod client;
+pub mod node;
+
+pub use client::{Client, Received};
+pub use node::{TestNode, TestNodeBuilder};
+
+use std::time::Duration;
+
+/// Waits until `f` returns true, checking every 20 ms, failing after `timeout`.
+pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut f: F) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Installs a log subscriber once (RUST_LOG / SHOAL_LOG), so failing tests show the
+/// node's log lines.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
