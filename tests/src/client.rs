@@ -274,7 +274,7 @@ impl Client {
                 Some(Frame::StreamOpen(tag)) => {
                     return Ok(Received::Header(String::from_utf8_lossy(&tag).into()));
                 }
-                Some(Frame::Element(bytes)) => return Ok(parse(&bytes)?),
+                Some(Frame::Element(bytes)) => return parse(&bytes),
                 Some(Frame::StreamClose) => return Ok(Received::StreamClose),
                 Some(Frame::Whitespace) => continue,
                 None => {}

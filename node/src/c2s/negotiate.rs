@@ -127,10 +127,10 @@ async fn negotiate(
             if let Some(jid) = jid {
                 // The bind result is written before the session takes the socket.
                 for a in actions.drain(..) {
-                    if let Action::Send(s) = a {
-                        if write(conn, &s).await.is_err() {
-                            return Ok(None);
-                        }
+                    if let Action::Send(s) = a
+                        && write(conn, &s).await.is_err()
+                    {
+                        return Ok(None);
                     }
                 }
                 let transport = conn.transport.take().expect("transport present");

@@ -197,7 +197,7 @@ pub enum StanzaParseError {
     /// The stanza is refused but the stream is fine: answer the sender with `reply`
     /// (absent when the faulty stanza was itself an error, which is never answered).
     Stanza {
-        reply: Option<Stanza>,
+        reply: Option<Box<Stanza>>,
         error: StanzaError,
     },
 }
@@ -284,7 +284,7 @@ pub fn parse_top_level(frame: &Bytes, ctx: NsContext) -> Result<TopLevel, Stanza
     let refuse = |kind: Kind, error: StanzaError| {
         let original = stanza(kind);
         StanzaParseError::Stanza {
-            reply: original.error_reply(&error),
+            reply: original.error_reply(&error).map(Box::new),
             error,
         }
     };

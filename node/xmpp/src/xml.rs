@@ -351,10 +351,11 @@ impl Scopes {
             .ok_or_else(|| XmlError::BadNamespacePrefix(prefix.to_owned()))?
             .to_owned();
         for (k, _) in &attrs {
-            if let Some((p, _)) = k.split_once(':') {
-                if p != "xmlns" && self.lookup(p).is_none() {
-                    return Err(XmlError::BadNamespacePrefix(p.to_owned()));
-                }
+            if let Some((p, _)) = k.split_once(':')
+                && p != "xmlns"
+                && self.lookup(p).is_none()
+            {
+                return Err(XmlError::BadNamespacePrefix(p.to_owned()));
             }
         }
         Ok(Element {

@@ -290,17 +290,15 @@ impl C2sStream {
             header.lang.as_deref(),
         )));
         self.header_sent = true;
-        if let Some(to) = &header.to {
-            if to != &self.config.domain {
-                return self.stream_error(
-                    StreamError::with_text(
-                        StreamErrorCondition::HostUnknown,
-                        format!("this server does not serve {}", to.as_str()),
-                    ),
-                    fresh_id,
-                    out,
-                );
-            }
+        if let Some(to) = header.to.as_ref().filter(|to| *to != &self.config.domain) {
+            return self.stream_error(
+                StreamError::with_text(
+                    StreamErrorCondition::HostUnknown,
+                    format!("this server does not serve {}", to.as_str()),
+                ),
+                fresh_id,
+                out,
+            );
         }
         self.lang = header.lang.clone();
         let mut features = String::from("<stream:features>");
@@ -584,10 +582,11 @@ impl C2sStream {
                             .filter(|r| !r.is_empty()),
                         _ => None,
                     };
-                    if let Some(r) = &resource {
-                        if user.with_resource_str(r).is_err() {
-                            return self.reply_error(&st, StanzaErrorCondition::BadRequest, out);
-                        }
+                    if resource
+                        .as_ref()
+                        .is_some_and(|r| user.with_resource_str(r).is_err())
+                    {
+                        return self.reply_error(&st, StanzaErrorCondition::BadRequest, out);
                     }
                     out.push(Action::Bind {
                         resource: resource.clone(),
