@@ -59,12 +59,22 @@ impl EmbeddedStore {
     }
 }
 
-#[async_trait]
-impl AccountStore for EmbeddedStore {
-    async fn create_account(
+/// Whether a write expects the account to exist already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    MustBeAbsent,
+    MustExist,
+}
+
+impl EmbeddedStore {
+    /// Writes an account's credentials after checking it exists (or not). The check and
+    /// the insert share one write transaction, and redb allows one writer at a time, so
+    /// two concurrent creates cannot both succeed.
+    async fn put(
         &self,
         user: &str,
         creds: &StoredCredentials,
+        expect: Presence,
     ) -> Result<(), StorageError> {
         let user = user.to_owned();
         let bytes = encode_credentials(creds)?;
@@ -72,11 +82,12 @@ impl AccountStore for EmbeddedStore {
             let txn = db.begin_write().map_err(backend)?;
             {
                 let mut table = txn.open_table(ACCOUNTS).map_err(backend)?;
-                // The check and the insert share one write transaction, and redb allows
-                // one writer at a time, so two concurrent creates cannot both succeed.
-                if table.get(user.as_str()).map_err(backend)?.is_some() {
+                let exists = table.get(user.as_str()).map_err(backend)?.is_some();
+                match (expect, exists) {
                     // Dropping the uncommitted transaction aborts it.
-                    return Err(StorageError::AlreadyExists);
+                    (Presence::MustBeAbsent, true) => return Err(StorageError::AlreadyExists),
+                    (Presence::MustExist, false) => return Err(StorageError::NotFound),
+                    _ => {}
                 }
                 table
                     .insert(user.as_str(), bytes.as_slice())
@@ -85,6 +96,17 @@ impl AccountStore for EmbeddedStore {
             txn.commit().map_err(backend)
         })
         .await
+    }
+}
+
+#[async_trait]
+impl AccountStore for EmbeddedStore {
+    async fn create_account(
+        &self,
+        user: &str,
+        creds: &StoredCredentials,
+    ) -> Result<(), StorageError> {
+        self.put(user, creds, Presence::MustBeAbsent).await
     }
 
     async fn credentials(&self, user: &str) -> Result<Option<StoredCredentials>, StorageError> {
@@ -105,22 +127,7 @@ impl AccountStore for EmbeddedStore {
         user: &str,
         creds: &StoredCredentials,
     ) -> Result<(), StorageError> {
-        let user = user.to_owned();
-        let bytes = encode_credentials(creds)?;
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            {
-                let mut table = txn.open_table(ACCOUNTS).map_err(backend)?;
-                if table.get(user.as_str()).map_err(backend)?.is_none() {
-                    return Err(StorageError::NotFound);
-                }
-                table
-                    .insert(user.as_str(), bytes.as_slice())
-                    .map_err(backend)?;
-            }
-            txn.commit().map_err(backend)
-        })
-        .await
+        self.put(user, creds, Presence::MustExist).await
     }
 
     async fn delete_account(&self, user: &str) -> Result<bool, StorageError> {

@@ -120,31 +120,40 @@ fn parse_version(v: &str) -> Result<(u32, u32), StreamError> {
 
 /// Writes our response header: `from` our domain, a fresh stream `id`.
 pub fn response_header(content_ns: &str, from: &str, id: &str, lang: Option<&str>) -> String {
+    header(
+        content_ns,
+        &[
+            ("id", id),
+            ("from", from),
+            ("version", "1.0"),
+            ("xml:lang", lang.unwrap_or("en")),
+        ],
+    )
+}
+
+/// Writes an initiating header (the client side, used by test and load clients).
+pub fn initial_header(content_ns: &str, to: &str) -> String {
+    header(
+        content_ns,
+        &[("to", to), ("version", "1.0"), ("xml:lang", "en")],
+    )
+}
+
+fn header(content_ns: &str, attrs: &[(&str, &str)]) -> String {
     let mut s = String::with_capacity(200);
     s.push_str("<?xml version='1.0'?><stream:stream xmlns='");
     s.push_str(content_ns);
     s.push_str("' xmlns:stream='");
     s.push_str(ns::STREAM);
-    s.push_str("' id='");
-    escape_into(&mut s, id);
-    s.push_str("' from='");
-    escape_into(&mut s, from);
-    s.push_str("' version='1.0' xml:lang='");
-    escape_into(&mut s, lang.unwrap_or("en"));
-    s.push_str("'>");
-    s
-}
-
-/// Writes an initiating header (the client side, used by test and load clients).
-pub fn initial_header(content_ns: &str, to: &str) -> String {
-    let mut s = String::with_capacity(160);
-    s.push_str("<?xml version='1.0'?><stream:stream xmlns='");
-    s.push_str(content_ns);
-    s.push_str("' xmlns:stream='");
-    s.push_str(ns::STREAM);
-    s.push_str("' to='");
-    escape_into(&mut s, to);
-    s.push_str("' version='1.0' xml:lang='en'>");
+    s.push('\'');
+    for (k, v) in attrs {
+        s.push(' ');
+        s.push_str(k);
+        s.push_str("='");
+        escape_into(&mut s, v);
+        s.push('\'');
+    }
+    s.push('>');
     s
 }
 
