@@ -472,3 +472,53 @@ fn shutdown_close() {
         "<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>"
     );
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Pieces of plausible and implausible client input, so random sequences reach deep
+    /// into negotiation instead of failing at the first byte.
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(HEADER.to_string()),
+            Just("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>".to_string()),
+            Just(format!(
+                "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>",
+                B64.encode(plain_initial_response("juliet", "pencil"))
+            )),
+            Just("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>biwsbj1qdWxpZXQscj1hYmM=</auth>".to_string()),
+            Just("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>Yz1iaXdzLHI9YWJj</response>".to_string()),
+            Just("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>".to_string()),
+            Just("<message to='a@localhost'><body>x</body></message>".to_string()),
+            Just("<presence><priority>3</priority></presence>".to_string()),
+            Just("</stream:stream>".to_string()),
+            Just(" ".to_string()),
+            "[ -~]{0,20}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+        /// Whatever a client sends, in whatever pieces, the machine never panics, and once
+        /// it says Close it emits nothing more.
+        #[test]
+        fn arbitrary_client_input_never_panics(pieces in proptest::collection::vec(piece(), 0..12), secure in any::<bool>(), with_creds in any::<bool>()) {
+            let mut h = Harness::new(true, secure);
+            let mut closed = false;
+            for p in pieces {
+                let mut out = h.feed(&p);
+                if out.iter().any(|a| matches!(a, Action::LookupCredentials { .. })) {
+                    let c = creds();
+                    out.extend(h.creds(with_creds.then_some(&c)));
+                }
+                if out.iter().any(|a| matches!(a, Action::Bind { .. })) {
+                    let jid = BareJid::new("juliet@localhost").unwrap().with_resource_str("r").unwrap();
+                    out.extend(h.stream.bind_result(Ok(jid)));
+                }
+                prop_assert!(!(closed && !out.is_empty()), "output after close: {out:?}");
+                closed |= out.iter().any(|a| matches!(a, Action::Close { .. }));
+            }
+        }
+    }
+}
