@@ -16,7 +16,7 @@ use rustls::pki_types::ServerName;
 use shoal_xmpp::framer::{Frame, Framer, FramerLimits};
 use shoal_xmpp::ns;
 use shoal_xmpp::sasl::{ScramClient, ScramHash, plain_initial_response};
-use shoal_xmpp::stanza::{Stanza, TopLevel, parse_top_level};
+use shoal_xmpp::stanza::{Stanza, StanzaParseError, TopLevel, parse_top_level};
 use shoal_xmpp::stream::initial_header;
 use shoal_xmpp::xml::{Element, NsContext};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,7 +36,9 @@ pub enum Received {
     /// A stream header (start tag bytes).
     Header(String),
     Stanza(Stanza),
-    /// A nonza (features, SASL, stream errors appear as `error` in the streams ns).
+    /// A nonza (features, SASL, stream errors appear as `error` in the streams ns), or
+    /// a stanza the strict stanza parser refuses, such as the id-less error a server
+    /// sends in answer to an iq without `id`.
     Element(Element),
     /// `</stream:stream>`.
     StreamClose,
@@ -353,6 +355,10 @@ fn parse(bytes: &Bytes) -> anyhow::Result<Received> {
     match parse_top_level(bytes, NsContext::CLIENT) {
         Ok(TopLevel::Stanza(s)) => Ok(Received::Stanza(s)),
         Ok(TopLevel::Nonza(e)) => Ok(Received::Element(e)),
+        // Well-formed, but not a stanza a client may send: still worth asserting on.
+        Err(StanzaParseError::Stanza { .. }) => {
+            Ok(Received::Element(Element::parse(bytes, NsContext::CLIENT)?))
+        }
         Err(e) => bail!("server sent something unparseable: {e:?}"),
     }
 }
