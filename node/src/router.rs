@@ -126,7 +126,7 @@ impl Router {
 
     /// Stanzas for the server itself (RFC 6120 §10.3 "to the server").
     fn to_server(&self, stanza: Stanza, since: Instant) {
-        if let Some(reply) = server_iq::handle(&stanza, &self.inner.domain) {
+        if let Some(reply) = server_iq::handle(&stanza) {
             self.route_reply(reply, since);
         }
     }

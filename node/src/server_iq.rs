@@ -5,7 +5,6 @@
 //! the server are consumed silently. Anything needing an account's data belongs to the
 //! user actor instead.
 
-use jid::{BareJid, Jid};
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
 use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, Stanza};
@@ -14,21 +13,21 @@ use shoal_xmpp::xml::Element;
 /// Features advertised in disco#info on the server.
 const FEATURES: &[&str] = &[ns::DISCO_INFO, ns::DISCO_ITEMS, ns::PING];
 
-/// The reply to a stanza addressed to the server, if one is owed.
-pub fn handle(stanza: &Stanza, domain: &BareJid) -> Option<Stanza> {
-    let mut reply = match stanza.kind {
-        Kind::Iq(IqType::Get | IqType::Set) => answer_iq(stanza, domain),
+/// The reply to a stanza addressed to the server (or, with no `to`, to the server on
+/// the sender's behalf), if one is owed. The reply's `from` is the request's `to`, so a
+/// request without `to` gets a reply without `from` (RFC 6120 §8.1.2.1).
+pub fn handle(stanza: &Stanza) -> Option<Stanza> {
+    match stanza.kind {
+        Kind::Iq(IqType::Get | IqType::Set) => answer_iq(stanza),
         // A chat message to the server has no one to read it.
         Kind::Message(MessageType::Normal | MessageType::Chat) => {
             stanza.error_reply(&StanzaError::new(StanzaErrorCondition::ServiceUnavailable))
         }
         _ => None,
-    }?;
-    reply.from = Some(Jid::from(domain.clone()));
-    Some(reply)
+    }
 }
 
-fn answer_iq(iq: &Stanza, domain: &BareJid) -> Option<Stanza> {
+fn answer_iq(iq: &Stanza) -> Option<Stanza> {
     let payload = match iq.iq_payload() {
         Ok(Some(p)) => p,
         _ => {
@@ -56,10 +55,7 @@ fn answer_iq(iq: &Stanza, domain: &BareJid) -> Option<Stanza> {
         (true, ns::DISCO_ITEMS, "query") if payload.get_attr("node").is_none() => {
             Some(iq.iq_result(Some(&Element::new("query", ns::DISCO_ITEMS))))
         }
-        _ => {
-            let _ = domain;
-            iq.error_reply(&StanzaError::new(StanzaErrorCondition::ServiceUnavailable))
-        }
+        _ => iq.error_reply(&StanzaError::new(StanzaErrorCondition::ServiceUnavailable)),
     }
 }
 
@@ -75,7 +71,7 @@ mod tests {
             Ok(TopLevel::Stanza(s)) => s,
             other => panic!("{other:?}"),
         };
-        handle(&st, &BareJid::new("localhost").unwrap()).map(|s| s.to_xml())
+        handle(&st).map(|s| s.to_xml())
     }
 
     #[test]
@@ -103,6 +99,12 @@ mod tests {
             ask("<iq from='a@localhost/r' to='localhost' id='x' type='get'/>")
                 .unwrap()
                 .contains("bad-request")
+        );
+        // Without 'to' the reply has no 'from'.
+        assert_eq!(
+            ask("<iq from='a@localhost/r' id='p' type='get'><ping xmlns='urn:xmpp:ping'/></iq>")
+                .unwrap(),
+            "<iq to='a@localhost/r' id='p' type='result'/>"
         );
         // Results, errors and presence to the server are consumed.
         assert_eq!(

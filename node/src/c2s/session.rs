@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use jid::{FullJid, Jid};
 use shoal_xmpp::c2s::{Action, C2sStream};
 use shoal_xmpp::error::{StreamError, StreamErrorCondition};
-use shoal_xmpp::stanza::{IqType, Kind, Stanza};
+use shoal_xmpp::stanza::{Kind, Stanza};
 use tokio::task::AbortHandle;
 use tracing::{debug, info};
 
@@ -161,11 +161,9 @@ impl Session {
                     self.metrics.mailbox_drop(crate::metrics::Mailbox::Shard);
                 }
             }
-            // An iq without 'to' is for the server, on behalf of the account.
-            (None, Kind::Iq(IqType::Get | IqType::Set)) => {
-                st.to = Some(Jid::from(self.router.domain().clone()));
-                self.router.route(st, since);
-            }
+            // An iq without 'to' is for the server, on behalf of the account; the
+            // router hands stanzas without 'to' to the server.
+            (None, Kind::Iq(_)) => self.router.route(st, since),
             // A message without 'to' is to the sender's own bare JID (RFC 6120 §10.3.1).
             (None, _) => {
                 st.to = Some(Jid::from(self.jid.to_bare()));
