@@ -233,8 +233,11 @@ impl<H: Clone + PartialEq> UserState<H> {
             }
             Kind::Message(MessageType::Groupchat) => bounce(&stanza),
             Kind::Message(MessageType::Error) => Vec::new(),
+            // Probes are answered by the server, never shown to clients (RFC 6121
+            // §4.3.2); answering needs the roster's subscription state, so until then
+            // they are consumed.
+            Kind::Presence(PresenceType::Error | PresenceType::Probe) => Vec::new(),
             // §8.5.2.1.2: presence goes to all available resources.
-            Kind::Presence(PresenceType::Error) => Vec::new(),
             Kind::Presence(_) => {
                 let to = self.available_handles();
                 if to.is_empty() {
