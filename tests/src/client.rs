@@ -2,7 +2,7 @@
 //! (`shoal-xmpp`), speaking over real TCP and TLS. Every wait has a timeout so a test
 //! fails instead of hanging.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +19,8 @@ use shoal_xmpp::sasl::{ScramClient, ScramHash, plain_initial_response};
 use shoal_xmpp::stanza::{Stanza, StanzaParseError, TopLevel, parse_top_level};
 use shoal_xmpp::stream::initial_header;
 use shoal_xmpp::xml::{Element, NsContext};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
@@ -76,6 +76,23 @@ impl Client {
         Ok(Self::with_transport(Either::Left(tcp), domain))
     }
 
+    /// Opens a plain TCP connection from a chosen local address (any `127.x.y.z` works
+    /// on Linux loopback), so a test can appear as a different client address.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        domain: &str,
+        local: IpAddr,
+    ) -> anyhow::Result<Client> {
+        let socket = match local {
+            IpAddr::V4(_) => TcpSocket::new_v4()?,
+            IpAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(local, 0))?;
+        let tcp = socket.connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        Ok(Self::with_transport(Either::Left(tcp), domain))
+    }
+
     /// Opens a direct TLS connection (XEP-0368) trusting `cert`.
     pub async fn connect_direct_tls(
         addr: SocketAddr,
@@ -112,13 +129,25 @@ impl Client {
         resource: Option<&str>,
     ) -> anyhow::Result<Client> {
         let mut c = Client::connect(addr, domain).await?;
-        c.open().await?;
-        c.starttls(cert).await?;
-        c.open().await?;
-        c.auth_scram(ScramHash::Sha256, user, password).await?;
-        c.open().await?;
-        c.bind(resource).await?;
+        c.negotiate(cert, user, password, resource).await?;
         Ok(c)
+    }
+
+    /// The rest of [`Client::login`] on a fresh plain connection: STARTTLS,
+    /// SCRAM-SHA-256, bind.
+    pub async fn negotiate(
+        &mut self,
+        cert: &Path,
+        user: &str,
+        password: &str,
+        resource: Option<&str>,
+    ) -> anyhow::Result<FullJid> {
+        self.open().await?;
+        self.starttls(cert).await?;
+        self.open().await?;
+        self.auth_scram(ScramHash::Sha256, user, password).await?;
+        self.open().await?;
+        self.bind(resource).await
     }
 
     pub async fn send_raw(&mut self, data: impl AsRef<[u8]>) -> anyhow::Result<()> {
@@ -271,30 +300,7 @@ impl Client {
     }
 
     async fn recv_inner(&mut self) -> anyhow::Result<Received> {
-        loop {
-            match self.framer.next_frame(&mut self.buf)? {
-                Some(Frame::StreamOpen(tag)) => {
-                    return Ok(Received::Header(String::from_utf8_lossy(&tag).into()));
-                }
-                Some(Frame::Element(bytes)) => return parse(&bytes),
-                Some(Frame::StreamClose) => return Ok(Received::StreamClose),
-                Some(Frame::Whitespace) => continue,
-                None => {}
-            }
-            let Some(t) = self.transport.as_mut() else {
-                return Ok(Received::Eof);
-            };
-            self.buf.reserve(8192);
-            match t.read_buf(&mut self.buf).await {
-                Ok(0) => return Ok(Received::Eof),
-                Ok(_) => {}
-                // A reset after the server closed is the same as EOF for tests.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return Ok(Received::Eof);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        recv_from(self.transport.as_mut(), &mut self.framer, &mut self.buf).await
     }
 
     /// The next stanza, skipping nothing: anything else is an error.
@@ -331,6 +337,46 @@ impl Client {
         }
     }
 
+    /// Like [`Client::expect_eof`], but also accepts an abrupt close: a TLS stream cut
+    /// without `close_notify`, possibly in the middle of a stanza, as when the server
+    /// drops a connection instead of closing it.
+    pub async fn expect_closed(&mut self) -> anyhow::Result<()> {
+        loop {
+            match self.recv().await {
+                Ok(Received::Eof) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => {
+                    let abrupt = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                        matches!(
+                            io.kind(),
+                            std::io::ErrorKind::UnexpectedEof
+                                | std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::ConnectionAborted
+                        )
+                    });
+                    return if abrupt { Ok(()) } else { Err(e) };
+                }
+            }
+        }
+    }
+
+    /// Splits the connection so one task can write while another reads (flood tests).
+    /// [`ClientReader::unsplit`] puts it back together.
+    pub fn split(mut self) -> anyhow::Result<(ClientReader, ClientWriter)> {
+        let t = self.transport.take().context("not connected")?;
+        let (read, write) = tokio::io::split(t);
+        Ok((
+            ClientReader {
+                read,
+                framer: self.framer,
+                buf: self.buf,
+                domain: self.domain,
+                jid: self.jid,
+            },
+            ClientWriter { write },
+        ))
+    }
+
     /// Sends a ping iq to the server and waits for its result: proves the session works.
     pub async fn ping(&mut self) -> anyhow::Result<()> {
         self.send(&format!(
@@ -348,6 +394,93 @@ impl Client {
     /// Closes our side of the stream.
     pub async fn close(&mut self) -> anyhow::Result<()> {
         self.send_raw("</stream:stream>").await
+    }
+}
+
+/// The reading half of a [`Client::split`] connection.
+pub struct ClientReader {
+    read: ReadHalf<Transport>,
+    framer: Framer,
+    buf: BytesMut,
+    domain: String,
+    jid: Option<FullJid>,
+}
+
+impl ClientReader {
+    /// The next thing the server sends (see [`Client::recv`]).
+    pub async fn recv(&mut self) -> anyhow::Result<Received> {
+        self.recv_within(WAIT)
+            .await?
+            .ok_or_else(|| anyhow!("nothing received within {WAIT:?}"))
+    }
+
+    /// Like `recv`, but `None` if nothing arrives within `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> anyhow::Result<Option<Received>> {
+        match tokio::time::timeout(
+            wait,
+            recv_from(Some(&mut self.read), &mut self.framer, &mut self.buf),
+        )
+        .await
+        {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Rejoins the halves of one connection.
+    pub fn unsplit(self, writer: ClientWriter) -> Client {
+        Client {
+            transport: Some(self.read.unsplit(writer.write)),
+            framer: self.framer,
+            buf: self.buf,
+            domain: self.domain,
+            jid: self.jid,
+        }
+    }
+}
+
+/// The writing half of a [`Client::split`] connection.
+pub struct ClientWriter {
+    write: WriteHalf<Transport>,
+}
+
+impl ClientWriter {
+    pub async fn send_raw(&mut self, data: impl AsRef<[u8]>) -> anyhow::Result<()> {
+        self.write.write_all(data.as_ref()).await?;
+        self.write.flush().await?;
+        Ok(())
+    }
+}
+
+/// Reads until `framer` yields a frame; `None` for `read` means already closed.
+async fn recv_from<R: AsyncRead + Unpin>(
+    mut read: Option<&mut R>,
+    framer: &mut Framer,
+    buf: &mut BytesMut,
+) -> anyhow::Result<Received> {
+    loop {
+        match framer.next_frame(buf)? {
+            Some(Frame::StreamOpen(tag)) => {
+                return Ok(Received::Header(String::from_utf8_lossy(&tag).into()));
+            }
+            Some(Frame::Element(bytes)) => return parse(&bytes),
+            Some(Frame::StreamClose) => return Ok(Received::StreamClose),
+            Some(Frame::Whitespace) => continue,
+            None => {}
+        }
+        let Some(t) = read.as_deref_mut() else {
+            return Ok(Received::Eof);
+        };
+        buf.reserve(8192);
+        match t.read_buf(buf).await {
+            Ok(0) => return Ok(Received::Eof),
+            Ok(_) => {}
+            // A reset after the server closed is the same as EOF for tests.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(Received::Eof);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 pub mod client;
 pub mod node;
 
-pub use client::{Client, Received};
+pub use client::{Client, ClientReader, ClientWriter, Received};
 pub use node::{TestNode, TestNodeBuilder};
 
 use std::time::Duration;
