@@ -132,22 +132,23 @@ pub async fn accept_loop(
         };
         let worker = &workers[next % workers.len()];
         next = next.wrapping_add(1);
-        let shared = shared.clone();
         shared.open.fetch_add(1, Ordering::Relaxed);
+        let conn_shared = shared.clone();
         // The negotiation future holds the session's actor context, which is not
         // `Send`, so it is created on the worker's thread.
         let spawned = worker.spawn_fn(move || {
             actix_rt::spawn(async move {
                 match tokio::net::TcpStream::from_std(std_tcp) {
-                    Ok(tcp) => negotiate::run(tcp, peer, kind, shared).await,
+                    Ok(tcp) => negotiate::run(tcp, peer, kind, conn_shared).await,
                     Err(e) => {
-                        shared.open.fetch_sub(1, Ordering::Relaxed);
+                        conn_shared.open.fetch_sub(1, Ordering::Relaxed);
                         warn!(error = %e, "could not register socket");
                     }
                 }
             });
         });
         if !spawned {
+            shared.open.fetch_sub(1, Ordering::Relaxed);
             warn!("worker arbiter gone; connection dropped");
         }
     }
