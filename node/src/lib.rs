@@ -6,6 +6,7 @@ pub mod admin;
 pub mod c2s;
 pub mod config;
 pub mod metrics;
+pub mod model;
 pub mod ratelimit;
 pub mod router;
 pub mod server;
