@@ -127,6 +127,19 @@ pub struct LimitsConfig {
     /// `limits.max_resources_per_user`, default 10, must be > 0: concurrent sessions per
     /// account, enough for every device a person owns.
     pub max_resources_per_user: usize,
+    /// `limits.max_offline_messages`, default 1000, must be > 0: messages kept for an
+    /// offline account (XEP-0160); beyond it senders get `<service-unavailable/>`, so
+    /// one flooded account cannot fill the disk.
+    pub max_offline_messages: usize,
+    /// `limits.max_roster_items`, default 2000, must be > 0: roster size; adding more
+    /// is `<not-acceptable/>` (RFC 6121 §2.3.3). Large enough for busy support desks.
+    pub max_roster_items: usize,
+    /// `limits.max_roster_name_len`, default 1023 bytes: longest item name or group.
+    pub max_roster_name_len: usize,
+    /// `limits.max_roster_groups`, default 32: groups per roster item.
+    pub max_roster_groups: usize,
+    /// `limits.max_blocklist_items`, default 1000, must be > 0 (XEP-0191).
+    pub max_blocklist_items: usize,
 }
 
 /// `[registration]`: XEP-0077 in-band registration.
@@ -326,6 +339,11 @@ fn read_config(r: &mut Reader) -> Config {
         connections_per_ip_per_minute: r.get("limits.connections_per_ip_per_minute", 120),
         auth_failures_per_ip_per_minute: r.get("limits.auth_failures_per_ip_per_minute", 10),
         max_resources_per_user: r.get_at_least("limits.max_resources_per_user", 10, 1),
+        max_offline_messages: r.get_at_least("limits.max_offline_messages", 1000, 1),
+        max_roster_items: r.get_at_least("limits.max_roster_items", 2000, 1),
+        max_roster_name_len: r.get_at_least("limits.max_roster_name_len", 1023, 1),
+        max_roster_groups: r.get_at_least("limits.max_roster_groups", 32, 1),
+        max_blocklist_items: r.get_at_least("limits.max_blocklist_items", 1000, 1),
     };
     let registration = RegistrationConfig {
         enabled: r.get("registration.enabled", true),
@@ -754,6 +772,8 @@ mod tests {
         assert_eq!(c.limits.connections_per_ip_per_minute, 120);
         assert_eq!(c.limits.auth_failures_per_ip_per_minute, 10);
         assert_eq!(c.limits.max_resources_per_user, 10);
+        assert_eq!(c.limits.max_offline_messages, 1000);
+        assert_eq!(c.limits.max_roster_items, 2000);
         assert!(c.registration.enabled);
         assert_eq!(c.registration.per_ip_per_hour, 10);
         assert_eq!(c.admin.bind, Some("127.0.0.1:9090".parse().unwrap()));

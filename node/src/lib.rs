@@ -7,6 +7,7 @@ pub mod c2s;
 pub mod config;
 pub mod metrics;
 pub mod model;
+pub mod jobs;
 pub mod ratelimit;
 pub mod router;
 pub mod server;

@@ -16,7 +16,7 @@ use shoal_xmpp::stanza::Stanza;
 use tracing::debug;
 
 use crate::metrics::{Mailbox, Metrics};
-use crate::server_iq;
+use crate::server_iq::{self, ServerInfo};
 use crate::shard::{RouteToUser, ShardHost};
 
 /// Which shard owns a bare JID. A stable hash (not std's, whose algorithm may change
@@ -31,6 +31,7 @@ struct Inner {
     /// Filled once the shard hosts have started (they need a router themselves).
     hosts: OnceLock<Vec<Addr<ShardHost>>>,
     metrics: Metrics,
+    info: ServerInfo,
 }
 
 /// Cheap to clone; one per node, shared by every actor.
@@ -47,6 +48,9 @@ impl Router {
                 shard_count,
                 hosts: OnceLock::new(),
                 metrics,
+                info: ServerInfo {
+                    started: Instant::now(),
+                },
             }),
         }
     }
@@ -126,7 +130,7 @@ impl Router {
 
     /// Stanzas for the server itself (RFC 6120 §10.3 "to the server").
     fn to_server(&self, stanza: Stanza, since: Instant) {
-        if let Some(reply) = server_iq::handle(&stanza) {
+        if let Some(reply) = server_iq::handle(&stanza, &self.inner.info) {
             self.route_reply(reply, since);
         }
     }

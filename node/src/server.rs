@@ -22,7 +22,9 @@ use crate::c2s::{self, Shared};
 use crate::config::Config;
 use crate::metrics::{self, Listener, Metrics};
 use crate::router::Router;
-use crate::shard::{CloseAllSessions, ShardHost};
+use crate::roster::RosterLimits;
+use crate::shard::{CloseAllSessions, ShardConfig, ShardHost};
+use crate::user::UserLimits;
 use crate::{storage, tls};
 
 /// Sockets a node serves, bound before it starts (so tests can bind port 0 and learn
@@ -93,12 +95,24 @@ pub async fn run(
         .map(|_| Arbiter::new())
         .collect();
     let router = Router::new(domain.clone(), config.cluster.shards, metrics.clone());
-    let max_resources = config.limits.max_resources_per_user;
+    let shard_config = ShardConfig {
+        limits: Arc::new(UserLimits {
+            max_resources: config.limits.max_resources_per_user,
+            roster: RosterLimits {
+                max_items: config.limits.max_roster_items,
+                max_name_len: config.limits.max_roster_name_len,
+                max_group_len: config.limits.max_roster_name_len,
+                max_groups: config.limits.max_roster_groups,
+            },
+            max_blocklist: config.limits.max_blocklist_items,
+        }),
+        max_offline: config.limits.max_offline_messages,
+    };
     let hosts = workers
         .iter()
         .map(|w| {
-            let router = router.clone();
-            ShardHost::start_in_arbiter(&w.handle(), move |_| ShardHost::new(router, max_resources))
+            let (router, storage, cfg) = (router.clone(), storage.clone(), shard_config.clone());
+            ShardHost::start_in_arbiter(&w.handle(), move |_| ShardHost::new(router, storage, cfg))
         })
         .collect();
     router.set_hosts(hosts);

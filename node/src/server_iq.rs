@@ -1,6 +1,7 @@
 //! Requests the server answers itself (RFC 6120 §10.3.3): iqs addressed to the domain.
 //!
-//! Stateless: each request is answered from the request alone. Unknown namespaces get
+//! Stateless apart from the start time: each request is answered from the request, the
+//! clock and [`ServerInfo`]. Unknown namespaces get
 //! `<service-unavailable/>` as RFC 6120 §8.4 requires; results and errors addressed to
 //! the server are consumed silently. Anything needing an account's data belongs to the
 //! user actor instead.
@@ -10,15 +11,39 @@ use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, Stanza};
 use shoal_xmpp::xml::Element;
 
-/// Features advertised in disco#info on the server.
-const FEATURES: &[&str] = &[ns::DISCO_INFO, ns::DISCO_ITEMS, ns::PING];
+use std::time::Instant;
+
+use crate::jobs::{format_timestamp, now_ms};
+
+/// Features advertised in disco#info on the server, sorted as XEP-0115 hashing wants.
+const FEATURES: &[&str] = &[
+    ns::DISCO_INFO,
+    ns::DISCO_ITEMS,
+    ns::LAST,
+    ns::PRIVATE,
+    ns::REGISTER,
+    ns::ROSTER,
+    ns::VERSION,
+    "msgoffline",
+    ns::BLOCKING,
+    ns::CARBONS,
+    ns::PING,
+    ns::TIME,
+    ns::VCARD,
+];
+
+/// What the server says about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerInfo {
+    pub started: Instant,
+}
 
 /// The reply to a stanza addressed to the server (or, with no `to`, to the server on
 /// the sender's behalf), if one is owed. The reply's `from` is the request's `to`, so a
 /// request without `to` gets a reply without `from` (RFC 6120 §8.1.2.1).
-pub fn handle(stanza: &Stanza) -> Option<Stanza> {
+pub fn handle(stanza: &Stanza, info: &ServerInfo) -> Option<Stanza> {
     match stanza.kind {
-        Kind::Iq(IqType::Get | IqType::Set) => answer_iq(stanza),
+        Kind::Iq(IqType::Get | IqType::Set) => answer_iq(stanza, info),
         // A chat message to the server has no one to read it.
         Kind::Message(MessageType::Normal | MessageType::Chat) => {
             stanza.error_reply(&StanzaError::new(StanzaErrorCondition::ServiceUnavailable))
@@ -27,7 +52,7 @@ pub fn handle(stanza: &Stanza) -> Option<Stanza> {
     }
 }
 
-fn answer_iq(iq: &Stanza) -> Option<Stanza> {
+fn answer_iq(iq: &Stanza, info: &ServerInfo) -> Option<Stanza> {
     let payload = match iq.iq_payload() {
         Ok(Some(p)) => p,
         _ => {
@@ -55,6 +80,30 @@ fn answer_iq(iq: &Stanza) -> Option<Stanza> {
         (true, ns::DISCO_ITEMS, "query") if payload.get_attr("node").is_none() => {
             Some(iq.iq_result(Some(&Element::new("query", ns::DISCO_ITEMS))))
         }
+        // XEP-0092: name and version; the OS is left out on purpose (it helps attackers
+        // more than users).
+        (true, ns::VERSION, "query") => Some(
+            iq.iq_result(Some(
+                &Element::new("query", ns::VERSION)
+                    .child(Element::new("name", ns::VERSION).text("Shoal"))
+                    .child(Element::new("version", ns::VERSION).text(env!("CARGO_PKG_VERSION"))),
+            )),
+        ),
+        // XEP-0202: the server keeps UTC.
+        (true, ns::TIME, "time") => Some(
+            iq.iq_result(Some(
+                &Element::new("time", ns::TIME)
+                    .child(Element::new("tzo", ns::TIME).text("+00:00"))
+                    .child(Element::new("utc", ns::TIME).text(format_timestamp(now_ms()))),
+            )),
+        ),
+        // XEP-0012 §5: asked of a server, last activity is its uptime.
+        (true, ns::LAST, "query") => Some(
+            iq.iq_result(Some(
+                &Element::new("query", ns::LAST)
+                    .attr("seconds", info.started.elapsed().as_secs().to_string()),
+            )),
+        ),
         _ => iq.error_reply(&StanzaError::new(StanzaErrorCondition::ServiceUnavailable)),
     }
 }
@@ -71,7 +120,10 @@ mod tests {
             Ok(TopLevel::Stanza(s)) => s,
             other => panic!("{other:?}"),
         };
-        handle(&st).map(|s| s.to_xml())
+        let info = ServerInfo {
+            started: Instant::now(),
+        };
+        handle(&st, &info).map(|s| s.to_xml())
     }
 
     #[test]

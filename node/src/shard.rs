@@ -1,12 +1,17 @@
-//! Shard host actors: each hosts the [`UserState`] of every online account whose shard
+//! Shard host actors: each hosts the [`UserState`] of every loaded account whose shard
 //! maps to it, and is the only place that state is read or changed (DESIGN.md
 //! invariant 2).
 //!
-//! A shard host turns messages into calls on the plain user structs and carries out the
-//! resulting effects: delivering to session actors with `try_send`, routing replies,
-//! closing replaced sessions. It never waits on another mailbox and never does I/O.
+//! A user's state is loaded on the first message that needs it (roster, blocklist,
+//! whether the account exists) through the host's ordered [`StorageQueue`]; messages
+//! that arrive meanwhile wait in that user's queue and are then handled in order. The
+//! host turns messages into calls on the plain user structs and carries out the
+//! effects: delivering to session actors with `try_send`, routing, queueing writes and
+//! jobs. It never waits on another mailbox and never does I/O itself. A user with no
+//! session is unloaded after each message; storage order keeps the next load exact.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -15,23 +20,29 @@ use jid::{BareJid, FullJid};
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
 use shoal_xmpp::stanza::Stanza;
 use tokio::sync::oneshot;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::c2s::session::{Close, Deliver, Session};
+use crate::jobs::{self, JobContext, StorageQueue};
 use crate::metrics::{Mailbox, Metrics};
 use crate::router::Router;
-use crate::user::{Effect, SessionId, UserState};
+use crate::storage::Storage;
+use crate::user::{Effect, Job, SessionId, UserData, UserLimits, UserShared, UserState};
 
 /// Messages a shard host may queue. Past this, senders get `<resource-constraint/>`
 /// (and the drop is counted) rather than waiting: one overloaded shard must not stall
 /// the connections that route through it.
 const SHARD_MAILBOX: usize = 16_384;
 
+/// Messages one user may have waiting while its data loads; beyond this they are
+/// refused like a full mailbox.
+const USER_QUEUE: usize = 1_024;
+
 /// A session as the shard sees it: its actor's address.
 pub type SessionHandle = Addr<Session>;
 
-/// The result of a bind request.
-pub type BindResult = Result<FullJid, StanzaError>;
+/// What a bound session gets back: its JID and the read-only view of its user's state.
+pub type BindResult = Result<(FullJid, Arc<UserShared>), StanzaError>;
 
 /// Binds a resource for a new session.
 #[derive(Message)]
@@ -60,13 +71,27 @@ pub struct RouteToUser {
     pub since: Instant,
 }
 
-/// Broadcast presence (no `to`) from one of the account's own sessions.
+/// Something one of the account's own sessions sent that the account handles:
+/// broadcast presence, subscription requests, account iqs, sent-message carbons.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct OwnPresence {
+pub struct FromSession {
     pub from: FullJid,
+    pub kind: FromSessionKind,
     pub stanza: Stanza,
     pub since: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromSessionKind {
+    /// Presence without `to`.
+    Presence,
+    /// subscribe / subscribed / unsubscribe / unsubscribed to a contact.
+    Subscription,
+    /// An iq to the account itself.
+    AccountIq,
+    /// A chat message the session sent, for the other resources' carbons.
+    SentCarbon,
 }
 
 /// Node shutdown: close every session with `<system-shutdown/>`.
@@ -74,21 +99,170 @@ pub struct OwnPresence {
 #[rtype(result = "()")]
 pub struct CloseAllSessions;
 
+/// A user's pending work while its data loads.
+enum UserMsg {
+    Bind(Bind),
+    Unbind(Unbind),
+    Route(RouteToUser),
+    FromSession(FromSession),
+}
+
+enum Slot {
+    Loading(VecDeque<UserMsg>),
+    Ready(UserState<SessionHandle>),
+}
+
+/// Settings of a shard host.
+#[derive(Clone)]
+pub struct ShardConfig {
+    pub limits: Arc<UserLimits>,
+    pub max_offline: usize,
+}
+
 pub struct ShardHost {
-    users: HashMap<BareJid, UserState<SessionHandle>>,
+    users: HashMap<BareJid, Slot>,
     router: Router,
     metrics: Metrics,
-    max_resources: usize,
+    queue: StorageQueue,
+    config: ShardConfig,
 }
 
 impl ShardHost {
-    pub fn new(router: Router, max_resources: usize) -> Self {
+    pub fn new(router: Router, storage: Storage, config: ShardConfig) -> Self {
         let metrics = router.metrics().clone();
         Self {
             users: HashMap::new(),
             router,
             metrics,
-            max_resources,
+            queue: StorageQueue::start(storage),
+            config,
+        }
+    }
+
+    /// Handles a message for `user`, loading its state first if needed.
+    fn dispatch(&mut self, user: BareJid, msg: UserMsg, ctx: &mut Context<Self>) {
+        match self.users.get_mut(&user) {
+            Some(Slot::Ready(_)) => self.handle_ready(&user, msg),
+            Some(Slot::Loading(queue)) => {
+                if queue.len() >= USER_QUEUE {
+                    self.metrics.mailbox_drop(Mailbox::Shard);
+                    self.refuse(msg);
+                } else {
+                    queue.push_back(msg);
+                }
+            }
+            None => {
+                self.users
+                    .insert(user.clone(), Slot::Loading(VecDeque::from([msg])));
+                self.start_load(user, ctx);
+            }
+        }
+    }
+
+    fn start_load(&mut self, user: BareJid, ctx: &mut Context<Self>) {
+        let (tx, rx) = oneshot::channel();
+        let storage = self.queue.storage.clone();
+        let u = user.clone();
+        self.queue.submit(async move {
+            let _ = tx.send(jobs::load_user(&storage, &u).await);
+        });
+        ctx.spawn(rx.into_actor(self).map(move |result, act, _| {
+            let data = match result {
+                Ok(Ok(data)) => data,
+                Ok(Err(e)) => {
+                    // The account's stanzas are refused rather than handled on a guess.
+                    warn!(%user, error = %e, "loading user data failed");
+                    act.fail_load(&user);
+                    return;
+                }
+                Err(_) => return act.fail_load(&user),
+            };
+            act.loaded(user, data);
+        }));
+    }
+
+    fn loaded(&mut self, user: BareJid, data: UserData) {
+        let Some(Slot::Loading(queue)) = self.users.remove(&user) else {
+            return;
+        };
+        let state = UserState::new(user.clone(), data, self.config.limits.clone());
+        self.users.insert(user.clone(), Slot::Ready(state));
+        for msg in queue {
+            self.handle_ready(&user, msg);
+        }
+    }
+
+    fn fail_load(&mut self, user: &BareJid) {
+        if let Some(Slot::Loading(queue)) = self.users.remove(user) {
+            for msg in queue {
+                self.refuse(msg);
+            }
+        }
+    }
+
+    /// Answers a message that cannot be handled with `<resource-constraint/>` /
+    /// `<internal-server-error/>` as fits.
+    fn refuse(&mut self, msg: UserMsg) {
+        let now = Instant::now();
+        let err = StanzaError::with_text(
+            StanzaErrorCondition::ResourceConstraint,
+            "server busy, try again",
+        );
+        match msg {
+            UserMsg::Bind(b) => {
+                let _ = b.reply.send(Err(err));
+            }
+            UserMsg::Route(r) => self.router.bounce(&r.stanza, err, r.since),
+            UserMsg::FromSession(f) => self.router.bounce(&f.stanza, err, now),
+            UserMsg::Unbind(_) => {}
+        }
+    }
+
+    fn handle_ready(&mut self, user: &BareJid, msg: UserMsg) {
+        let Some(Slot::Ready(state)) = self.users.get_mut(user) else {
+            return;
+        };
+        let now_unix = jobs::now_ms() / 1000;
+        let (effects, since) = match msg {
+            UserMsg::Bind(b) => {
+                let result = state.bind(&b.resource, b.id, b.session);
+                let reply = match result {
+                    Ok((jid, effects)) => {
+                        let shared = state.shared();
+                        self.apply(user, effects, Instant::now());
+                        Ok((jid, shared))
+                    }
+                    Err(e) => Err(e),
+                };
+                // The connection may have gone while waiting; its unbind follows.
+                let _ = b.reply.send(reply);
+                self.unload_if_idle(user);
+                return;
+            }
+            UserMsg::Unbind(u) => (state.unbind(&u.jid, u.id, now_unix), Instant::now()),
+            UserMsg::Route(r) => {
+                let effects = state.deliver(r.stanza);
+                (effects, r.since)
+            }
+            UserMsg::FromSession(f) => {
+                let effects = match f.kind {
+                    FromSessionKind::Presence => state.own_presence(&f.from, f.stanza),
+                    FromSessionKind::Subscription => state.outbound_subscription(f.stanza),
+                    FromSessionKind::AccountIq => state.account_iq(&f.from, f.stanza),
+                    FromSessionKind::SentCarbon => state.sent_carbon(&f.from, &f.stanza),
+                };
+                (effects, f.since)
+            }
+        };
+        self.apply(user, effects, since);
+        self.unload_if_idle(user);
+    }
+
+    fn unload_if_idle(&mut self, user: &BareJid) {
+        if let Some(Slot::Ready(state)) = self.users.get(user)
+            && state.is_idle()
+        {
+            self.users.remove(user);
         }
     }
 
@@ -102,17 +276,45 @@ impl ShardHost {
                     // disconnected as a slow consumer, so the close is not needed.
                     let _ = old.try_send(Close(StreamErrorCondition::Conflict));
                 }
+                Effect::Persist(w) => {
+                    let storage = self.queue.storage.clone();
+                    let u = user.clone();
+                    self.queue
+                        .submit(async move { jobs::write(&storage, &u, w).await });
+                }
+                Effect::Job(job) => self.job(user, job, since),
             }
         }
     }
 
-    fn deliver(
-        &mut self,
-        user: &BareJid,
-        sessions: Vec<SessionHandle>,
-        stanza: Stanza,
-        since: Instant,
-    ) {
+    fn job(&mut self, user: &BareJid, job: Job<SessionHandle>, since: Instant) {
+        let optional = matches!(
+            job,
+            Job::StoreOffline(_) | Job::VcardSet { .. } | Job::PrivateSet { .. }
+        );
+        if optional && self.queue.is_congested() {
+            let request = match &job {
+                Job::StoreOffline(s) => s,
+                Job::VcardSet { request, .. } | Job::PrivateSet { request, .. } => request,
+                _ => unreachable!("only optional jobs"),
+            };
+            self.router.bounce(
+                request,
+                StanzaError::with_text(StanzaErrorCondition::ResourceConstraint, "storage busy"),
+                since,
+            );
+            return;
+        }
+        let cx = JobContext {
+            storage: self.queue.storage.clone(),
+            router: self.router.clone(),
+            max_offline: self.config.max_offline,
+        };
+        let u = user.clone();
+        self.queue.submit(jobs::run(cx, u, job));
+    }
+
+    fn deliver(&mut self, user: &BareJid, sessions: Vec<SessionHandle>, stanza: Stanza, since: Instant) {
         // Serialised once, shared by every recipient.
         let xml = Bytes::from(stanza.to_xml());
         let mut gone = Vec::new();
@@ -141,17 +343,10 @@ impl ShardHost {
         // A session whose actor is gone without unbinding (it crashed or its unbind was
         // dropped) is detected here and removed, so the next stanza is routed right.
         for session in gone {
-            if let Some(state) = self.users.get_mut(user) {
-                let effects = state.remove_handle(&session);
+            if let Some(Slot::Ready(state)) = self.users.get_mut(user) {
+                let effects = state.remove_handle(&session, jobs::now_ms() / 1000);
                 self.apply(user, effects, since);
             }
-        }
-        self.forget_if_empty(user);
-    }
-
-    fn forget_if_empty(&mut self, user: &BareJid) {
-        if self.users.get(user).is_some_and(UserState::is_empty) {
-            self.users.remove(user);
         }
     }
 }
@@ -167,35 +362,20 @@ impl Actor for ShardHost {
 impl Handler<Bind> for ShardHost {
     type Result = ();
 
-    fn handle(&mut self, msg: Bind, _: &mut Self::Context) {
-        let state = self
-            .users
-            .entry(msg.user.clone())
-            .or_insert_with(|| UserState::new(msg.user.clone()));
-        let result = state.bind(&msg.resource, msg.id, msg.session, self.max_resources);
-        let reply = match result {
-            Ok((jid, effects)) => {
-                self.apply(&msg.user, effects, Instant::now());
-                Ok(jid)
-            }
-            Err(e) => Err(e),
-        };
-        self.forget_if_empty(&msg.user);
-        // The connection may have gone while waiting; then there is no one to tell and
-        // its unbind follows.
-        let _ = msg.reply.send(reply);
+    fn handle(&mut self, msg: Bind, ctx: &mut Self::Context) {
+        let user = msg.user.clone();
+        self.dispatch(user, UserMsg::Bind(msg), ctx);
     }
 }
 
 impl Handler<Unbind> for ShardHost {
     type Result = ();
 
-    fn handle(&mut self, msg: Unbind, _: &mut Self::Context) {
-        let bare = msg.jid.to_bare();
-        if let Some(state) = self.users.get_mut(&bare) {
-            let effects = state.unbind(&msg.jid, msg.id);
-            self.apply(&bare, effects, Instant::now());
-            self.forget_if_empty(&bare);
+    fn handle(&mut self, msg: Unbind, ctx: &mut Self::Context) {
+        let user = msg.jid.to_bare();
+        // Nothing to unbind for a user that is not loaded.
+        if self.users.contains_key(&user) {
+            self.dispatch(user, UserMsg::Unbind(msg), ctx);
         }
     }
 }
@@ -203,30 +383,24 @@ impl Handler<Unbind> for ShardHost {
 impl Handler<RouteToUser> for ShardHost {
     type Result = ();
 
-    fn handle(&mut self, msg: RouteToUser, _: &mut Self::Context) {
-        let Some(bare) = msg.stanza.to.as_ref().map(|t| t.to_bare()) else {
+    fn handle(&mut self, msg: RouteToUser, ctx: &mut Self::Context) {
+        let Some(user) = msg.stanza.to.as_ref().map(|t| t.to_bare()) else {
             return;
         };
-        let effects = match self.users.get_mut(&bare) {
-            Some(state) => state.deliver(msg.stanza),
-            // Nobody online: the offline rules of the same struct apply.
-            None => UserState::new(bare.clone()).deliver(msg.stanza),
-        };
-        self.apply(&bare, effects, msg.since);
+        self.dispatch(user, UserMsg::Route(msg), ctx);
     }
 }
 
-impl Handler<OwnPresence> for ShardHost {
+impl Handler<FromSession> for ShardHost {
     type Result = ();
 
-    fn handle(&mut self, msg: OwnPresence, _: &mut Self::Context) {
-        let bare = msg.from.to_bare();
-        if let Some(state) = self.users.get_mut(&bare) {
-            let effects = state.own_presence(&msg.from, msg.stanza);
-            self.apply(&bare, effects, msg.since);
-        } else {
-            debug!(from = %msg.from, "presence from a session that is not bound");
+    fn handle(&mut self, msg: FromSession, ctx: &mut Self::Context) {
+        let user = msg.from.to_bare();
+        if !self.users.contains_key(&user) {
+            debug!(from = %msg.from, "stanza from a session that is not bound");
+            return;
         }
+        self.dispatch(user, UserMsg::FromSession(msg), ctx);
     }
 }
 
@@ -234,10 +408,12 @@ impl Handler<CloseAllSessions> for ShardHost {
     type Result = ();
 
     fn handle(&mut self, _: CloseAllSessions, _: &mut Self::Context) {
-        for state in self.users.values() {
-            for session in state.handles() {
-                // Sessions that cannot take the message are closed by the final stop.
-                let _ = session.try_send(Close(StreamErrorCondition::SystemShutdown));
+        for slot in self.users.values() {
+            if let Slot::Ready(state) = slot {
+                for session in state.handles() {
+                    // Sessions that cannot take the message are closed by the final stop.
+                    let _ = session.try_send(Close(StreamErrorCondition::SystemShutdown));
+                }
             }
         }
     }

@@ -1,28 +1,118 @@
-//! The state of one user account that is online: its bound sessions and their presence,
-//! and the RFC 6121 §8 rules for delivering stanzas addressed to the account.
+//! The state of one user account while it is loaded: bound sessions and their presence,
+//! the roster with its subscriptions, the blocklist, and every RFC 6121 rule that
+//! decides what happens to stanzas from and to the account.
 //!
 //! This is a plain struct: [`UserState`] methods take an input and return [`Effect`]s
-//! for the shard actor to carry out, so every rule is unit-tested without actix. It is
-//! owned by exactly one shard actor (DESIGN.md invariant 2) and never talks to a socket,
-//! storage or another actor itself. `H` is the handle of a session (an actor address at
-//! run time, a plain number in tests).
+//! (deliver, route, persist, run a storage job) for the shard actor to carry out, so
+//! every rule is unit-tested without actix or storage. It is owned by exactly one shard
+//! actor (DESIGN.md invariant 2) and never talks to a socket, storage or another actor
+//! itself. `H` is the handle of a session (an actor address at run time, a number in
+//! tests).
 
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
 use jid::{BareJid, FullJid, Jid};
+use parking_lot::RwLock;
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
+use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
+use shoal_xmpp::xml::{Element, escape};
+
+use crate::model::{Roster, RosterItem};
+use crate::roster::{self, ContactState, RosterLimits, RosterSet, SubscriptionOp};
 
 /// Identifies one binding of a resource, so a late unbind from a replaced session does
 /// not remove its replacement.
 pub type SessionId = u64;
+
+/// What the shard loads from storage before a user's stanzas can be handled.
+#[derive(Debug, Clone, Default)]
+pub struct UserData {
+    /// The account exists (stanzas to unknown accounts are refused, never stored).
+    pub exists: bool,
+    pub roster: Roster,
+    pub blocklist: Vec<String>,
+}
+
+/// State a user's sessions read on their own hot path (never written by them): the
+/// blocklist for outbound checks and how many sessions want carbons.
+#[derive(Debug, Default)]
+pub struct UserShared {
+    blocklist: RwLock<HashSet<String>>,
+    carbons: AtomicUsize,
+}
+
+impl UserShared {
+    /// Whether stanzas to or from `jid` are blocked (XEP-0191 §3.4: a bare JID entry
+    /// blocks all its resources, a domain entry the whole domain).
+    pub fn is_blocked(&self, jid: &Jid) -> bool {
+        let list = self.blocklist.read();
+        !list.is_empty() && blocked_by(&list, jid)
+    }
+
+    /// Sessions of this user with carbons enabled.
+    pub fn carbons_enabled(&self) -> usize {
+        self.carbons.load(Ordering::Relaxed)
+    }
+}
+
+fn blocked_by(list: &HashSet<String>, jid: &Jid) -> bool {
+    list.contains(jid.as_str())
+        || list.contains(jid.to_bare().as_str())
+        || list.contains(jid.domain().as_str())
+}
 
 #[derive(Debug, Clone)]
 struct SessionEntry<H> {
     jid: FullJid,
     id: SessionId,
     handle: H,
-    /// The session has sent available presence (and not unavailable since).
-    available: bool,
+    /// The last broadcast presence, once the session has sent available presence.
+    presence: Option<Stanza>,
     priority: i8,
+    /// Requested the roster, so it receives roster pushes (RFC 6121 §2.1.6).
+    interested: bool,
+    carbons: bool,
+}
+
+impl<H> SessionEntry<H> {
+    fn available(&self) -> bool {
+        self.presence.is_some()
+    }
+}
+
+/// Ordered storage writes; the shard carries them out in order, fire-and-forget.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    PutItem(RosterItem),
+    RemoveItem(String),
+    PendingIn(String, Option<String>),
+    Blocklist(Vec<String>),
+    LastActivity { unix_secs: u64, status: String },
+}
+
+/// Storage work whose result produces stanzas; run in order with the writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Job<H> {
+    /// Store a message for later (XEP-0160); bounce it if the queue is full.
+    StoreOffline(Stanza),
+    /// Deliver stored messages to a session that just became available, then remove them.
+    DeliverOffline(H),
+    /// Answer a vCard get for `owner` (XEP-0054).
+    VcardGet { request: Stanza, owner: BareJid },
+    VcardSet { request: Stanza, xml: String },
+    /// Answer a private XML get (XEP-0049) for the element `name`/`ns`.
+    PrivateGet { request: Stanza, name: String, ns: String },
+    PrivateSet { request: Stanza, key: String, xml: String },
+    /// Answer a last-activity query about an offline account (XEP-0012).
+    LastActivity { request: Stanza },
+    /// Change the password (XEP-0077 §3.3).
+    ChangePassword { request: Stanza, password: String },
+    /// Remove the account and all its data, then close these sessions (XEP-0077 §3.2).
+    RemoveAccount { request: Stanza, sessions: Vec<H> },
 }
 
 /// What the shard actor must do after a call.
@@ -30,32 +120,64 @@ struct SessionEntry<H> {
 pub enum Effect<H> {
     /// Write this stanza to each of these sessions.
     Deliver(Vec<H>, Stanza),
-    /// Route this stanza (an error or a reply) back into the server.
+    /// Route this stanza into the server (replies, errors, presence to contacts).
     Route(Stanza),
-    /// This session was replaced by a new binding of the same full JID: close it with
-    /// `<conflict/>`.
+    /// This session was replaced by a new binding of the same full JID.
     Replaced(H),
+    Persist(Write),
+    Job(Job<H>),
 }
 
-/// One online account.
+/// Limits applied to a user's data.
+#[derive(Debug, Clone)]
+pub struct UserLimits {
+    pub max_resources: usize,
+    pub roster: RosterLimits,
+    pub max_blocklist: usize,
+}
+
+/// One loaded account.
 #[derive(Debug)]
 pub struct UserState<H> {
     bare: BareJid,
+    data: UserData,
     sessions: Vec<SessionEntry<H>>,
+    shared: Arc<UserShared>,
+    limits: Arc<UserLimits>,
 }
 
 impl<H: Clone + PartialEq> UserState<H> {
-    pub fn new(bare: BareJid) -> Self {
+    pub fn new(bare: BareJid, data: UserData, limits: Arc<UserLimits>) -> Self {
+        let shared = Arc::new(UserShared::default());
+        *shared.blocklist.write() = data.blocklist.iter().cloned().collect();
         Self {
             bare,
+            data,
             sessions: Vec::new(),
+            shared,
+            limits,
         }
     }
 
-    /// No session left: the shard may drop this state.
-    pub fn is_empty(&self) -> bool {
+    pub fn exists(&self) -> bool {
+        self.data.exists
+    }
+
+    /// No session left: the shard may unload this state.
+    pub fn is_idle(&self) -> bool {
         self.sessions.is_empty()
     }
+
+    pub fn shared(&self) -> Arc<UserShared> {
+        self.shared.clone()
+    }
+
+    /// Every bound session.
+    pub fn handles(&self) -> impl Iterator<Item = &H> {
+        self.sessions.iter().map(|s| &s.handle)
+    }
+
+    // ---- sessions -------------------------------------------------------------------
 
     /// Binds `resource` for a new session. A session already bound to the same full JID
     /// is replaced (RFC 6120 §7.7.2.2, the "override" policy).
@@ -64,7 +186,6 @@ impl<H: Clone + PartialEq> UserState<H> {
         resource: &str,
         id: SessionId,
         handle: H,
-        max_resources: usize,
     ) -> Result<(FullJid, Vec<Effect<H>>), StanzaError> {
         let jid = self
             .bare
@@ -72,13 +193,12 @@ impl<H: Clone + PartialEq> UserState<H> {
             .map_err(|_| StanzaError::new(StanzaErrorCondition::BadRequest))?;
         let mut effects = Vec::new();
         if let Some(pos) = self.sessions.iter().position(|s| s.jid == jid) {
-            let old = self.sessions.remove(pos);
-            effects.push(Effect::Replaced(old.handle));
-            // The replaced session vanishes for the user's other resources too.
-            if old.available {
-                effects.extend(self.broadcast_own(unavailable_from(&old.jid)));
+            let old = self.remove_session(pos);
+            effects.push(Effect::Replaced(old.handle.clone()));
+            if old.available() {
+                effects.extend(self.went_unavailable(&old.jid, None));
             }
-        } else if self.sessions.len() >= max_resources {
+        } else if self.sessions.len() >= self.limits.max_resources {
             return Err(StanzaError::with_text(
                 StanzaErrorCondition::ResourceConstraint,
                 "too many resources bound for this account",
@@ -88,14 +208,17 @@ impl<H: Clone + PartialEq> UserState<H> {
             jid: jid.clone(),
             id,
             handle,
-            available: false,
+            presence: None,
             priority: 0,
+            interested: false,
+            carbons: false,
         });
         Ok((jid, effects))
     }
 
-    /// The session ended. Returns the unavailable broadcast owed to the other resources.
-    pub fn unbind(&mut self, jid: &FullJid, id: SessionId) -> Vec<Effect<H>> {
+    /// The session ended: unavailable presence to contacts and own resources, and the
+    /// last-activity record when it was the last one.
+    pub fn unbind(&mut self, jid: &FullJid, id: SessionId, now_unix: u64) -> Vec<Effect<H>> {
         let Some(pos) = self
             .sessions
             .iter()
@@ -103,72 +226,668 @@ impl<H: Clone + PartialEq> UserState<H> {
         else {
             return Vec::new();
         };
-        let old = self.sessions.remove(pos);
-        if old.available {
-            self.broadcast_own(unavailable_from(&old.jid))
-        } else {
-            Vec::new()
+        let old = self.remove_session(pos);
+        let mut effects = Vec::new();
+        if old.available() {
+            effects.extend(self.went_unavailable(&old.jid, None));
         }
+        if self.sessions.is_empty() {
+            effects.push(Effect::Persist(Write::LastActivity {
+                unix_secs: now_unix,
+                status: String::new(),
+            }));
+        }
+        effects
     }
 
     /// Removes a session whose mailbox is gone (its actor stopped without unbinding).
-    pub fn remove_handle(&mut self, handle: &H) -> Vec<Effect<H>> {
+    pub fn remove_handle(&mut self, handle: &H, now_unix: u64) -> Vec<Effect<H>> {
         match self.sessions.iter().find(|s| &s.handle == handle) {
             Some(s) => {
                 let (jid, id) = (s.jid.clone(), s.id);
-                self.unbind(&jid, id)
+                self.unbind(&jid, id, now_unix)
             }
             None => Vec::new(),
         }
     }
 
-    /// Presence with no `to` from one of this user's sessions: its broadcast presence
-    /// (RFC 6121 §4.2, §4.4, §4.5). The user's own available resources, including the
-    /// sender, receive it. Subscriptions and contacts come with the roster.
-    pub fn own_presence(&mut self, from: &FullJid, stanza: Stanza) -> Vec<Effect<H>> {
-        let Some(entry) = self.sessions.iter_mut().find(|s| &s.jid == from) else {
+    fn remove_session(&mut self, pos: usize) -> SessionEntry<H> {
+        let old = self.sessions.remove(pos);
+        if old.carbons {
+            self.shared.carbons.fetch_sub(1, Ordering::Relaxed);
+        }
+        old
+    }
+
+    // ---- own presence -----------------------------------------------------------------
+
+    /// Presence with no `to` from one of this user's sessions (RFC 6121 §4.2, §4.4,
+    /// §4.5): broadcast to contacts with a `from` subscription and to the user's own
+    /// available resources; the first available presence also probes the contacts the
+    /// user subscribes to, delivers stored messages and pending subscription requests.
+    pub fn own_presence(&mut self, from: &FullJid, mut stanza: Stanza) -> Vec<Effect<H>> {
+        let Some(pos) = self.sessions.iter().position(|s| &s.jid == from) else {
             return Vec::new();
         };
         match stanza.kind {
             Kind::Presence(PresenceType::Available) => {
-                entry.available = true;
-                entry.priority = stanza.priority();
+                stanza.to = None;
+                let initial = !self.sessions[pos].available();
+                let priority = stanza.priority();
+                let entry = &mut self.sessions[pos];
+                entry.presence = Some(stanza.clone());
+                entry.priority = priority;
+                let handle = entry.handle.clone();
+                let mut effects = self.broadcast(&stanza, from);
+                if initial {
+                    effects.extend(self.probes());
+                    effects.extend(self.own_sibling_presence(pos));
+                    for (contact, payload) in &self.data.roster.pending_in {
+                        effects.push(Effect::Deliver(
+                            vec![handle.clone()],
+                            subscription_presence(
+                                PresenceType::Subscribe,
+                                contact,
+                                &self.bare,
+                                payload,
+                            ),
+                        ));
+                    }
+                    if priority >= 0 {
+                        effects.push(Effect::Job(Job::DeliverOffline(handle)));
+                    }
+                }
+                effects
             }
             Kind::Presence(PresenceType::Unavailable) => {
-                if !entry.available {
+                if !self.sessions[pos].available() {
                     return Vec::new();
                 }
-                let recipients = self.available_handles();
-                self.sessions
-                    .iter_mut()
-                    .filter(|s| &s.jid == from)
-                    .for_each(|s| s.available = false);
-                return vec![Effect::Deliver(recipients, stanza)];
+                self.sessions[pos].presence = None;
+                self.went_unavailable(from, Some(stanza))
             }
-            // Subscription management and probes need the roster; until then they are
-            // not handled for the user's own account.
-            _ => return Vec::new(),
+            _ => Vec::new(),
         }
-        self.broadcast_own(stanza)
     }
 
+    /// The current presence of the user's other available resources, for a resource
+    /// that just became available.
+    fn own_sibling_presence(&self, pos: usize) -> Vec<Effect<H>> {
+        let target = self.sessions[pos].handle.clone();
+        self.sessions
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i != pos && s.available())
+            .filter_map(|(_, s)| {
+                let mut p = s.presence.clone()?;
+                p.from = Some(Jid::from(s.jid.clone()));
+                p.to = Some(Jid::from(self.sessions[pos].jid.clone()));
+                Some(Effect::Deliver(vec![target.clone()], p))
+            })
+            .collect()
+    }
+
+    /// Sends `stanza` (from `from`) to every contact with a `from` subscription and to
+    /// the user's own available resources.
+    fn broadcast(&self, stanza: &Stanza, from: &FullJid) -> Vec<Effect<H>> {
+        let mut effects = Vec::new();
+        for item in self.data.roster.items.values() {
+            if item.subscription.has_from() {
+                let Ok(to) = Jid::new(&item.jid) else { continue };
+                if self.shared.is_blocked(&to) {
+                    continue;
+                }
+                let mut p = stanza.clone();
+                p.from = Some(Jid::from(from.clone()));
+                p.to = Some(to);
+                effects.push(Effect::Route(p));
+            }
+        }
+        let own = self.available_handles();
+        if !own.is_empty() {
+            let mut p = stanza.clone();
+            p.from = Some(Jid::from(from.clone()));
+            p.to = None;
+            effects.push(Effect::Deliver(own, p));
+        }
+        effects
+    }
+
+    /// `unavailable` from `jid` to contacts and own resources (after the session's
+    /// presence was cleared or the session removed).
+    fn went_unavailable(&self, jid: &FullJid, original: Option<Stanza>) -> Vec<Effect<H>> {
+        let mut p = original.unwrap_or_else(|| Stanza::new(Kind::Presence(PresenceType::Unavailable)));
+        p.to = None;
+        let mut effects = self.broadcast(&p, jid);
+        // The resource that went unavailable hears its own unavailable too when it
+        // sent it explicitly and is still bound.
+        if let Some(s) = self.sessions.iter().find(|s| &s.jid == jid) {
+            p.from = Some(Jid::from(jid.clone()));
+            effects.push(Effect::Deliver(vec![s.handle.clone()], p));
+        }
+        effects
+    }
+
+    /// Probes to every contact the user subscribes to (RFC 6121 §4.2.2).
+    fn probes(&self) -> Vec<Effect<H>> {
+        self.data
+            .roster
+            .items
+            .values()
+            .filter(|i| i.subscription.has_to())
+            .filter_map(|i| {
+                let mut p = Stanza::new(Kind::Presence(PresenceType::Probe));
+                p.from = Some(Jid::from(self.bare.clone()));
+                p.to = Some(Jid::new(&i.jid).ok()?);
+                Some(Effect::Route(p))
+            })
+            .collect()
+    }
+
+    // ---- subscriptions ------------------------------------------------------------------
+
+    /// A subscription stanza the user sends (RFC 6121 §3, outbound side).
+    pub fn outbound_subscription(&mut self, stanza: Stanza) -> Vec<Effect<H>> {
+        let Some(op) = subscription_op(stanza.kind) else {
+            return Vec::new();
+        };
+        let Some(contact) = stanza.to.as_ref().map(Jid::to_bare) else {
+            return Vec::new();
+        };
+        if contact == self.bare {
+            // Subscribing to oneself is meaningless; the server already shares presence
+            // among the user's own resources.
+            return Vec::new();
+        }
+        let key = contact.to_string();
+        let state = self.contact_state(&key);
+        let t = roster::outbound(&state, op);
+        let mut effects = self.apply_transition(&key, &state, &t.new_state, t.roster_push);
+        if t.forward {
+            // RFC 6121 §3.1.2: the user's server stamps the bare JID.
+            let mut out = stanza.clone();
+            out.from = Some(Jid::from(self.bare.clone()));
+            out.to = Some(Jid::from(contact.clone()));
+            effects.push(Effect::Route(out));
+        }
+        if t.send_presence {
+            // §3.1.5: approving a subscription sends the user's current presence.
+            for s in self.sessions.iter().filter(|s| s.available()) {
+                if let Some(mut p) = s.presence.clone() {
+                    p.from = Some(Jid::from(s.jid.clone()));
+                    p.to = Some(Jid::from(contact.clone()));
+                    effects.push(Effect::Route(p));
+                }
+            }
+        }
+        if t.send_unavailable {
+            // §3.2.1: cancelling sends unavailable from each available resource.
+            for s in self.sessions.iter().filter(|s| s.available()) {
+                let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+                p.from = Some(Jid::from(s.jid.clone()));
+                p.to = Some(Jid::from(contact.clone()));
+                effects.push(Effect::Route(p));
+            }
+        }
+        effects
+    }
+
+    /// A subscription stanza from a contact to this user (RFC 6121 §3, inbound side).
+    fn inbound_subscription(&mut self, stanza: Stanza) -> Vec<Effect<H>> {
+        let Some(op) = subscription_op(stanza.kind) else {
+            return Vec::new();
+        };
+        let Some(contact) = stanza.from.as_ref().map(Jid::to_bare) else {
+            return Vec::new();
+        };
+        let key = contact.to_string();
+        let state = self.contact_state(&key);
+        let t = roster::inbound(&state, op);
+        let mut effects = self.apply_transition(&key, &state, &t.new_state, t.roster_push);
+        if t.forward {
+            let mut st = stanza.clone();
+            st.from = Some(Jid::from(contact.clone()));
+            st.to = Some(Jid::from(self.bare.clone()));
+            if op == SubscriptionOp::Subscribe && !state.pending_in {
+                // Kept until the user answers, and redelivered at each login.
+                let payload = String::from_utf8_lossy(&st.payload).into_owned();
+                self.data.roster.pending_in.insert(key.clone(), payload.clone());
+                effects.push(Effect::Persist(Write::PendingIn(key.clone(), Some(payload))));
+            }
+            let to = self.available_handles();
+            if !to.is_empty() {
+                effects.push(Effect::Deliver(to, st));
+            }
+        }
+        if let Some(reply_op) = t.auto_reply {
+            let mut reply = Stanza::new(Kind::Presence(presence_type(reply_op)));
+            reply.from = Some(Jid::from(self.bare.clone()));
+            reply.to = Some(Jid::from(contact.clone()));
+            effects.push(Effect::Route(reply));
+            if reply_op == SubscriptionOp::Subscribed {
+                // A pre-approved subscription also gets the user's presence.
+                for s in self.sessions.iter().filter(|s| s.available()) {
+                    if let Some(mut p) = s.presence.clone() {
+                        p.from = Some(Jid::from(s.jid.clone()));
+                        p.to = Some(Jid::from(contact.clone()));
+                        effects.push(Effect::Route(p));
+                    }
+                }
+            }
+        }
+        effects
+    }
+
+    fn contact_state(&self, key: &str) -> ContactState {
+        let item = self.data.roster.items.get(key);
+        ContactState {
+            subscription: item.map(|i| i.subscription).unwrap_or_default(),
+            ask: item.is_some_and(|i| i.ask),
+            pending_in: self.data.roster.pending_in.contains_key(key),
+            approved: item.is_some_and(|i| i.approved),
+            in_roster: item.is_some(),
+        }
+    }
+
+    /// Stores a new contact state and pushes the item when it changed visibly.
+    fn apply_transition(
+        &mut self,
+        key: &str,
+        old: &ContactState,
+        new: &ContactState,
+        push: bool,
+    ) -> Vec<Effect<H>> {
+        let mut effects = Vec::new();
+        if old.pending_in && !new.pending_in {
+            self.data.roster.pending_in.remove(key);
+            effects.push(Effect::Persist(Write::PendingIn(key.to_string(), None)));
+        }
+        let item_changed = new.subscription != old.subscription
+            || new.ask != old.ask
+            || new.approved != old.approved
+            || new.in_roster != old.in_roster;
+        if !item_changed {
+            return effects;
+        }
+        if new.in_roster {
+            let mut item = self
+                .data
+                .roster
+                .items
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| RosterItem {
+                    jid: key.to_string(),
+                    ..RosterItem::default()
+                });
+            item.subscription = new.subscription;
+            item.ask = new.ask;
+            item.approved = new.approved;
+            effects.extend(self.store_item(item, push));
+        } else if old.in_roster {
+            effects.extend(self.drop_item(key));
+        }
+        effects
+    }
+
+    fn store_item(&mut self, item: RosterItem, push: bool) -> Vec<Effect<H>> {
+        self.data.roster.version += 1;
+        self.data.roster.items.insert(item.jid.clone(), item.clone());
+        let mut effects = vec![Effect::Persist(Write::PutItem(item.clone()))];
+        if push {
+            effects.extend(self.roster_push(Some(&item), &item.jid));
+        }
+        effects
+    }
+
+    fn drop_item(&mut self, key: &str) -> Vec<Effect<H>> {
+        self.data.roster.version += 1;
+        self.data.roster.items.remove(key);
+        let mut effects = vec![Effect::Persist(Write::RemoveItem(key.to_string()))];
+        effects.extend(self.roster_push(None, key));
+        effects
+    }
+
+    /// A roster push to every interested resource (RFC 6121 §2.1.6).
+    fn roster_push(&self, item: Option<&RosterItem>, jid: &str) -> Vec<Effect<H>> {
+        let query = roster::roster_push(item, jid, self.data.roster.version);
+        self.sessions
+            .iter()
+            .filter(|s| s.interested)
+            .map(|s| {
+                let mut iq = Stanza::new(Kind::Iq(IqType::Set));
+                iq.to = Some(Jid::from(s.jid.clone()));
+                iq.id = Some(format!("push{}", self.data.roster.version).into());
+                iq.payload = Bytes::from(query.to_xml(ns::CLIENT));
+                Effect::Deliver(vec![s.handle.clone()], iq)
+            })
+            .collect()
+    }
+
+    // ---- requests to the account --------------------------------------------------------
+
+    /// An iq from one of the user's sessions to its own account (no `to`, or its own
+    /// bare JID): roster, blocking, carbons, vCard, private storage, registration.
+    pub fn account_iq(&mut self, from: &FullJid, iq: Stanza) -> Vec<Effect<H>> {
+        let Ok(Some(payload)) = iq.iq_payload() else {
+            return reply_error(&iq, StanzaErrorCondition::BadRequest);
+        };
+        let set = iq.kind == Kind::Iq(IqType::Set);
+        let Some(pos) = self.sessions.iter().position(|s| &s.jid == from) else {
+            return Vec::new();
+        };
+        match (payload.ns.as_str(), payload.name.as_str(), set) {
+            (ns::ROSTER, "query", false) => {
+                self.sessions[pos].interested = true;
+                let ver = payload.get_attr("ver");
+                let result = roster::roster_result(&self.data.roster, ver);
+                vec![Effect::Route(result_to(&iq, from, result.as_ref()))]
+            }
+            (ns::ROSTER, "query", true) => self.roster_set(from, &iq, &payload),
+            (ns::BLOCKING, "blocklist", false) => {
+                let mut list = Element::new("blocklist", ns::BLOCKING);
+                for j in &self.data.blocklist {
+                    list = list.child(Element::new("item", ns::BLOCKING).attr("jid", j.as_str()));
+                }
+                vec![Effect::Route(result_to(&iq, from, Some(&list)))]
+            }
+            (ns::BLOCKING, "block" | "unblock", true) => self.block(from, &iq, &payload),
+            (ns::CARBONS, "enable" | "disable", true) => {
+                let enable = payload.name == "enable";
+                let entry = &mut self.sessions[pos];
+                if entry.carbons != enable {
+                    entry.carbons = enable;
+                    if enable {
+                        self.shared.carbons.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.shared.carbons.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                vec![Effect::Route(result_to(&iq, from, None))]
+            }
+            (ns::VCARD, "vCard", false) => vec![Effect::Job(Job::VcardGet {
+                request: addressed(&iq, from),
+                owner: self.bare.clone(),
+            })],
+            (ns::VCARD, "vCard", true) => vec![Effect::Job(Job::VcardSet {
+                request: addressed(&iq, from),
+                xml: payload.to_xml(ns::CLIENT),
+            })],
+            (ns::PRIVATE, "query", _) => self.private(from, &iq, &payload, set),
+            (ns::REGISTER, "query", true) => self.register(from, &iq, &payload),
+            _ => reply_error(&addressed(&iq, from), StanzaErrorCondition::ServiceUnavailable),
+        }
+    }
+
+    fn roster_set(&mut self, from: &FullJid, iq: &Stanza, payload: &Element) -> Vec<Effect<H>> {
+        let req = addressed(iq, from);
+        match roster::parse_roster_set(payload, &self.bare, &self.data.roster, &self.limits.roster) {
+            Err(e) => req
+                .error_reply(&e)
+                .map(Effect::Route)
+                .into_iter()
+                .collect(),
+            Ok(RosterSet::Update { jid, name, groups }) => {
+                let mut item = self
+                    .data
+                    .roster
+                    .items
+                    .get(&jid)
+                    .cloned()
+                    .unwrap_or_else(|| RosterItem {
+                        jid: jid.clone(),
+                        ..RosterItem::default()
+                    });
+                item.name = name;
+                item.groups = groups;
+                let mut effects = vec![Effect::Route(result_to(iq, from, None))];
+                effects.extend(self.store_item(item, true));
+                effects
+            }
+            Ok(RosterSet::Remove { jid }) => {
+                let Some(item) = self.data.roster.items.get(&jid).cloned() else {
+                    return reply_error(&req, StanzaErrorCondition::ItemNotFound);
+                };
+                let mut effects = vec![Effect::Route(result_to(iq, from, None))];
+                // RFC 6121 §2.5.2: removal cancels subscriptions both ways.
+                let contact = Jid::new(&jid).ok();
+                if let Some(contact) = contact {
+                    if item.subscription.has_to() || item.ask {
+                        effects.push(Effect::Route(bare_presence(
+                            PresenceType::Unsubscribe,
+                            &self.bare,
+                            &contact,
+                        )));
+                    }
+                    if item.subscription.has_from() {
+                        effects.push(Effect::Route(bare_presence(
+                            PresenceType::Unsubscribed,
+                            &self.bare,
+                            &contact,
+                        )));
+                    }
+                }
+                if self.data.roster.pending_in.remove(&jid).is_some() {
+                    effects.push(Effect::Persist(Write::PendingIn(jid.clone(), None)));
+                }
+                effects.extend(self.drop_item(&jid));
+                effects
+            }
+        }
+    }
+
+    fn block(&mut self, from: &FullJid, iq: &Stanza, payload: &Element) -> Vec<Effect<H>> {
+        let block = payload.name == "block";
+        let mut jids = Vec::new();
+        for item in payload.elements().filter(|e| e.is("item", ns::BLOCKING)) {
+            match item.get_attr("jid").map(Jid::new) {
+                Some(Ok(j)) => jids.push(j.to_string()),
+                _ => return reply_error(&addressed(iq, from), StanzaErrorCondition::JidMalformed),
+            }
+        }
+        if block && jids.is_empty() {
+            // XEP-0191 §3.2: a block with no items is a bad request.
+            return reply_error(&addressed(iq, from), StanzaErrorCondition::BadRequest);
+        }
+        let mut list: Vec<String> = self.data.blocklist.clone();
+        if block {
+            for j in &jids {
+                if !list.contains(j) {
+                    list.push(j.clone());
+                }
+            }
+            if list.len() > self.limits.max_blocklist {
+                return reply_error(&addressed(iq, from), StanzaErrorCondition::NotAcceptable);
+            }
+        } else if jids.is_empty() {
+            list.clear();
+        } else {
+            list.retain(|j| !jids.contains(j));
+        }
+        list.sort();
+        self.data.blocklist = list.clone();
+        *self.shared.blocklist.write() = list.iter().cloned().collect();
+        let mut effects = vec![
+            Effect::Route(result_to(iq, from, None)),
+            Effect::Persist(Write::Blocklist(list)),
+        ];
+        // XEP-0191 §3.3: push the change to every resource that asked for the list
+        // (here: every bound resource).
+        let mut push = Element::new(payload.name.clone(), ns::BLOCKING);
+        for j in &jids {
+            push = push.child(Element::new("item", ns::BLOCKING).attr("jid", j.as_str()));
+        }
+        for s in &self.sessions {
+            let mut p = Stanza::new(Kind::Iq(IqType::Set));
+            p.to = Some(Jid::from(s.jid.clone()));
+            p.id = Some("block-push".into());
+            p.payload = Bytes::from(push.to_xml(ns::CLIENT));
+            effects.push(Effect::Deliver(vec![s.handle.clone()], p));
+        }
+        // Blocked contacts see the user go offline (XEP-0191 §3.4).
+        if block {
+            for s in self.sessions.iter().filter(|s| s.available()) {
+                for j in &jids {
+                    if let Ok(to) = Jid::new(j) {
+                        let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+                        p.from = Some(Jid::from(s.jid.clone()));
+                        p.to = Some(to);
+                        effects.push(Effect::Route(p));
+                    }
+                }
+            }
+        }
+        effects
+    }
+
+    fn private(
+        &mut self,
+        from: &FullJid,
+        iq: &Stanza,
+        payload: &Element,
+        set: bool,
+    ) -> Vec<Effect<H>> {
+        let req = addressed(iq, from);
+        let mut children = payload.elements();
+        let (Some(child), None) = (children.next(), children.next()) else {
+            return reply_error(&req, StanzaErrorCondition::BadRequest);
+        };
+        // XEP-0049 §3: the jabber:* namespaces are reserved.
+        if child.ns.starts_with("jabber:") || child.ns.is_empty() {
+            return reply_error(&req, StanzaErrorCondition::NotAcceptable);
+        }
+        let key = format!("{} {}", child.name, child.ns);
+        if set {
+            vec![Effect::Job(Job::PrivateSet {
+                request: req,
+                key,
+                xml: child.to_xml(ns::CLIENT),
+            })]
+        } else {
+            vec![Effect::Job(Job::PrivateGet {
+                request: req,
+                name: child.name.clone(),
+                ns: child.ns.clone(),
+            })]
+        }
+    }
+
+    fn register(&mut self, from: &FullJid, iq: &Stanza, payload: &Element) -> Vec<Effect<H>> {
+        let req = addressed(iq, from);
+        if payload.get_child("remove", ns::REGISTER).is_some() {
+            return vec![Effect::Job(Job::RemoveAccount {
+                request: req,
+                sessions: self.sessions.iter().map(|s| s.handle.clone()).collect(),
+            })];
+        }
+        let username = payload.get_child("username", ns::REGISTER).map(|e| e.text_content());
+        let password = payload.get_child("password", ns::REGISTER).map(|e| e.text_content());
+        match (username, password) {
+            (Some(u), Some(p))
+                if !p.is_empty()
+                    && p.len() <= 1023
+                    && self.bare.node().is_some_and(|n| n.as_str() == u.to_lowercase()) =>
+            {
+                vec![Effect::Job(Job::ChangePassword {
+                    request: req,
+                    password: p,
+                })]
+            }
+            _ => reply_error(&req, StanzaErrorCondition::NotAcceptable),
+        }
+    }
+
+    // ---- stanzas to the account ---------------------------------------------------------
+
     /// A stanza addressed to this account (bare JID) or one of its resources (full JID),
-    /// following RFC 6121 §8.5.
+    /// following RFC 6121 §8.5, with blocking, subscriptions, probes and offline storage.
     pub fn deliver(&mut self, stanza: Stanza) -> Vec<Effect<H>> {
-        let to_full = stanza
-            .to
-            .as_ref()
-            .and_then(|t| t.try_as_full().ok().cloned());
+        if let Some(from) = &stanza.from {
+            if self.shared.is_blocked(from) {
+                // XEP-0191 §3.4: nothing from a blocked entity reaches the user; iqs get
+                // an error so the sender is not left waiting.
+                return match stanza.kind {
+                    Kind::Iq(IqType::Get | IqType::Set) => {
+                        reply_error(&stanza, StanzaErrorCondition::ServiceUnavailable)
+                    }
+                    _ => Vec::new(),
+                };
+            }
+        }
+        if !self.data.exists {
+            // RFC 6121 §8.5.1: no such account.
+            return match stanza.kind {
+                Kind::Message(MessageType::Normal | MessageType::Chat | MessageType::Groupchat)
+                | Kind::Iq(IqType::Get | IqType::Set) => {
+                    reply_error(&stanza, StanzaErrorCondition::ServiceUnavailable)
+                }
+                _ => Vec::new(),
+            };
+        }
+        if matches!(
+            stanza.kind,
+            Kind::Presence(
+                PresenceType::Subscribe
+                    | PresenceType::Subscribed
+                    | PresenceType::Unsubscribe
+                    | PresenceType::Unsubscribed
+            )
+        ) {
+            return self.inbound_subscription(stanza);
+        }
+        if stanza.kind == Kind::Presence(PresenceType::Probe) {
+            return self.answer_probe(&stanza);
+        }
+        let to_full = stanza.to.as_ref().and_then(|t| t.try_as_full().ok().cloned());
         match to_full {
             Some(full) => self.deliver_to_full(&full, stanza),
             None => self.deliver_to_bare(stanza),
         }
     }
 
+    /// RFC 6121 §4.3.2: a probe from a contact with a `from` subscription gets each
+    /// available resource's presence, or `unavailable` when there is none; anyone else
+    /// learns nothing.
+    fn answer_probe(&self, probe: &Stanza) -> Vec<Effect<H>> {
+        let Some(from) = probe.from.clone() else {
+            return Vec::new();
+        };
+        let key = from.to_bare().to_string();
+        let allowed = self
+            .data
+            .roster
+            .items
+            .get(&key)
+            .is_some_and(|i| i.subscription.has_from());
+        if !allowed {
+            return Vec::new();
+        }
+        let available: Vec<Effect<H>> = self
+            .sessions
+            .iter()
+            .filter_map(|s| {
+                let mut p = s.presence.clone()?;
+                p.from = Some(Jid::from(s.jid.clone()));
+                p.to = Some(from.clone());
+                Some(Effect::Route(p))
+            })
+            .collect();
+        if available.is_empty() {
+            let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+            p.from = Some(Jid::from(self.bare.clone()));
+            p.to = Some(from);
+            vec![Effect::Route(p)]
+        } else {
+            available
+        }
+    }
+
     /// RFC 6121 §8.5.3.
     fn deliver_to_full(&mut self, full: &FullJid, stanza: Stanza) -> Vec<Effect<H>> {
         if let Some(s) = self.sessions.iter().find(|s| &s.jid == full) {
-            return vec![Effect::Deliver(vec![s.handle.clone()], stanza)];
+            let mut effects = vec![Effect::Deliver(vec![s.handle.clone()], stanza.clone())];
+            effects.extend(self.received_carbons(&stanza, &[s.handle.clone()]));
+            return effects;
         }
         match stanza.kind {
             // §8.5.3.2.1: no such resource — normal, chat and headline messages are
@@ -177,14 +896,7 @@ impl<H: Clone + PartialEq> UserState<H> {
                 self.deliver_to_bare(stanza)
             }
             Kind::Message(MessageType::Groupchat) => bounce(&stanza),
-            // §8.5.3.2.2: subscription-related presence is handled as to the bare JID;
-            // other presence is silently ignored.
-            Kind::Presence(
-                PresenceType::Subscribe
-                | PresenceType::Subscribed
-                | PresenceType::Unsubscribe
-                | PresenceType::Unsubscribed,
-            ) => self.deliver_to_bare(stanza),
+            // §8.5.3.2.2: other presence is silently ignored.
             Kind::Presence(_) => Vec::new(),
             // §8.5.3.2.3: iq to an unknown resource.
             Kind::Iq(IqType::Get | IqType::Set) => bounce(&stanza),
@@ -200,29 +912,32 @@ impl<H: Clone + PartialEq> UserState<H> {
                 let best = self
                     .sessions
                     .iter()
-                    .filter(|s| s.available && s.priority >= 0)
+                    .filter(|s| s.available() && s.priority >= 0)
                     .map(|s| s.priority)
                     .max();
                 match best {
                     Some(p) => {
-                        let to = self
+                        let to: Vec<H> = self
                             .sessions
                             .iter()
-                            .filter(|s| s.available && s.priority == p)
+                            .filter(|s| s.available() && s.priority == p)
                             .map(|s| s.handle.clone())
                             .collect();
-                        vec![Effect::Deliver(to, stanza)]
+                        let mut effects = self.received_carbons(&stanza, &to);
+                        effects.insert(0, Effect::Deliver(to, stanza));
+                        effects
                     }
-                    // No available resource: offline storage comes with the IM work;
-                    // until then the sender learns the message was not delivered.
-                    None => bounce(&stanza),
+                    // §8.5.2.2.1: no available resource — store it (XEP-0160), unless
+                    // the sender asked for it not to be (XEP-0334).
+                    None if has_no_store_hint(&stanza) => Vec::new(),
+                    None => vec![Effect::Job(Job::StoreOffline(stanza))],
                 }
             }
             Kind::Message(MessageType::Headline) => {
                 let to: Vec<H> = self
                     .sessions
                     .iter()
-                    .filter(|s| s.available && s.priority >= 0)
+                    .filter(|s| s.available() && s.priority >= 0)
                     .map(|s| s.handle.clone())
                     .collect();
                 if to.is_empty() {
@@ -233,9 +948,6 @@ impl<H: Clone + PartialEq> UserState<H> {
             }
             Kind::Message(MessageType::Groupchat) => bounce(&stanza),
             Kind::Message(MessageType::Error) => Vec::new(),
-            // Probes are answered by the server, never shown to clients (RFC 6121
-            // §4.3.2); answering needs the roster's subscription state, so until then
-            // they are consumed.
             Kind::Presence(PresenceType::Error | PresenceType::Probe) => Vec::new(),
             // §8.5.2.1.2: presence goes to all available resources.
             Kind::Presence(_) => {
@@ -246,228 +958,211 @@ impl<H: Clone + PartialEq> UserState<H> {
                     vec![Effect::Deliver(to, stanza)]
                 }
             }
-            // §8.5.2.1.3: the server answers iqs to the bare JID on the account's behalf;
-            // no account namespace is served yet.
-            Kind::Iq(IqType::Get | IqType::Set) => bounce(&stanza),
+            // §8.5.2.1.3: the server answers iqs to the bare JID on the account's behalf.
+            Kind::Iq(IqType::Get) => self.account_query(stanza),
+            Kind::Iq(IqType::Set) => bounce(&stanza),
             Kind::Iq(_) => Vec::new(),
         }
     }
 
-    /// Every bound session.
-    pub fn handles(&self) -> impl Iterator<Item = &H> {
-        self.sessions.iter().map(|s| &s.handle)
+    /// Queries anyone may send to an account's bare JID.
+    fn account_query(&self, iq: Stanza) -> Vec<Effect<H>> {
+        let Ok(Some(payload)) = iq.iq_payload() else {
+            return reply_error(&iq, StanzaErrorCondition::BadRequest);
+        };
+        match (payload.ns.as_str(), payload.name.as_str()) {
+            (ns::VCARD, "vCard") => vec![Effect::Job(Job::VcardGet {
+                request: iq,
+                owner: self.bare.clone(),
+            })],
+            (ns::LAST, "query") => self.last_activity(iq),
+            (ns::DISCO_INFO, "query") if payload.get_attr("node").is_none() => {
+                let query = Element::new("query", ns::DISCO_INFO)
+                    .child(
+                        Element::new("identity", ns::DISCO_INFO)
+                            .attr("category", "account")
+                            .attr("type", "registered"),
+                    )
+                    .child(Element::new("feature", ns::DISCO_INFO).attr("var", ns::DISCO_INFO))
+                    .child(Element::new("feature", ns::DISCO_INFO).attr("var", ns::VCARD))
+                    .child(Element::new("feature", ns::DISCO_INFO).attr("var", ns::LAST));
+                vec![Effect::Route(iq.iq_result(Some(&query)))]
+            }
+            (ns::PING, "ping") => vec![Effect::Route(iq.iq_result(None))],
+            _ => bounce(&iq),
+        }
+    }
+
+    /// XEP-0012 §4: only contacts with a subscription to the user's presence may ask;
+    /// an online account answers 0, an offline one from storage.
+    fn last_activity(&self, iq: Stanza) -> Vec<Effect<H>> {
+        let allowed = iq.from.as_ref().is_some_and(|f| {
+            f.to_bare() == self.bare
+                || self
+                    .data
+                    .roster
+                    .items
+                    .get(f.to_bare().as_str())
+                    .is_some_and(|i| i.subscription.has_from())
+        });
+        if !allowed {
+            return reply_error(&iq, StanzaErrorCondition::Forbidden);
+        }
+        if self.sessions.iter().any(SessionEntry::available) {
+            let q = Element::new("query", ns::LAST).attr("seconds", "0");
+            vec![Effect::Route(iq.iq_result(Some(&q)))]
+        } else {
+            vec![Effect::Job(Job::LastActivity { request: iq })]
+        }
+    }
+
+    /// XEP-0280 §6: a copy of a chat message to the user's other carbons-enabled
+    /// resources that did not receive it.
+    fn received_carbons(&self, stanza: &Stanza, delivered: &[H]) -> Vec<Effect<H>> {
+        if !is_carbon_eligible(stanza) {
+            return Vec::new();
+        }
+        let to: Vec<&SessionEntry<H>> = self
+            .sessions
+            .iter()
+            .filter(|s| s.carbons && s.available() && !delivered.contains(&s.handle))
+            .collect();
+        to.into_iter()
+            .map(|s| {
+                Effect::Deliver(
+                    vec![s.handle.clone()],
+                    wrap_carbon("received", stanza, &self.bare, &s.jid),
+                )
+            })
+            .collect()
+    }
+
+    /// XEP-0280 §7: a copy of a chat message a resource sent, for the user's other
+    /// carbons-enabled resources.
+    pub fn sent_carbon(&self, from: &FullJid, stanza: &Stanza) -> Vec<Effect<H>> {
+        if !is_carbon_eligible(stanza) {
+            return Vec::new();
+        }
+        self.sessions
+            .iter()
+            .filter(|s| s.carbons && &s.jid != from)
+            .map(|s| {
+                Effect::Deliver(
+                    vec![s.handle.clone()],
+                    wrap_carbon("sent", stanza, &self.bare, &s.jid),
+                )
+            })
+            .collect()
     }
 
     fn available_handles(&self) -> Vec<H> {
         self.sessions
             .iter()
-            .filter(|s| s.available)
+            .filter(|s| s.available())
             .map(|s| s.handle.clone())
             .collect()
     }
+}
 
-    fn broadcast_own(&self, stanza: Stanza) -> Vec<Effect<H>> {
-        let to = self.available_handles();
-        if to.is_empty() {
-            Vec::new()
-        } else {
-            vec![Effect::Deliver(to, stanza)]
-        }
+fn subscription_op(kind: Kind) -> Option<SubscriptionOp> {
+    Some(match kind {
+        Kind::Presence(PresenceType::Subscribe) => SubscriptionOp::Subscribe,
+        Kind::Presence(PresenceType::Subscribed) => SubscriptionOp::Subscribed,
+        Kind::Presence(PresenceType::Unsubscribe) => SubscriptionOp::Unsubscribe,
+        Kind::Presence(PresenceType::Unsubscribed) => SubscriptionOp::Unsubscribed,
+        _ => return None,
+    })
+}
+
+fn presence_type(op: SubscriptionOp) -> PresenceType {
+    match op {
+        SubscriptionOp::Subscribe => PresenceType::Subscribe,
+        SubscriptionOp::Subscribed => PresenceType::Subscribed,
+        SubscriptionOp::Unsubscribe => PresenceType::Unsubscribe,
+        SubscriptionOp::Unsubscribed => PresenceType::Unsubscribed,
     }
 }
 
-fn unavailable_from(jid: &FullJid) -> Stanza {
-    let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
-    p.from = Some(Jid::from(jid.clone()));
+fn bare_presence(t: PresenceType, from: &BareJid, to: &Jid) -> Stanza {
+    let mut p = Stanza::new(Kind::Presence(t));
+    p.from = Some(Jid::from(from.clone()));
+    p.to = Some(to.to_bare().into());
     p
 }
 
-/// `<service-unavailable/>` back to the sender (RFC 6121 §8.5.2.2, §8.5.3.2).
-fn bounce<H>(stanza: &Stanza) -> Vec<Effect<H>> {
+fn subscription_presence(t: PresenceType, from: &str, to: &BareJid, payload: &str) -> Stanza {
+    let mut p = Stanza::new(Kind::Presence(t));
+    p.from = Jid::new(from).ok();
+    p.to = Some(Jid::from(to.clone()));
+    p.payload = Bytes::from(payload.to_owned());
+    p
+}
+
+/// The request with `from` stamped and `to` pointing at the account, so replies built
+/// with `error_reply`/`iq_result` come from the account and go to the session.
+fn addressed(iq: &Stanza, from: &FullJid) -> Stanza {
+    let mut req = iq.clone();
+    req.from = Some(Jid::from(from.clone()));
+    req
+}
+
+/// An iq result to `from`, with no `from` of its own when the request had no `to`
+/// (RFC 6120 §8.1.2.1).
+fn result_to(iq: &Stanza, from: &FullJid, payload: Option<&Element>) -> Stanza {
+    addressed(iq, from).iq_result(payload)
+}
+
+fn reply_error<H>(stanza: &Stanza, condition: StanzaErrorCondition) -> Vec<Effect<H>> {
     stanza
-        .error_reply(&StanzaError::new(StanzaErrorCondition::ServiceUnavailable))
+        .error_reply(&StanzaError::new(condition))
         .map(Effect::Route)
         .into_iter()
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-    use shoal_xmpp::stanza::{TopLevel, parse_top_level};
-    use shoal_xmpp::xml::NsContext;
-
-    fn stanza(xml: &str) -> Stanza {
-        match parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT) {
-            Ok(TopLevel::Stanza(s)) => s,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn full(s: &str) -> FullJid {
-        FullJid::new(s).unwrap()
-    }
-
-    /// juliet with resources a (prio 1), b (prio 5), c (prio -1), d (bound, no presence).
-    fn juliet() -> UserState<u32> {
-        let mut u = UserState::new(BareJid::new("juliet@localhost").unwrap());
-        for (i, (r, prio)) in [("a", Some(1)), ("b", Some(5)), ("c", Some(-1)), ("d", None)]
-            .into_iter()
-            .enumerate()
-        {
-            let (jid, _) = u.bind(r, i as u64, i as u32, 10).unwrap();
-            if let Some(p) = prio {
-                u.own_presence(
-                    &jid,
-                    stanza(&format!("<presence><priority>{p}</priority></presence>")),
-                );
-            }
-        }
-        u
-    }
-
-    fn delivered_to(effects: &[Effect<u32>]) -> Vec<u32> {
-        match effects {
-            [Effect::Deliver(to, _)] => to.clone(),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn bounced(effects: &[Effect<u32>]) -> String {
-        match effects {
-            [Effect::Route(s)] => s.to_xml(),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn bare_chat_goes_to_highest_non_negative_priority() {
-        let mut u = juliet();
-        let e = u.deliver(stanza("<message from='romeo@localhost/x' to='juliet@localhost' type='chat'><body>hi</body></message>"));
-        assert_eq!(delivered_to(&e), vec![1]);
-    }
-
-    #[test]
-    fn equal_priorities_all_receive() {
-        let mut u = juliet();
-        u.own_presence(
-            &full("juliet@localhost/a"),
-            stanza("<presence><priority>5</priority></presence>"),
-        );
-        let e = u.deliver(stanza(
-            "<message to='juliet@localhost'><body>hi</body></message>",
-        ));
-        assert_eq!(delivered_to(&e), vec![0, 1]);
-    }
-
-    #[test]
-    fn only_negative_or_unavailable_resources_bounce() {
-        let mut u = UserState::new(BareJid::new("juliet@localhost").unwrap());
-        let (c, _) = u.bind("c", 1, 7u32, 10).unwrap();
-        u.own_presence(&c, stanza("<presence><priority>-1</priority></presence>"));
-        u.bind("d", 2, 8, 10).unwrap();
-        let e = u.deliver(stanza(
-            "<message from='romeo@localhost/x' to='juliet@localhost' id='m1' type='chat'><body>hi</body></message>",
-        ));
-        assert_eq!(
-            bounced(&e),
-            "<message to='romeo@localhost/x' from='juliet@localhost' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
-        );
-        // A negative-priority resource still gets messages to its full JID.
-        let e = u.deliver(stanza(
-            "<message to='juliet@localhost/c'><body>hi</body></message>",
-        ));
-        assert_eq!(delivered_to(&e), vec![7]);
-    }
-
-    #[test]
-    fn full_jid_rules() {
-        let mut u = juliet();
-        // Existing resource, even with negative priority or no presence.
-        assert_eq!(
-            delivered_to(&u.deliver(stanza("<message to='juliet@localhost/d'/>"))),
-            vec![3]
-        );
-        // Unknown resource: chat falls back to the bare JID.
-        assert_eq!(
-            delivered_to(&u.deliver(stanza("<message to='juliet@localhost/zz' type='chat'/>"))),
-            vec![1]
-        );
-        // Unknown resource: groupchat and iq bounce, presence is ignored.
-        assert!(
-            bounced(&u.deliver(stanza(
-                "<message from='r@localhost/x' to='juliet@localhost/zz' type='groupchat'/>"
-            )))
-            .contains("service-unavailable")
-        );
-        assert!(bounced(&u.deliver(stanza("<iq from='r@localhost/x' to='juliet@localhost/zz' id='1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>"))).contains("service-unavailable"));
-        assert!(
-            u.deliver(stanza("<presence to='juliet@localhost/zz'/>"))
-                .is_empty()
-        );
-        // Errors are never answered.
-        assert!(
-            u.deliver(stanza("<iq to='juliet@localhost/zz' id='1' type='error'/>"))
-                .is_empty()
-        );
-        // iq to a bound resource passes through untouched.
-        let iq = stanza(
-            "<iq from='r@localhost/x' to='juliet@localhost/a' id='j1' type='set'><jingle xmlns='urn:xmpp:jingle:1' action='session-initiate'/></iq>",
-        );
-        match &u.deliver(iq.clone())[..] {
-            [Effect::Deliver(to, s)] => {
-                assert_eq!(to, &vec![0]);
-                assert_eq!(s, &iq);
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn headline_and_presence_go_to_all_available() {
-        let mut u = juliet();
-        assert_eq!(
-            delivered_to(&u.deliver(stanza("<message to='juliet@localhost' type='headline'/>"))),
-            vec![0, 1]
-        );
-        assert_eq!(
-            delivered_to(&u.deliver(stanza(
-                "<presence to='juliet@localhost' from='r@localhost/x'/>"
-            ))),
-            vec![0, 1, 2]
-        );
-    }
-
-    #[test]
-    fn rebinding_replaces_and_limits_apply() {
-        let mut u = juliet();
-        let (_, effects) = u.bind("a", 10, 10, 10).unwrap();
-        assert_eq!(effects[0], Effect::Replaced(0));
-        // a was available, so the others learn it went away.
-        assert!(
-            matches!(&effects[1], Effect::Deliver(to, s) if to == &vec![1, 2] && s.kind == Kind::Presence(PresenceType::Unavailable))
-        );
-        // A late unbind of the replaced session does not remove the new one.
-        assert!(u.unbind(&full("juliet@localhost/a"), 0).is_empty());
-        assert_eq!(
-            delivered_to(&u.deliver(stanza("<message to='juliet@localhost/a'/>"))),
-            vec![10]
-        );
-        let err = u.bind("e", 11, 11, 4).unwrap_err();
-        assert_eq!(err.condition, StanzaErrorCondition::ResourceConstraint);
-    }
-
-    #[test]
-    fn unavailable_broadcast_on_unbind() {
-        let mut u = juliet();
-        let e = u.unbind(&full("juliet@localhost/b"), 1);
-        assert!(
-            matches!(&e[..], [Effect::Deliver(to, s)] if to == &vec![0, 2] && s.from.as_ref().unwrap().as_str() == "juliet@localhost/b")
-        );
-        assert!(u.unbind(&full("juliet@localhost/d"), 3).is_empty());
-        u.unbind(&full("juliet@localhost/a"), 0);
-        u.unbind(&full("juliet@localhost/c"), 2);
-        assert!(u.is_empty());
-    }
+/// `<service-unavailable/>` back to the sender (RFC 6121 §8.5.2.2, §8.5.3.2).
+fn bounce<H>(stanza: &Stanza) -> Vec<Effect<H>> {
+    reply_error(stanza, StanzaErrorCondition::ServiceUnavailable)
 }
+
+/// Chat messages with a body (or normal messages) are carbon-copied unless marked
+/// private or no-copy (XEP-0280 §6.1, XEP-0334).
+fn is_carbon_eligible(stanza: &Stanza) -> bool {
+    if stanza.kind != Kind::Message(MessageType::Chat) {
+        return false;
+    }
+    let Ok(els) = stanza.payload_elements() else {
+        return false;
+    };
+    !els.iter().any(|e| {
+        e.is("private", ns::CARBONS) || e.is("no-copy", ns::HINTS) || e.ns == ns::CARBONS
+    })
+}
+
+fn has_no_store_hint(stanza: &Stanza) -> bool {
+    stanza
+        .payload_elements()
+        .is_ok_and(|els| els.iter().any(|e| e.is("no-store", ns::HINTS)))
+}
+
+fn wrap_carbon(direction: &str, stanza: &Stanza, bare: &BareJid, to: &FullJid) -> Stanza {
+    let mut m = Stanza::new(Kind::Message(MessageType::Chat));
+    m.from = Some(Jid::from(bare.clone()));
+    m.to = Some(Jid::from(to.clone()));
+    let inner = stanza.to_xml();
+    m.payload = Bytes::from(format!(
+        "<{direction} xmlns='{}'><forwarded xmlns='{}'>{}</forwarded></{direction}>",
+        ns::CARBONS,
+        ns::FORWARD,
+        // The forwarded stanza keeps the client namespace explicitly.
+        inner.replacen(
+            "<message",
+            &format!("<message xmlns='{}'", escape(ns::CLIENT)),
+            1
+        )
+    ));
+    m
+}
+
+#[cfg(test)]
+mod tests;

@@ -28,6 +28,7 @@ use crate::c2s::session::{Incoming, Session, SessionParts};
 use crate::c2s::{Shared, fresh_id, mechanism_label, stream_error_label};
 use crate::metrics::{ConnectionGuard, Listener, Mailbox};
 use crate::shard::{Bind, BindResult};
+use crate::user::UserShared;
 
 /// How long the final stream error may take to reach a peer that is being closed.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,6 +49,7 @@ struct Bound {
     ctx: Context<Session>,
     jid: FullJid,
     id: u64,
+    shared: Arc<UserShared>,
 }
 
 /// Serves one accepted connection until it is bound (then hands over) or closed.
@@ -122,9 +124,9 @@ async fn negotiate(
             let result = rx.await.unwrap_or_else(|_| {
                 Err(StanzaError::new(StanzaErrorCondition::InternalServerError))
             });
-            let jid = result.as_ref().ok().cloned();
-            actions.extend(conn.stream.bind_result(result));
-            if let Some(jid) = jid {
+            let bound = result.as_ref().ok().cloned();
+            actions.extend(conn.stream.bind_result(result.map(|(jid, _)| jid)));
+            if let Some((jid, shared)) = bound {
                 // The bind result is written before the session takes the socket.
                 for a in actions.drain(..) {
                     if let Action::Send(s) = a
@@ -144,6 +146,7 @@ async fn negotiate(
                     ctx,
                     jid,
                     id,
+                    shared,
                 })));
             }
         } else {
@@ -264,6 +267,7 @@ fn start_session(bound: Bound, connection: ConnectionGuard, shared: &Arc<Shared>
         ctx,
         jid,
         id,
+        shared: user_shared,
     } = bound;
     let addr = ctx.address();
     let (read, write) = io::split(transport);
@@ -291,6 +295,7 @@ fn start_session(bound: Bound, connection: ConnectionGuard, shared: &Arc<Shared>
         metrics: shared.metrics.clone(),
         idle_timeout: shared.config.c2s.idle_timeout,
         connection,
+        shared: user_shared,
         on_stop: Box::new(move || {
             open.open.fetch_sub(1, Ordering::Relaxed);
         }),

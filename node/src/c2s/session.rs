@@ -6,6 +6,8 @@
 //! timeout and the outbound bound, and unbinds from its shard when it stops. It never
 //! touches another session's state.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -13,15 +15,18 @@ use bytes::{Bytes, BytesMut};
 use jid::{FullJid, Jid};
 use shoal_xmpp::c2s::{Action, C2sStream};
 use shoal_xmpp::error::{StreamError, StreamErrorCondition};
-use shoal_xmpp::stanza::{Kind, Stanza};
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
+use shoal_xmpp::ns;
+use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
 use tokio::task::AbortHandle;
 use tracing::{debug, info};
 
 use crate::c2s::io::{Outbound, QueueFull};
 use crate::c2s::{fresh_id, stanza_kind, stream_error_label};
-use crate::metrics::{ConnectionGuard, Metrics, SessionGuard};
+use crate::metrics::{ConnectionGuard, Mailbox, Metrics, SessionGuard};
 use crate::router::Router;
-use crate::shard::{OwnPresence, Unbind};
+use crate::shard::{FromSession, FromSessionKind, Unbind};
+use crate::user::UserShared;
 use crate::user::SessionId;
 
 /// Messages a session may queue. Beyond this, shard hosts drop stanzas for it (counted,
@@ -60,6 +65,8 @@ pub struct SessionParts {
     pub metrics: Metrics,
     pub idle_timeout: Duration,
     pub connection: ConnectionGuard,
+    /// The read-only view of the user's state (blocklist, carbons) from its shard.
+    pub shared: Arc<UserShared>,
     /// Called once when the session stops (releases the node's connection count).
     pub on_stop: Box<dyn FnOnce()>,
 }
@@ -78,6 +85,9 @@ pub struct Session {
     _connection: ConnectionGuard,
     _session: SessionGuard,
     on_stop: Option<Box<dyn FnOnce()>>,
+    shared: Arc<UserShared>,
+    /// Entities this session sent directed available presence to.
+    directed: HashSet<Jid>,
 }
 
 impl Session {
@@ -97,6 +107,8 @@ impl Session {
             _connection: parts.connection,
             _session: session,
             on_stop: Some(parts.on_stop),
+            shared: parts.shared,
+            directed: HashSet::new(),
         }
     }
 
@@ -129,7 +141,7 @@ impl Session {
         for action in actions {
             match action {
                 Action::Send(s) => self.write(Bytes::from(s), ctx),
-                Action::Stanza(st) => self.route(st),
+                Action::Stanza(st) => self.route(st, ctx),
                 Action::Close { error } => {
                     if let Some(e) = &error {
                         info!(jid = %self.jid, condition = e.condition.as_str(), text = e.text.as_deref().unwrap_or(""), "stream error");
@@ -145,32 +157,103 @@ impl Session {
     }
 
     /// Routes a stanza the client sent (its `from` already stamped).
-    fn route(&mut self, mut st: Stanza) {
+    fn route(&mut self, mut st: Stanza, ctx: &mut Context<Self>) {
         let since = Instant::now();
         self.metrics.stanza_in(stanza_kind(st.kind));
-        match (&st.to, st.kind) {
+        let own_bare = self.jid.to_bare();
+        if let Some(to) = &st.to
+            && self.shared.is_blocked(to)
+        {
+            // XEP-0191 §3.4: nothing goes to a blocked entity; the client is told why.
+            return self.refuse_blocked(&st, ctx);
+        }
+        let to_self = st.to.as_ref().is_none_or(|t| t.is_bare() && t.to_bare() == own_bare);
+        match st.kind {
             // Presence without 'to' is the session's broadcast presence.
-            (None, Kind::Presence(_)) => {
-                let msg = OwnPresence {
-                    from: self.jid.clone(),
-                    stanza: st,
-                    since,
-                };
-                let host = self.router.host_for(&self.jid.to_bare());
-                if host.try_send(msg).is_err() {
-                    self.metrics.mailbox_drop(crate::metrics::Mailbox::Shard);
+            Kind::Presence(_) if st.to.is_none() => {
+                self.to_own_shard(FromSessionKind::Presence, st, since)
+            }
+            Kind::Presence(
+                PresenceType::Subscribe
+                | PresenceType::Subscribed
+                | PresenceType::Unsubscribe
+                | PresenceType::Unsubscribed,
+            ) => self.to_own_shard(FromSessionKind::Subscription, st, since),
+            Kind::Presence(t) => {
+                // Directed presence: remembered so the recipient learns when this
+                // session goes away (RFC 6121 §4.6.3).
+                if let Some(to) = &st.to {
+                    match t {
+                        PresenceType::Available => {
+                            self.directed.insert(to.clone());
+                        }
+                        PresenceType::Unavailable => {
+                            self.directed.remove(to);
+                        }
+                        _ => {}
+                    }
                 }
+                self.router.route(st, since)
+            }
+            Kind::Iq(_) if to_self && is_account_iq(&st) => {
+                self.to_own_shard(FromSessionKind::AccountIq, st, since)
             }
             // An iq without 'to' is for the server, on behalf of the account; the
             // router hands stanzas without 'to' to the server.
-            (None, Kind::Iq(_)) => self.router.route(st, since),
-            // A message without 'to' is to the sender's own bare JID (RFC 6120 §10.3.1).
-            (None, _) => {
-                st.to = Some(Jid::from(self.jid.to_bare()));
+            Kind::Iq(_) => self.router.route(st, since),
+            Kind::Message(t) => {
+                if st.to.is_none() {
+                    // A message without 'to' is to the sender's own bare JID (RFC 6120
+                    // §10.3.1).
+                    st.to = Some(Jid::from(own_bare));
+                }
+                let carbon = t == MessageType::Chat && self.shared.carbons_enabled() > 0;
+                let copy = carbon.then(|| st.clone());
                 self.router.route(st, since);
+                if let Some(copy) = copy {
+                    self.to_own_shard(FromSessionKind::SentCarbon, copy, since);
+                }
             }
-            _ => self.router.route(st, since),
         }
+    }
+
+    fn to_own_shard(&mut self, kind: FromSessionKind, stanza: Stanza, since: Instant) {
+        let msg = FromSession {
+            from: self.jid.clone(),
+            kind,
+            stanza,
+            since,
+        };
+        if let Err(e) = self.router.host_for(&self.jid.to_bare()).try_send(msg) {
+            self.metrics.mailbox_drop(Mailbox::Shard);
+            let msg = e.into_inner();
+            self.router.bounce(
+                &msg.stanza,
+                StanzaError::with_text(StanzaErrorCondition::ResourceConstraint, "server busy"),
+                since,
+            );
+        }
+    }
+
+    /// `<not-acceptable/>` with XEP-0191's `<blocked/>` for a stanza to a blocked JID.
+    fn refuse_blocked(&mut self, st: &Stanza, ctx: &mut Context<Self>) {
+        if st.kind.is_error() {
+            return;
+        }
+        let mut reply = st.clone();
+        std::mem::swap(&mut reply.to, &mut reply.from);
+        reply.kind = match st.kind {
+            Kind::Message(_) => Kind::Message(MessageType::Error),
+            Kind::Presence(_) => Kind::Presence(PresenceType::Error),
+            Kind::Iq(_) => Kind::Iq(IqType::Error),
+        };
+        reply.extra_attrs.clear();
+        reply.payload = Bytes::from(format!(
+            "<error type='cancel'><not-acceptable xmlns='{}'/><blocked xmlns='{}'/></error>",
+            ns::STANZA_ERRORS,
+            ns::BLOCKING_ERRORS
+        ));
+        self.write(Bytes::from(reply.to_xml()), ctx);
     }
 
     /// Stops the actor; the stream close has been queued (or cannot be sent).
@@ -210,6 +293,13 @@ impl Actor for Session {
         if let Some(out) = self.outbound.take() {
             out.close();
         }
+        // Directed presence recipients learn the session went away (RFC 6121 §4.6.3).
+        for to in self.directed.drain() {
+            let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+            p.from = Some(Jid::from(self.jid.clone()));
+            p.to = Some(to);
+            self.router.route(p, Instant::now());
+        }
         let unbind = Unbind {
             jid: self.jid.clone(),
             id: self.id,
@@ -222,7 +312,7 @@ impl Actor for Session {
         {
             // The shard removes the entry when its next delivery finds this mailbox
             // closed, so a lost unbind only delays the cleanup.
-            self.metrics.mailbox_drop(crate::metrics::Mailbox::Shard);
+            self.metrics.mailbox_drop(Mailbox::Shard);
         }
         if let Some(f) = self.on_stop.take() {
             f();
@@ -271,4 +361,13 @@ impl Handler<Close> for Session {
         info!(jid = %self.jid, condition = msg.0.as_str(), "closing session");
         self.close_with(msg.0, ctx);
     }
+}
+
+/// Namespaces of requests the account answers from its own state.
+fn is_account_iq(st: &Stanza) -> bool {
+    matches!(
+        st.iq_payload(),
+        Ok(Some(p)) if [ns::ROSTER, ns::BLOCKING, ns::CARBONS, ns::VCARD, ns::PRIVATE, ns::REGISTER]
+            .contains(&p.ns.as_str())
+    )
 }

@@ -1,0 +1,347 @@
+//! Storage work a shard host hands off: loading a user, ordered writes, and jobs whose
+//! results become stanzas (offline delivery, vCard, private storage, last activity,
+//! password change, account removal).
+//!
+//! Each shard host owns one [`StorageQueue`]: a task that runs its operations one at a
+//! time in submission order, so a read always sees the writes submitted before it and
+//! a user's data is never read stale after an unload. Jobs reply by routing stanzas or
+//! delivering to session mailboxes with `try_send`; they never touch user state, which
+//! belongs to the shard actor.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use jid::BareJid;
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
+use shoal_xmpp::ns;
+use shoal_xmpp::stanza::{Kind, Stanza, TopLevel, parse_top_level};
+use shoal_xmpp::xml::{Element, NsContext};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::c2s::session::{Close, Deliver};
+use crate::metrics::Mailbox;
+use crate::router::Router;
+use crate::shard::SessionHandle;
+use crate::storage::{Storage, StorageError, new_credentials};
+use crate::user::{Job, UserData, Write};
+
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Operations waiting past this count make the shard refuse optional work (storing
+/// offline messages, vCard and private writes) with `<resource-constraint/>`, so a
+/// storage backend slower than the traffic cannot grow the queue without bound.
+/// Roster and subscription writes are always queued: they are small and losing one
+/// would corrupt state.
+pub const STORAGE_QUEUE_SOFT_LIMIT: usize = 10_000;
+
+/// A shard host's ordered storage worker.
+#[derive(Clone)]
+pub struct StorageQueue {
+    tx: mpsc::UnboundedSender<Task>,
+    pending: Arc<AtomicUsize>,
+    pub storage: Storage,
+}
+
+impl StorageQueue {
+    pub fn start(storage: Storage) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Task>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let count = pending.clone();
+        tokio::spawn(async move {
+            while let Some(task) = rx.recv().await {
+                task.await;
+                count.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        Self {
+            tx,
+            pending,
+            storage,
+        }
+    }
+
+    /// Whether optional work should be refused (see [`STORAGE_QUEUE_SOFT_LIMIT`]).
+    pub fn is_congested(&self) -> bool {
+        self.pending.load(Ordering::Acquire) >= STORAGE_QUEUE_SOFT_LIMIT
+    }
+
+    pub fn submit(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(Box::pin(task)).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            warn!("storage queue stopped; operation dropped");
+        }
+    }
+}
+
+/// Reads what a user's state needs.
+pub async fn load_user(storage: &Storage, user: &BareJid) -> Result<UserData, StorageError> {
+    let key = user.as_str();
+    Ok(UserData {
+        exists: storage.accounts.credentials(key).await?.is_some(),
+        roster: storage.rosters.roster(key).await?,
+        blocklist: storage.user_data.blocklist(key).await?,
+    })
+}
+
+pub async fn write(storage: &Storage, user: &BareJid, w: Write) {
+    let key = user.as_str();
+    let result = match &w {
+        Write::PutItem(item) => storage.rosters.put_item(key, item).await.map(drop),
+        Write::RemoveItem(c) => storage.rosters.remove_item(key, c).await.map(drop),
+        Write::PendingIn(c, p) => storage.rosters.set_pending_in(key, c, p.as_deref()).await,
+        Write::Blocklist(list) => storage.user_data.set_blocklist(key, list).await,
+        Write::LastActivity { unix_secs, status } => {
+            storage
+                .user_data
+                .set_last_activity(key, *unix_secs, status)
+                .await
+        }
+    };
+    if let Err(e) = result {
+        warn!(user = %user, error = %e, write = ?w, "storage write failed");
+    }
+}
+
+/// What a job needs besides the job itself.
+#[derive(Clone)]
+pub struct JobContext {
+    pub storage: Storage,
+    pub router: Router,
+    pub max_offline: usize,
+}
+
+pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
+    let since = Instant::now();
+    let key = user.as_str();
+    let reply = |request: &Stanza, payload: Option<&Element>| {
+        cx.router.route(request.iq_result(payload), since);
+    };
+    let fail = |request: &Stanza, condition: StanzaErrorCondition| {
+        cx.router.bounce(request, StanzaError::new(condition), since);
+    };
+    match job {
+        Job::StoreOffline(stanza) => {
+            let stamped = stanza.to_xml();
+            match cx
+                .storage
+                .offline
+                .push(key, &stamped, now_ms(), cx.max_offline)
+                .await
+            {
+                Ok(true) => {}
+                // RFC 6121 §8.5.2.2.1: over the bound the sender is told.
+                Ok(false) => fail(&stanza, StanzaErrorCondition::ServiceUnavailable),
+                Err(e) => {
+                    warn!(%user, error = %e, "storing offline message failed");
+                    fail(&stanza, StanzaErrorCondition::InternalServerError);
+                }
+            }
+        }
+        Job::DeliverOffline(session) => deliver_offline(&cx, &user, &session, since).await,
+        Job::VcardGet { request, owner } => match cx.storage.user_data.vcard(owner.as_str()).await
+        {
+            Ok(Some(xml)) => match parse_element(&xml) {
+                Some(v) => reply(&request, Some(&v)),
+                None => fail(&request, StanzaErrorCondition::InternalServerError),
+            },
+            // XEP-0054 §3.1: no vCard is an empty one.
+            Ok(None) => reply(&request, Some(&Element::new("vCard", ns::VCARD))),
+            Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
+        },
+        Job::VcardSet { request, xml } => match cx.storage.user_data.set_vcard(key, &xml).await {
+            Ok(()) => reply(&request, None),
+            Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
+        },
+        Job::PrivateGet { request, name, ns: child_ns } => {
+            let key2 = format!("{name} {child_ns}");
+            match cx.storage.user_data.private(key, &key2).await {
+                Ok(stored) => {
+                    let child = stored
+                        .as_deref()
+                        .and_then(parse_element)
+                        .unwrap_or_else(|| Element::new(name, child_ns));
+                    reply(&request, Some(&Element::new("query", ns::PRIVATE).child(child)));
+                }
+                Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
+            }
+        }
+        Job::PrivateSet { request, key: k, xml } => {
+            match cx.storage.user_data.set_private(key, &k, &xml).await {
+                Ok(()) => reply(&request, None),
+                Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
+            }
+        }
+        Job::LastActivity { request } => match cx.storage.user_data.last_activity(key).await {
+            Ok(Some((at, status))) => {
+                let seconds = (now_ms() / 1000).saturating_sub(at);
+                let mut q = Element::new("query", ns::LAST).attr("seconds", seconds.to_string());
+                if !status.is_empty() {
+                    q = q.text(status);
+                }
+                reply(&request, Some(&q));
+            }
+            // Never logged in: nothing to tell (XEP-0012 §4 leaves it to the server).
+            Ok(None) => fail(&request, StanzaErrorCondition::ServiceUnavailable),
+            Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
+        },
+        Job::ChangePassword { request, password } => {
+            let creds = tokio::task::spawn_blocking(move || new_credentials(&password)).await;
+            let result = match creds {
+                Ok(c) => cx.storage.accounts.set_credentials(key, &c).await,
+                Err(_) => Err(StorageError::Unrepresentable("credential derivation failed")),
+            };
+            match result {
+                Ok(()) => {
+                    info!(%user, "password changed");
+                    reply(&request, None);
+                }
+                Err(e) => {
+                    warn!(%user, error = %e, "password change failed");
+                    fail(&request, StanzaErrorCondition::InternalServerError);
+                }
+            }
+        }
+        Job::RemoveAccount { request, sessions } => match cx.storage.delete_user(key).await {
+            Ok(_) => {
+                info!(%user, "account removed in-band");
+                reply(&request, None);
+                // XEP-0077 §3.2: the server closes the streams of the removed account.
+                for s in sessions {
+                    let _ = s.try_send(Close(StreamErrorCondition::NotAuthorized));
+                }
+            }
+            Err(e) => {
+                warn!(%user, error = %e, "account removal failed");
+                fail(&request, StanzaErrorCondition::InternalServerError);
+            }
+        },
+    }
+}
+
+/// Hands stored messages to a session with a XEP-0203 delay stamp, then removes those
+/// it accepted. A full mailbox stops the delivery; the rest stay stored for next time.
+async fn deliver_offline(cx: &JobContext, user: &BareJid, session: &SessionHandle, since: Instant) {
+    let messages = match cx.storage.offline.fetch(user.as_str()).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(%user, error = %e, "reading offline messages failed");
+            return;
+        }
+    };
+    let mut delivered = None;
+    for m in &messages {
+        let Some(stanza) = stamp_delay(&m.xml, m.stored_at_ms, cx.router.domain()) else {
+            warn!(%user, seq = m.seq, "unreadable offline message skipped");
+            delivered = Some(m.seq);
+            continue;
+        };
+        let msg = Deliver {
+            xml: Bytes::from(stanza.to_xml()),
+            kind: stanza.kind,
+            since,
+        };
+        if session.try_send(msg).is_err() {
+            cx.router.metrics().mailbox_drop(Mailbox::Connection);
+            break;
+        }
+        delivered = Some(m.seq);
+    }
+    if let Some(seq) = delivered
+        && let Err(e) = cx.storage.offline.remove_through(user.as_str(), seq).await
+    {
+        warn!(%user, error = %e, "removing delivered offline messages failed");
+    }
+}
+
+/// The stored message with `<delay xmlns='urn:xmpp:delay' from='domain' stamp='…'/>`.
+fn stamp_delay(xml: &str, stored_at_ms: u64, domain: &BareJid) -> Option<Stanza> {
+    let Ok(TopLevel::Stanza(mut st)) =
+        parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT)
+    else {
+        return None;
+    };
+    if !matches!(st.kind, Kind::Message(_)) {
+        return None;
+    }
+    let delay = Element::new("delay", ns::DELAY)
+        .attr("from", domain.as_str())
+        .attr("stamp", format_timestamp(stored_at_ms));
+    let mut payload = String::from_utf8_lossy(&st.payload).into_owned();
+    payload.push_str(&delay.to_xml(ns::CLIENT));
+    st.payload = Bytes::from(payload);
+    Some(st)
+}
+
+fn parse_element(xml: &str) -> Option<Element> {
+    Element::parse(xml.as_bytes(), NsContext::CLIENT).ok()
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// XEP-0082 date-time in UTC with milliseconds, e.g. `2026-11-22T05:30:00.123Z`.
+pub fn format_timestamp(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_xep_0082() {
+        assert_eq!(format_timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_timestamp(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            format_timestamp(1_795_325_400_123),
+            "2026-11-22T05:30:00.123Z"
+        );
+    }
+
+    #[test]
+    fn delay_is_appended() {
+        let st = stamp_delay(
+            "<message to='a@localhost' from='b@localhost/r' type='chat'><body>hi</body></message>",
+            0,
+            &BareJid::new("localhost").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            st.to_xml(),
+            "<message to='a@localhost' from='b@localhost/r' type='chat'><body>hi</body><delay xmlns='urn:xmpp:delay' from='localhost' stamp='1970-01-01T00:00:00.000Z'/></message>"
+        );
+    }
+}
