@@ -4,20 +4,60 @@
 //! runs on tokio's blocking pool via `spawn_blocking` and never on an async worker
 //! thread. Records are written in the versioned format of [`super::codec`]; this module
 //! must never store serde-derived or otherwise unversioned layouts, which would make
-//! every struct change a silent data loss.
+//! every struct change a silent data loss. Counters are codec records too, never redb's
+//! native integers, whose decoding panics on damaged bytes.
+//!
+//! Layout: per-user records are keyed by the user's bare JID; per-contact records by
+//! the tuple `(user, contact)` and offline messages by `(user, seq)`, so one user's
+//! records are one contiguous key range (see [`user_range`]). Every update that reads
+//! before it writes (version bumps, the offline limit) is one write transaction, and
+//! redb admits one writer at a time, so concurrent calls cannot interleave inside it.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 use shoal_xmpp::sasl::StoredCredentials;
 
-use super::codec::{decode_credentials, encode_credentials};
-use super::{AccountStore, StorageError};
+use super::codec::{
+    decode_blocklist, decode_counter, decode_credentials, decode_last_activity, decode_offline,
+    decode_roster_item, decode_text, encode_blocklist, encode_counter, encode_credentials,
+    encode_last_activity, encode_offline, encode_roster_item, encode_text,
+};
+use super::{AccountStore, OfflineStore, RosterStore, StorageError, UserDataStore};
+use crate::model::{OfflineMessage, Roster, RosterItem};
 
 /// Bare JID → encoded [`StoredCredentials`].
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+/// User → counter record: the roster version. Absent means version 0.
+const ROSTER_VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("roster_versions");
+/// (user, contact) → roster item record.
+const ROSTER_ITEMS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("roster_items");
+/// (user, contact) → text record: the pending-in request's payload XML.
+const ROSTER_PENDING_IN: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("roster_pending_in");
+/// User → counter record: the last offline seq handed out. Kept when the queue empties
+/// so seqs are never reused; absent means none was ever handed out.
+const OFFLINE_SEQS: TableDefinition<&str, &[u8]> = TableDefinition::new("offline_seqs");
+/// (user, seq) → offline message record.
+const OFFLINE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("offline");
+/// User → text record: vCard XML.
+const VCARDS: TableDefinition<&str, &[u8]> = TableDefinition::new("vcards");
+/// (user, "name ns") → text record: private XML.
+const PRIVATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("private");
+/// User → blocklist record. Absent means empty.
+const BLOCKLISTS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocklists");
+/// User → last activity record.
+const LAST_ACTIVITY: TableDefinition<&str, &[u8]> = TableDefinition::new("last_activity");
+
+/// The exclusive upper bound of `user`'s keys in a `(user, contact)` table: `user`
+/// followed by NUL is the smallest string greater than `user`, and tuples compare
+/// element by element, so `(user, "")..(user_range(user), "")` holds exactly the keys
+/// whose first element is `user`.
+fn user_range(user: &str) -> String {
+    format!("{user}\0")
+}
 
 /// Every store, in one redb database file.
 pub struct EmbeddedStore {
@@ -41,6 +81,19 @@ impl EmbeddedStore {
         // Create every table up front so read transactions never meet a missing table.
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(ACCOUNTS).map_err(backend)?;
+        for table in [
+            ROSTER_VERSIONS,
+            OFFLINE_SEQS,
+            VCARDS,
+            BLOCKLISTS,
+            LAST_ACTIVITY,
+        ] {
+            txn.open_table(table).map_err(backend)?;
+        }
+        for table in [ROSTER_ITEMS, ROSTER_PENDING_IN, PRIVATE] {
+            txn.open_table(table).map_err(backend)?;
+        }
+        txn.open_table(OFFLINE).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -161,23 +214,452 @@ impl AccountStore for EmbeddedStore {
     }
 }
 
+/// A `user`-keyed table of encoded records.
+type UserTable = TableDefinition<'static, &'static str, &'static [u8]>;
+/// A `(user, contact)`-keyed table of encoded records.
+type PairTable = TableDefinition<'static, (&'static str, &'static str), &'static [u8]>;
+
+/// Reads and decodes `user`'s record from `def`, in a read transaction of its own.
+fn read_user_record<T>(
+    db: &Database,
+    def: UserTable,
+    user: &str,
+    decode: impl FnOnce(&str, &[u8]) -> Result<T, StorageError>,
+) -> Result<Option<T>, StorageError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let table = txn.open_table(def).map_err(backend)?;
+    let Some(value) = table.get(user).map_err(backend)? else {
+        return Ok(None);
+    };
+    decode(&format!("{}/{user}", def.name()), value.value()).map(Some)
+}
+
+/// Replaces (`Some`) or deletes (`None`) `user`'s record in `def`, in a write
+/// transaction of its own.
+fn write_user_record(
+    db: &Database,
+    def: UserTable,
+    user: &str,
+    bytes: Option<&[u8]>,
+) -> Result<(), StorageError> {
+    let txn = db.begin_write().map_err(backend)?;
+    {
+        let mut table = txn.open_table(def).map_err(backend)?;
+        match bytes {
+            Some(bytes) => table.insert(user, bytes).map(drop),
+            None => table.remove(user).map(drop),
+        }
+        .map_err(backend)?;
+    }
+    txn.commit().map_err(backend)
+}
+
+/// `user`'s counter in `def` (roster version, last offline seq); 0 when absent.
+fn read_counter(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    def: UserTable,
+    user: &str,
+) -> Result<u64, StorageError> {
+    match table.get(user).map_err(backend)? {
+        Some(value) => decode_counter(&format!("{}/{user}", def.name()), value.value()),
+        None => Ok(0),
+    }
+}
+
+/// Deletes every `(user, _)` key of a contact-keyed table.
+fn delete_user_pairs(
+    txn: &WriteTransaction,
+    def: PairTable,
+    user: &str,
+) -> Result<(), StorageError> {
+    let end = user_range(user);
+    let mut table = txn.open_table(def).map_err(backend)?;
+    table
+        .retain_in((user, "")..(end.as_str(), ""), |_, _| false)
+        .map_err(backend)
+}
+
+#[async_trait]
+impl RosterStore for EmbeddedStore {
+    async fn roster(&self, user: &str) -> Result<Roster, StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let versions = txn.open_table(ROSTER_VERSIONS).map_err(backend)?;
+            let mut roster = Roster {
+                version: read_counter(&versions, ROSTER_VERSIONS, &user)?,
+                ..Roster::default()
+            };
+            let end = user_range(&user);
+            let range = (user.as_str(), "")..(end.as_str(), "");
+
+            let items = txn.open_table(ROSTER_ITEMS).map_err(backend)?;
+            for entry in items.range(range.clone()).map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                let contact = key.value().1;
+                let record = format!("{}/{user}/{contact}", ROSTER_ITEMS.name());
+                let item = decode_roster_item(&record, contact, value.value())?;
+                roster.items.insert(contact.to_owned(), item);
+            }
+
+            let pending = txn.open_table(ROSTER_PENDING_IN).map_err(backend)?;
+            for entry in pending.range(range).map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                let contact = key.value().1;
+                let record = format!("{}/{user}/{contact}", ROSTER_PENDING_IN.name());
+                let payload = decode_text(&record, value.value())?;
+                roster.pending_in.insert(contact.to_owned(), payload);
+            }
+            Ok(roster)
+        })
+        .await
+    }
+
+    async fn put_item(&self, user: &str, item: &RosterItem) -> Result<u64, StorageError> {
+        let bytes = encode_roster_item(item)?;
+        let user = user.to_owned();
+        let contact = item.jid.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let version = {
+                let mut items = txn.open_table(ROSTER_ITEMS).map_err(backend)?;
+                let mut versions = txn.open_table(ROSTER_VERSIONS).map_err(backend)?;
+                let current = read_counter(&versions, ROSTER_VERSIONS, &user)?;
+                let key = (user.as_str(), contact.as_str());
+                // The encoding is deterministic, so equal bytes mean an equal item. A
+                // stored record that does not decode is simply replaced.
+                let unchanged = items
+                    .get(key)
+                    .map_err(backend)?
+                    .is_some_and(|old| old.value() == bytes.as_slice());
+                if unchanged {
+                    // Dropping the uncommitted transaction aborts it.
+                    return Ok(current);
+                }
+                let next = current + 1;
+                items.insert(key, bytes.as_slice()).map_err(backend)?;
+                versions
+                    .insert(user.as_str(), encode_counter(next).as_slice())
+                    .map_err(backend)?;
+                next
+            };
+            txn.commit().map_err(backend)?;
+            Ok(version)
+        })
+        .await
+    }
+
+    async fn remove_item(&self, user: &str, contact: &str) -> Result<u64, StorageError> {
+        let user = user.to_owned();
+        let contact = contact.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let version = {
+                let mut items = txn.open_table(ROSTER_ITEMS).map_err(backend)?;
+                let mut versions = txn.open_table(ROSTER_VERSIONS).map_err(backend)?;
+                let current = read_counter(&versions, ROSTER_VERSIONS, &user)?;
+                let removed = items
+                    .remove((user.as_str(), contact.as_str()))
+                    .map_err(backend)?
+                    .is_some();
+                if !removed {
+                    return Ok(current);
+                }
+                let next = current + 1;
+                versions
+                    .insert(user.as_str(), encode_counter(next).as_slice())
+                    .map_err(backend)?;
+                next
+            };
+            txn.commit().map_err(backend)?;
+            Ok(version)
+        })
+        .await
+    }
+
+    async fn set_pending_in(
+        &self,
+        user: &str,
+        contact: &str,
+        payload: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let bytes = payload.map(encode_text).transpose()?;
+        let user = user.to_owned();
+        let contact = contact.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut pending = txn.open_table(ROSTER_PENDING_IN).map_err(backend)?;
+                let key = (user.as_str(), contact.as_str());
+                match &bytes {
+                    Some(bytes) => pending.insert(key, bytes.as_slice()).map(drop),
+                    None => pending.remove(key).map(drop),
+                }
+                .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_user(&self, user: &str) -> Result<(), StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            delete_user_pairs(&txn, ROSTER_ITEMS, &user)?;
+            delete_user_pairs(&txn, ROSTER_PENDING_IN, &user)?;
+            txn.open_table(ROSTER_VERSIONS)
+                .map_err(backend)?
+                .remove(user.as_str())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl OfflineStore for EmbeddedStore {
+    async fn push(
+        &self,
+        user: &str,
+        xml: &str,
+        stored_at_ms: u64,
+        max: usize,
+    ) -> Result<bool, StorageError> {
+        let bytes = encode_offline(stored_at_ms, xml)?;
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut queue = txn.open_table(OFFLINE).map_err(backend)?;
+                let mut seqs = txn.open_table(OFFLINE_SEQS).map_err(backend)?;
+                // Count, stopping at `max`, inside the same write transaction as the
+                // insert: redb's single writer makes check-then-append atomic.
+                let mut stored = 0usize;
+                let range = (user.as_str(), 0u64)..=(user.as_str(), u64::MAX);
+                for entry in queue.range(range).map_err(backend)? {
+                    entry.map_err(backend)?;
+                    stored += 1;
+                    if stored >= max {
+                        break;
+                    }
+                }
+                if stored >= max {
+                    return Ok(false);
+                }
+                let seq = read_counter(&seqs, OFFLINE_SEQS, &user)?
+                    .checked_add(1)
+                    .ok_or(StorageError::Unrepresentable("offline seq exhausted"))?;
+                queue
+                    .insert((user.as_str(), seq), bytes.as_slice())
+                    .map_err(backend)?;
+                seqs.insert(user.as_str(), encode_counter(seq).as_slice())
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn fetch(&self, user: &str) -> Result<Vec<OfflineMessage>, StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let queue = txn.open_table(OFFLINE).map_err(backend)?;
+            let range = (user.as_str(), 0u64)..=(user.as_str(), u64::MAX);
+            let mut messages = Vec::new();
+            for entry in queue.range(range).map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                let seq = key.value().1;
+                let record = format!("{}/{user}/{seq}", OFFLINE.name());
+                messages.push(decode_offline(&record, seq, value.value())?);
+            }
+            Ok(messages)
+        })
+        .await
+    }
+
+    async fn remove_through(&self, user: &str, through: u64) -> Result<(), StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(OFFLINE)
+                .map_err(backend)?
+                .retain_in((user.as_str(), 0u64)..=(user.as_str(), through), |_, _| {
+                    false
+                })
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn count(&self, user: &str) -> Result<usize, StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let queue = txn.open_table(OFFLINE).map_err(backend)?;
+            let range = (user.as_str(), 0u64)..=(user.as_str(), u64::MAX);
+            let mut stored = 0;
+            for entry in queue.range(range).map_err(backend)? {
+                entry.map_err(backend)?;
+                stored += 1;
+            }
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn delete_user(&self, user: &str) -> Result<(), StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(OFFLINE)
+                .map_err(backend)?
+                .retain_in((user.as_str(), 0u64)..=(user.as_str(), u64::MAX), |_, _| {
+                    false
+                })
+                .map_err(backend)?;
+            txn.open_table(OFFLINE_SEQS)
+                .map_err(backend)?
+                .remove(user.as_str())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl UserDataStore for EmbeddedStore {
+    async fn vcard(&self, user: &str) -> Result<Option<String>, StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| read_user_record(db, VCARDS, &user, decode_text))
+            .await
+    }
+
+    async fn set_vcard(&self, user: &str, xml: &str) -> Result<(), StorageError> {
+        let bytes = encode_text(xml)?;
+        let user = user.to_owned();
+        self.blocking(move |db| write_user_record(db, VCARDS, &user, Some(&bytes)))
+            .await
+    }
+
+    async fn private(&self, user: &str, key: &str) -> Result<Option<String>, StorageError> {
+        let user = user.to_owned();
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(PRIVATE).map_err(backend)?;
+            let Some(value) = table.get((user.as_str(), key.as_str())).map_err(backend)? else {
+                return Ok(None);
+            };
+            let record = format!("{}/{user}/{key}", PRIVATE.name());
+            decode_text(&record, value.value()).map(Some)
+        })
+        .await
+    }
+
+    async fn set_private(&self, user: &str, key: &str, xml: &str) -> Result<(), StorageError> {
+        let bytes = encode_text(xml)?;
+        let user = user.to_owned();
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(PRIVATE)
+                .map_err(backend)?
+                .insert((user.as_str(), key.as_str()), bytes.as_slice())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn blocklist(&self, user: &str) -> Result<Vec<String>, StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| read_user_record(db, BLOCKLISTS, &user, decode_blocklist))
+            .await
+            .map(Option::unwrap_or_default)
+    }
+
+    async fn set_blocklist(&self, user: &str, jids: &[String]) -> Result<(), StorageError> {
+        let mut jids = jids.to_vec();
+        jids.sort_unstable();
+        jids.dedup();
+        // An empty list is no record at all, so clearing it leaves nothing behind.
+        let bytes = if jids.is_empty() {
+            None
+        } else {
+            Some(encode_blocklist(&jids)?)
+        };
+        let user = user.to_owned();
+        self.blocking(move |db| write_user_record(db, BLOCKLISTS, &user, bytes.as_deref()))
+            .await
+    }
+
+    async fn last_activity(&self, user: &str) -> Result<Option<(u64, String)>, StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| read_user_record(db, LAST_ACTIVITY, &user, decode_last_activity))
+            .await
+    }
+
+    async fn set_last_activity(
+        &self,
+        user: &str,
+        unix_secs: u64,
+        status: &str,
+    ) -> Result<(), StorageError> {
+        let bytes = encode_last_activity(unix_secs, status)?;
+        let user = user.to_owned();
+        self.blocking(move |db| write_user_record(db, LAST_ACTIVITY, &user, Some(&bytes)))
+            .await
+    }
+
+    async fn delete_user(&self, user: &str) -> Result<(), StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            for def in [VCARDS, BLOCKLISTS, LAST_ACTIVITY] {
+                txn.open_table(def)
+                    .map_err(backend)?
+                    .remove(user.as_str())
+                    .map_err(backend)?;
+            }
+            delete_user_pairs(&txn, PRIVATE, &user)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::conformance;
+    use super::super::{Storage, conformance};
     use super::*;
+
+    fn storage(path: &Path) -> Storage {
+        Storage::from_backend(Arc::new(EmbeddedStore::open(path).unwrap()))
+    }
 
     #[tokio::test]
     async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&dir.path().join("shoal.redb")).unwrap();
-        conformance::accounts(&store).await;
+        conformance::all(&storage(&dir.path().join("shoal.redb"))).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_on_many_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::concurrent(&storage(&dir.path().join("shoal.redb"))).await;
     }
 
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shoal.redb");
-        {
+        let (m2_seq, drained_seq) = {
             let store = EmbeddedStore::open(&path).unwrap();
             store
                 .create_account("alice@example.org", &conformance::creds("a"))
@@ -188,11 +670,61 @@ mod tests {
                 .await
                 .unwrap();
             assert!(store.delete_account("bob@example.org").await.unwrap());
-        }
-        let store = EmbeddedStore::open(&path).unwrap();
-        assert_eq!(store.list_accounts().await.unwrap(), ["alice@example.org"]);
-        let creds = store.credentials("alice@example.org").await.unwrap();
-        assert_eq!(creds, Some(conformance::creds("a")));
+
+            let storage = Storage::from_backend(Arc::new(store));
+            conformance::fill(&storage, "fred@example.org").await;
+            // A drained queue must still remember its last seq after the restart.
+            let offline = &storage.offline;
+            assert!(
+                offline
+                    .push("gil@example.org", "<m/>", 1, 10)
+                    .await
+                    .unwrap()
+            );
+            let drained_seq = offline.fetch("gil@example.org").await.unwrap()[0].seq;
+            offline
+                .remove_through("gil@example.org", drained_seq)
+                .await
+                .unwrap();
+            let m2_seq = offline.fetch("fred@example.org").await.unwrap()[1].seq;
+            (m2_seq, drained_seq)
+        };
+
+        let storage = storage(&path);
+        assert_eq!(
+            storage.accounts.list_accounts().await.unwrap(),
+            ["alice@example.org", "fred@example.org"]
+        );
+        let creds = storage.accounts.credentials("alice@example.org").await;
+        assert_eq!(creds.unwrap(), Some(conformance::creds("a")));
+        conformance::check_filled(&storage, "fred@example.org").await;
+
+        // Counters carry on from where they were, not from zero.
+        let item = RosterItem {
+            jid: "new@example.org".to_owned(),
+            ..RosterItem::default()
+        };
+        let version = storage.rosters.put_item("fred@example.org", &item).await;
+        assert_eq!(version.unwrap(), 4);
+        let offline = &storage.offline;
+        assert!(
+            offline
+                .push("fred@example.org", "<m3/>", 3, 10)
+                .await
+                .unwrap()
+        );
+        assert!(offline.fetch("fred@example.org").await.unwrap()[2].seq > m2_seq);
+        assert!(
+            offline
+                .push("gil@example.org", "<n/>", 2, 10)
+                .await
+                .unwrap()
+        );
+        assert!(offline.fetch("gil@example.org").await.unwrap()[0].seq > drained_seq);
+
+        assert!(storage.delete_user("fred@example.org").await.unwrap());
+        drop(storage);
+        conformance::check_empty(&self::storage(&path), "fred@example.org").await;
     }
 
     #[tokio::test]
@@ -218,6 +750,97 @@ mod tests {
             store.list_accounts().await.unwrap(),
             ["mallory@example.org"]
         );
+    }
+
+    /// Damage to every kind of record surfaces as `Corrupt` from the calls that read
+    /// it, without a panic, and leaves other users alone.
+    #[tokio::test]
+    async fn corrupt_user_records_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shoal.redb");
+        let user = "mallory@example.org";
+        {
+            let storage = storage(&path);
+            conformance::fill(&storage, user).await;
+            conformance::fill(&storage, "fine@example.org").await;
+        }
+        let garbage: &[u8] = &[1, 0xff];
+        let break_record = |damage: &dyn Fn(&WriteTransaction)| {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            damage(&txn);
+            txn.commit().unwrap();
+        };
+        let pair = |def: PairTable, contact: &'static str| {
+            move |txn: &WriteTransaction| {
+                txn.open_table(def)
+                    .unwrap()
+                    .insert((user, contact), garbage)
+                    .unwrap();
+            }
+        };
+        let single = |def: UserTable| {
+            move |txn: &WriteTransaction| {
+                txn.open_table(def).unwrap().insert(user, garbage).unwrap();
+            }
+        };
+        fn is_corrupt<T: std::fmt::Debug>(result: Result<T, StorageError>) {
+            match result {
+                Err(StorageError::Corrupt { .. }) => {}
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+        }
+
+        break_record(&pair(ROSTER_ITEMS, "bob@example.org"));
+        let storage = storage(&path);
+        is_corrupt(storage.rosters.roster(user).await);
+        // A damaged item can be overwritten with a good one.
+        let item = RosterItem {
+            jid: "bob@example.org".to_owned(),
+            ..RosterItem::default()
+        };
+        assert_eq!(storage.rosters.put_item(user, &item).await.unwrap(), 4);
+        assert_eq!(storage.rosters.roster(user).await.unwrap().items.len(), 1);
+        drop(storage);
+
+        break_record(&pair(ROSTER_PENDING_IN, "dave@example.org"));
+        is_corrupt(self::storage(&path).rosters.roster(user).await);
+
+        break_record(&single(ROSTER_VERSIONS));
+        let storage = self::storage(&path);
+        is_corrupt(storage.rosters.roster(user).await);
+        is_corrupt(storage.rosters.put_item(user, &item).await);
+        is_corrupt(storage.rosters.remove_item(user, "bob@example.org").await);
+        drop(storage);
+
+        break_record(&|txn| {
+            txn.open_table(OFFLINE)
+                .unwrap()
+                .insert((user, 2u64), garbage)
+                .unwrap();
+        });
+        is_corrupt(self::storage(&path).offline.fetch(user).await);
+
+        break_record(&single(OFFLINE_SEQS));
+        let storage = self::storage(&path);
+        is_corrupt(storage.offline.push(user, "<m/>", 1, 10).await);
+        drop(storage);
+
+        break_record(&single(VCARDS));
+        break_record(&pair(PRIVATE, "a b"));
+        break_record(&single(BLOCKLISTS));
+        break_record(&single(LAST_ACTIVITY));
+        let storage = self::storage(&path);
+        is_corrupt(storage.user_data.vcard(user).await);
+        is_corrupt(storage.user_data.private(user, "a b").await);
+        is_corrupt(storage.user_data.blocklist(user).await);
+        is_corrupt(storage.user_data.last_activity(user).await);
+
+        // Another user's records are untouched, and the damaged user can still be
+        // deleted without reading what was damaged.
+        conformance::check_filled(&storage, "fine@example.org").await;
+        assert!(storage.delete_user(user).await.unwrap());
+        conformance::check_empty(&storage, user).await;
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! Every trait is object-safe and used as `Arc<dyn …>`, so a node, a test and a future
 //! Redis backend all hand the same shapes to the rest of the server.
 
+mod codec;
 mod embedded;
 mod memory;
 
@@ -19,6 +20,7 @@ use rand::RngCore;
 use shoal_xmpp::sasl::StoredCredentials;
 
 use crate::config::{StorageBackend, StorageConfig};
+use crate::model::{OfflineMessage, Roster, RosterItem};
 
 pub use embedded::EmbeddedStore;
 pub use memory::MemoryStore;
@@ -71,22 +73,141 @@ pub trait AccountStore: Send + Sync {
     async fn list_accounts(&self) -> Result<Vec<String>, StorageError>;
 }
 
+/// Rosters (RFC 6121 §2) with their versions and the pending inbound subscription
+/// requests, keyed by the user's bare JID and then the contact's bare JID.
+///
+/// The store keeps what it is given: it does not run the subscription state machine,
+/// and removing an item leaves any pending-in request for that contact in place.
+#[async_trait]
+pub trait RosterStore: Send + Sync {
+    /// The whole roster (empty, version 0, when the user has none).
+    async fn roster(&self, user: &str) -> Result<Roster, StorageError>;
+    /// Inserts or replaces the item keyed by `item.jid`; bumps the roster version by one
+    /// and returns it. Writing an item identical to the stored one changes nothing and
+    /// returns the current version unbumped.
+    async fn put_item(&self, user: &str, item: &RosterItem) -> Result<u64, StorageError>;
+    /// Removes an item if present; bumps and returns the new version (unchanged version
+    /// if absent).
+    async fn remove_item(&self, user: &str, contact: &str) -> Result<u64, StorageError>;
+    /// Records (`Some`) or clears (`None`) an inbound subscription request ("Pending
+    /// In") from `contact` with its payload XML. Pending requests are not part of the
+    /// roster proper, so this never changes the version.
+    async fn set_pending_in(
+        &self,
+        user: &str,
+        contact: &str,
+        payload: Option<&str>,
+    ) -> Result<(), StorageError>;
+    /// Deletes the user's roster, pending requests and version. Part of
+    /// [`Storage::delete_user`]; a later roster starts again at version 0.
+    async fn delete_user(&self, user: &str) -> Result<(), StorageError>;
+}
+
+/// Per-user queues of messages stored while the user was offline (XEP-0160).
+///
+/// Each message gets a `seq` from a per-user counter: strictly increasing and never
+/// reused, even after the messages are removed, so a session can remove exactly what
+/// it delivered while newer messages keep arriving.
+#[async_trait]
+pub trait OfflineStore: Send + Sync {
+    /// Appends a message unless the user already has `max` stored; `Ok(false)` when
+    /// full. The check and the append are atomic, so concurrent pushes never exceed
+    /// `max`.
+    async fn push(
+        &self,
+        user: &str,
+        xml: &str,
+        stored_at_ms: u64,
+        max: usize,
+    ) -> Result<bool, StorageError>;
+    /// All stored messages in `seq` order (not removed).
+    async fn fetch(&self, user: &str) -> Result<Vec<OfflineMessage>, StorageError>;
+    /// Removes messages with `seq <= through` (after they were handed to a session).
+    async fn remove_through(&self, user: &str, through: u64) -> Result<(), StorageError>;
+    /// How many messages the user has stored.
+    async fn count(&self, user: &str) -> Result<usize, StorageError>;
+    /// Deletes the user's queue and its seq counter. Part of [`Storage::delete_user`].
+    async fn delete_user(&self, user: &str) -> Result<(), StorageError>;
+}
+
+/// Small per-user documents: vCard (XEP-0054), private XML (XEP-0049), blocklist
+/// (XEP-0191) and last activity (XEP-0012). XML is stored as given and never parsed.
+#[async_trait]
+pub trait UserDataStore: Send + Sync {
+    /// The user's vCard XML, if one was set.
+    async fn vcard(&self, user: &str) -> Result<Option<String>, StorageError>;
+    /// Replaces the user's vCard XML.
+    async fn set_vcard(&self, user: &str, xml: &str) -> Result<(), StorageError>;
+    /// Private XML stored under `key`, which is `"name ns"` of the child element.
+    async fn private(&self, user: &str, key: &str) -> Result<Option<String>, StorageError>;
+    /// Replaces the private XML stored under `key`.
+    async fn set_private(&self, user: &str, key: &str, xml: &str) -> Result<(), StorageError>;
+    /// The blocked JIDs, sorted by byte order without duplicates; empty if none.
+    async fn blocklist(&self, user: &str) -> Result<Vec<String>, StorageError>;
+    /// Replaces the blocklist; the store sorts and deduplicates `jids`.
+    async fn set_blocklist(&self, user: &str, jids: &[String]) -> Result<(), StorageError>;
+    /// When the user last logged out (unix seconds) and the status they left with.
+    async fn last_activity(&self, user: &str) -> Result<Option<(u64, String)>, StorageError>;
+    /// Replaces the last activity record.
+    async fn set_last_activity(
+        &self,
+        user: &str,
+        unix_secs: u64,
+        status: &str,
+    ) -> Result<(), StorageError>;
+    /// Deletes all of the above for the user. Part of [`Storage::delete_user`].
+    async fn delete_user(&self, user: &str) -> Result<(), StorageError>;
+}
+
 /// Handles to every store of one backend. Cheap to clone.
 #[derive(Clone)]
 pub struct Storage {
     pub accounts: Arc<dyn AccountStore>,
+    pub rosters: Arc<dyn RosterStore>,
+    pub offline: Arc<dyn OfflineStore>,
+    pub user_data: Arc<dyn UserDataStore>,
+}
+
+impl Storage {
+    /// Every store served by one backend object.
+    pub fn from_backend<B>(backend: Arc<B>) -> Self
+    where
+        B: AccountStore + RosterStore + OfflineStore + UserDataStore + 'static,
+    {
+        Self {
+            accounts: backend.clone(),
+            rosters: backend.clone(),
+            offline: backend.clone(),
+            user_data: backend,
+        }
+    }
+
+    /// Deletes everything stored for a user: account, roster, offline, vcard, private,
+    /// blocklist, last activity (XEP-0077 account removal). `Ok(false)` if the account
+    /// did not exist; leftover data for a name without an account is deleted anyway.
+    ///
+    /// The stores are separate, so this is not one transaction. The user's data goes
+    /// first and the account last: if the process dies half-way, the account still
+    /// exists and the removal can simply be repeated, whereas the opposite order could
+    /// leave data behind for the next person to register the name. Callers must stop
+    /// writing for the user (close sessions, refuse new offline messages) before
+    /// calling, since a write racing with this call can land after its purge.
+    pub async fn delete_user(&self, user: &str) -> Result<bool, StorageError> {
+        self.rosters.delete_user(user).await?;
+        self.offline.delete_user(user).await?;
+        self.user_data.delete_user(user).await?;
+        self.accounts.delete_account(user).await
+    }
 }
 
 /// Opens the backend `cfg` selects. The embedded backend creates its file (and parent
 /// directories) on first use; this blocks briefly, so call it at startup.
 pub fn open(cfg: &StorageConfig) -> Result<Storage, StorageError> {
     match cfg.backend {
-        StorageBackend::Memory => Ok(Storage {
-            accounts: Arc::new(MemoryStore::new()),
-        }),
+        StorageBackend::Memory => Ok(Storage::from_backend(Arc::new(MemoryStore::new()))),
         StorageBackend::Embedded => {
-            let store = Arc::new(EmbeddedStore::open(&cfg.path)?);
-            Ok(Storage { accounts: store })
+            let store = EmbeddedStore::open(&cfg.path)?;
+            Ok(Storage::from_backend(Arc::new(store)))
         }
     }
 }
@@ -109,128 +230,11 @@ pub fn new_credentials(password: &str) -> StoredCredentials {
     )
 }
 
-/// The binary record format, shared by every backend that stores bytes.
-///
-/// Each record starts with a version byte so the format can change without a migration
-/// step: readers accept every version they know and reject the rest as corrupt.
-pub(crate) mod codec {
-    use shoal_xmpp::sasl::{ScramCredentials, StoredCredentials};
-
-    use super::StorageError;
-
-    /// Version 1: for SHA-1 then SHA-256, `iterations` (u32 BE), then `salt`,
-    /// `stored_key` and `server_key`, each a u16 BE length and the bytes.
-    const CREDENTIALS_V1: u8 = 1;
-
-    pub(crate) fn encode_credentials(creds: &StoredCredentials) -> Result<Vec<u8>, StorageError> {
-        let mut out = Vec::with_capacity(1 + 2 * (4 + 6 + 16 + 32 + 32));
-        out.push(CREDENTIALS_V1);
-        for scram in [&creds.sha1, &creds.sha256] {
-            out.extend_from_slice(&scram.iterations.to_be_bytes());
-            for field in [&scram.salt, &scram.stored_key, &scram.server_key] {
-                let len = u16::try_from(field.len())
-                    .map_err(|_| StorageError::Unrepresentable("credential field over 64 KiB"))?;
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(field);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Decodes a record written by [`encode_credentials`]. `record` names it in errors.
-    pub(crate) fn decode_credentials(
-        record: &str,
-        bytes: &[u8],
-    ) -> Result<StoredCredentials, StorageError> {
-        let corrupt = |reason: String| StorageError::Corrupt {
-            record: record.to_owned(),
-            reason,
-        };
-        let mut r = Cursor(bytes);
-        match r.take(1).map(|v| v[0]) {
-            Some(CREDENTIALS_V1) => {}
-            Some(v) => return Err(corrupt(format!("unknown credentials version {v}"))),
-            None => return Err(corrupt("empty record".to_owned())),
-        }
-        let mut scram = || -> Option<ScramCredentials> {
-            let iterations = u32::from_be_bytes(r.take(4)?.try_into().ok()?);
-            Some(ScramCredentials {
-                iterations,
-                salt: r.field()?,
-                stored_key: r.field()?,
-                server_key: r.field()?,
-            })
-        };
-        let truncated = || corrupt("truncated".to_owned());
-        let sha1 = scram().ok_or_else(truncated)?;
-        let sha256 = scram().ok_or_else(truncated)?;
-        if !r.0.is_empty() {
-            return Err(corrupt(format!("{} trailing bytes", r.0.len())));
-        }
-        Ok(StoredCredentials { sha1, sha256 })
-    }
-
-    /// Reads from the front of a byte slice; `None` when it runs out.
-    struct Cursor<'a>(&'a [u8]);
-
-    impl<'a> Cursor<'a> {
-        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-            if self.0.len() < n {
-                return None;
-            }
-            let (head, tail) = self.0.split_at(n);
-            self.0 = tail;
-            Some(head)
-        }
-
-        /// A u16-length-prefixed byte string.
-        fn field(&mut self) -> Option<Vec<u8>> {
-            let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?);
-            self.take(len.into()).map(<[u8]>::to_vec)
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn round_trip() {
-            let creds = StoredCredentials::derive("pw", b"salt-a", b"salt-bb", 4096);
-            let bytes = encode_credentials(&creds).unwrap();
-            assert_eq!(bytes[0], CREDENTIALS_V1);
-            assert_eq!(decode_credentials("u", &bytes).unwrap(), creds);
-        }
-
-        #[test]
-        fn rejects_damage_without_panicking() {
-            let creds = StoredCredentials::derive("pw", b"salt-a", b"salt-bb", 4096);
-            let bytes = encode_credentials(&creds).unwrap();
-            // Every truncation, an unknown version and trailing garbage are all errors.
-            for n in 0..bytes.len() {
-                let err = decode_credentials("u", &bytes[..n]).unwrap_err();
-                assert!(matches!(err, StorageError::Corrupt { .. }), "{n}: {err}");
-            }
-            let mut bad = bytes.clone();
-            bad[0] = 99;
-            assert!(matches!(
-                decode_credentials("u", &bad),
-                Err(StorageError::Corrupt { .. })
-            ));
-            let mut long = bytes;
-            long.push(0);
-            assert!(matches!(
-                decode_credentials("u", &long),
-                Err(StorageError::Corrupt { .. })
-            ));
-        }
-    }
-}
-
 /// Behaviour every backend must share, run by each backend's tests.
 #[cfg(test)]
 pub(crate) mod conformance {
     use super::*;
+    use crate::model::Subscription;
 
     pub(crate) fn creds(password: &str) -> StoredCredentials {
         // Fixed salts and the minimum iteration count keep the suite fast and repeatable.
@@ -319,6 +323,407 @@ pub(crate) mod conformance {
             .await
             .unwrap();
     }
+
+    /// Every check below against one fresh `storage`; the checks use disjoint users
+    /// except `accounts`, which runs first because it expects no accounts at all.
+    pub(crate) async fn all(storage: &Storage) {
+        accounts(storage.accounts.as_ref()).await;
+        rosters(storage.rosters.as_ref()).await;
+        offline(storage.offline.as_ref()).await;
+        user_data(storage.user_data.as_ref()).await;
+        concurrent(storage).await;
+        delete_user(storage).await;
+    }
+
+    fn item(jid: &str, name: Option<&str>, subscription: Subscription) -> RosterItem {
+        RosterItem {
+            jid: jid.to_owned(),
+            name: name.map(str::to_owned),
+            groups: vec!["Friends".to_owned(), "Work".to_owned()],
+            subscription,
+            ask: false,
+            approved: false,
+        }
+    }
+
+    pub(crate) async fn rosters(store: &dyn RosterStore) {
+        let user = "rosa@example.org";
+        assert_eq!(store.roster(user).await.unwrap(), Roster::default());
+        // Removing from a roster that does not exist changes nothing.
+        assert_eq!(store.remove_item(user, "bob@example.org").await.unwrap(), 0);
+
+        let bob = RosterItem {
+            ask: true,
+            ..item("bob@example.org", Some("Bob"), Subscription::To)
+        };
+        assert_eq!(store.put_item(user, &bob).await.unwrap(), 1);
+        // Writing the same item again is no change, so no new version.
+        assert_eq!(store.put_item(user, &bob).await.unwrap(), 1);
+        let carol = RosterItem {
+            groups: vec![],
+            approved: true,
+            ..item("carol@example.net", None, Subscription::None)
+        };
+        assert_eq!(store.put_item(user, &carol).await.unwrap(), 2);
+        let bob2 = item("bob@example.org", None, Subscription::Both);
+        assert_eq!(store.put_item(user, &bob2).await.unwrap(), 3);
+
+        let roster = store.roster(user).await.unwrap();
+        assert_eq!(roster.version, 3);
+        assert_eq!(
+            roster.items.into_iter().collect::<Vec<_>>(),
+            [
+                ("bob@example.org".to_owned(), bob2.clone()),
+                ("carol@example.net".to_owned(), carol.clone()),
+            ]
+        );
+        assert!(roster.pending_in.is_empty());
+
+        assert_eq!(
+            store.remove_item(user, "nobody@example.org").await.unwrap(),
+            3
+        );
+        assert_eq!(store.remove_item(user, "bob@example.org").await.unwrap(), 4);
+        assert_eq!(store.remove_item(user, "bob@example.org").await.unwrap(), 4);
+        let roster = store.roster(user).await.unwrap();
+        assert_eq!(roster.version, 4);
+        assert_eq!(roster.items.values().collect::<Vec<_>>(), [&carol]);
+
+        // Pending-in requests: set, replace, clear; none of it touches the version.
+        let dave = "dave@example.org";
+        store
+            .set_pending_in(user, dave, Some("<status>hi</status>"))
+            .await
+            .unwrap();
+        store
+            .set_pending_in(user, "erin@example.org", Some(""))
+            .await
+            .unwrap();
+        store
+            .set_pending_in(user, dave, Some("<status>again</status>"))
+            .await
+            .unwrap();
+        let roster = store.roster(user).await.unwrap();
+        assert_eq!(roster.version, 4);
+        assert_eq!(roster.items.len(), 1);
+        assert_eq!(
+            roster.pending_in.into_iter().collect::<Vec<_>>(),
+            [
+                (dave.to_owned(), "<status>again</status>".to_owned()),
+                ("erin@example.org".to_owned(), String::new()),
+            ]
+        );
+        store.set_pending_in(user, dave, None).await.unwrap();
+        store
+            .set_pending_in(user, "never@example.org", None)
+            .await
+            .unwrap();
+        let roster = store.roster(user).await.unwrap();
+        assert_eq!(
+            roster.pending_in.keys().collect::<Vec<_>>(),
+            ["erin@example.org"]
+        );
+        assert_eq!(roster.version, 4);
+
+        // Other users are separate, including one whose name extends this one's.
+        for other in ["rosa@example.orgx", "rosa@example.or", "ros"] {
+            assert_eq!(store.roster(other).await.unwrap(), Roster::default());
+        }
+        store
+            .set_pending_in("rosa@example.orgx", dave, Some("x"))
+            .await
+            .unwrap();
+        let other = store.roster("rosa@example.orgx").await.unwrap();
+        assert_eq!((other.version, other.items.len()), (0, 0));
+        assert_eq!(other.pending_in.len(), 1);
+        assert_eq!(store.roster(user).await.unwrap().pending_in.len(), 1);
+    }
+
+    pub(crate) async fn offline(store: &dyn OfflineStore) {
+        let user = "otto@example.org";
+        assert!(store.fetch(user).await.unwrap().is_empty());
+        assert_eq!(store.count(user).await.unwrap(), 0);
+        store.remove_through(user, 10).await.unwrap();
+        // A limit of zero stores nothing.
+        assert!(!store.push(user, "<message/>", 1, 0).await.unwrap());
+
+        for (i, xml) in ["<m1/>", "<m2/>", "<m3/>"].into_iter().enumerate() {
+            assert!(store.push(user, xml, 1000 + i as u64, 3).await.unwrap());
+        }
+        assert!(!store.push(user, "<m4/>", 2000, 3).await.unwrap());
+        assert_eq!(store.count(user).await.unwrap(), 3);
+        let got = store.fetch(user).await.unwrap();
+        assert_eq!(
+            got.iter()
+                .map(|m| (m.xml.as_str(), m.stored_at_ms))
+                .collect::<Vec<_>>(),
+            [("<m1/>", 1000), ("<m2/>", 1001), ("<m3/>", 1002)]
+        );
+        assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "{got:?}");
+        // Fetching does not remove.
+        assert_eq!(store.fetch(user).await.unwrap(), got);
+
+        // Removing through the second leaves the third, and frees room under the limit.
+        store.remove_through(user, got[1].seq).await.unwrap();
+        assert_eq!(store.fetch(user).await.unwrap(), [got[2].clone()]);
+        assert_eq!(store.count(user).await.unwrap(), 1);
+        assert!(store.push(user, "<m4/>", 3000, 3).await.unwrap());
+        let m4 = store.fetch(user).await.unwrap().pop().unwrap();
+        assert_eq!((m4.xml.as_str(), m4.stored_at_ms), ("<m4/>", 3000));
+        assert!(m4.seq > got[2].seq);
+
+        // Emptying the queue does not reset the sequence.
+        store.remove_through(user, u64::MAX).await.unwrap();
+        assert_eq!(store.count(user).await.unwrap(), 0);
+        assert!(store.push(user, "<m5/>", 4000, 3).await.unwrap());
+        let m5 = store.fetch(user).await.unwrap();
+        assert_eq!(m5.len(), 1);
+        assert!(m5[0].seq > m4.seq, "{} reused after {}", m5[0].seq, m4.seq);
+        // Removing through an older seq removes nothing newer.
+        store.remove_through(user, m4.seq).await.unwrap();
+        assert_eq!(store.fetch(user).await.unwrap(), m5);
+
+        // Queues are per user.
+        let other = "otto@example.orgx";
+        assert_eq!(store.count(other).await.unwrap(), 0);
+        assert!(store.push(other, "<o/>", 1, 1).await.unwrap());
+        assert!(!store.push(other, "<o2/>", 1, 1).await.unwrap());
+        store.remove_through(user, u64::MAX).await.unwrap();
+        assert_eq!(store.count(other).await.unwrap(), 1);
+        assert_eq!(store.fetch(other).await.unwrap()[0].xml, "<o/>");
+    }
+
+    pub(crate) async fn user_data(store: &dyn UserDataStore) {
+        let user = "uma@example.org";
+        let other = "uma@example.orgx";
+
+        assert_eq!(store.vcard(user).await.unwrap(), None);
+        store
+            .set_vcard(user, "<vCard xmlns='vcard-temp'><FN>Uma</FN></vCard>")
+            .await
+            .unwrap();
+        store
+            .set_vcard(user, "<vCard xmlns='vcard-temp'><FN>Uma U</FN></vCard>")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.vcard(user).await.unwrap().as_deref(),
+            Some("<vCard xmlns='vcard-temp'><FN>Uma U</FN></vCard>")
+        );
+        assert_eq!(store.vcard(other).await.unwrap(), None);
+
+        let bookmarks = "storage storage:bookmarks";
+        let prefs = "prefs urn:example:prefs";
+        assert_eq!(store.private(user, bookmarks).await.unwrap(), None);
+        store
+            .set_private(user, bookmarks, "<storage xmlns='storage:bookmarks'/>")
+            .await
+            .unwrap();
+        store
+            .set_private(user, prefs, "<prefs xmlns='urn:example:prefs'>1</prefs>")
+            .await
+            .unwrap();
+        store
+            .set_private(user, prefs, "<prefs xmlns='urn:example:prefs'>2</prefs>")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.private(user, bookmarks).await.unwrap().as_deref(),
+            Some("<storage xmlns='storage:bookmarks'/>")
+        );
+        assert_eq!(
+            store.private(user, prefs).await.unwrap().as_deref(),
+            Some("<prefs xmlns='urn:example:prefs'>2</prefs>")
+        );
+        assert_eq!(store.private(user, "prefs urn:other").await.unwrap(), None);
+        assert_eq!(store.private(other, bookmarks).await.unwrap(), None);
+
+        assert!(store.blocklist(user).await.unwrap().is_empty());
+        let jids = [
+            "z@example.org",
+            "a@example.org",
+            "m@example.org/r",
+            "a@example.org",
+        ];
+        let jids = jids.map(str::to_owned);
+        store.set_blocklist(user, &jids).await.unwrap();
+        assert_eq!(
+            store.blocklist(user).await.unwrap(),
+            ["a@example.org", "m@example.org/r", "z@example.org"]
+        );
+        store.set_blocklist(user, &jids[..1]).await.unwrap();
+        assert_eq!(store.blocklist(user).await.unwrap(), ["z@example.org"]);
+        assert!(store.blocklist(other).await.unwrap().is_empty());
+        store.set_blocklist(user, &[]).await.unwrap();
+        assert!(store.blocklist(user).await.unwrap().is_empty());
+
+        assert_eq!(store.last_activity(user).await.unwrap(), None);
+        store.set_last_activity(user, 100, "bye").await.unwrap();
+        assert_eq!(
+            store.last_activity(user).await.unwrap(),
+            Some((100, "bye".to_owned()))
+        );
+        store.set_last_activity(user, 200, "").await.unwrap();
+        assert_eq!(
+            store.last_activity(user).await.unwrap(),
+            Some((200, String::new()))
+        );
+        assert_eq!(store.last_activity(other).await.unwrap(), None);
+    }
+
+    /// Concurrent writers cannot exceed the offline limit or lose a version bump.
+    pub(crate) async fn concurrent(storage: &Storage) {
+        let user = "cora@example.org";
+        let pushes = (0..32).map(|i| {
+            let offline = Arc::clone(&storage.offline);
+            tokio::spawn(async move { offline.push(user, &format!("<m{i}/>"), i, 5).await })
+        });
+        let puts = (0..16).map(|i| {
+            let rosters = Arc::clone(&storage.rosters);
+            let contact = format!("c{i}@example.org");
+            tokio::spawn(async move {
+                let item = item(&contact, None, Subscription::None);
+                rosters.put_item(user, &item).await
+            })
+        });
+        let puts: Vec<_> = puts.collect();
+        let mut stored = 0;
+        for push in pushes {
+            stored += usize::from(push.await.unwrap().unwrap());
+        }
+        assert_eq!(stored, 5);
+        let got = storage.offline.fetch(user).await.unwrap();
+        assert_eq!(got.len(), 5);
+        assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "{got:?}");
+
+        let mut versions = Vec::new();
+        for put in puts {
+            versions.push(put.await.unwrap().unwrap());
+        }
+        versions.sort_unstable();
+        assert_eq!(versions, (1..=16).collect::<Vec<u64>>());
+        let roster = storage.rosters.roster(user).await.unwrap();
+        assert_eq!((roster.version, roster.items.len()), (16, 16));
+    }
+
+    /// Gives `user` an account and one of everything.
+    pub(crate) async fn fill(storage: &Storage, user: &str) {
+        storage
+            .accounts
+            .create_account(user, &creds(user))
+            .await
+            .unwrap();
+        let rosters = &storage.rosters;
+        let bob = item("bob@example.org", Some("Bob"), Subscription::Both);
+        rosters.put_item(user, &bob).await.unwrap();
+        rosters
+            .put_item(user, &item("gone@example.org", None, Subscription::To))
+            .await
+            .unwrap();
+        rosters.remove_item(user, "gone@example.org").await.unwrap();
+        rosters
+            .set_pending_in(user, "dave@example.org", Some("<status>hi</status>"))
+            .await
+            .unwrap();
+        let offline = &storage.offline;
+        for (i, xml) in ["<gone/>", "<m1/>", "<m2/>"].into_iter().enumerate() {
+            assert!(offline.push(user, xml, i as u64, 10).await.unwrap());
+        }
+        let first = offline.fetch(user).await.unwrap()[0].seq;
+        offline.remove_through(user, first).await.unwrap();
+        let data = &storage.user_data;
+        data.set_vcard(user, "<vCard/>").await.unwrap();
+        data.set_private(user, "a b", "<a xmlns='b'/>")
+            .await
+            .unwrap();
+        data.set_blocklist(user, &["spam@example.org".to_owned()])
+            .await
+            .unwrap();
+        data.set_last_activity(user, 42, "away").await.unwrap();
+    }
+
+    /// Asserts `user` holds exactly what [`fill`] left.
+    pub(crate) async fn check_filled(storage: &Storage, user: &str) {
+        let got = storage.accounts.credentials(user).await.unwrap();
+        assert_eq!(got, Some(creds(user)), "{user}");
+        let roster = storage.rosters.roster(user).await.unwrap();
+        assert_eq!(roster.version, 3, "{user}");
+        assert_eq!(
+            roster.items.values().collect::<Vec<_>>(),
+            [&item("bob@example.org", Some("Bob"), Subscription::Both)]
+        );
+        assert_eq!(
+            roster.pending_in.into_iter().collect::<Vec<_>>(),
+            [(
+                "dave@example.org".to_owned(),
+                "<status>hi</status>".to_owned()
+            )]
+        );
+        let offline = storage.offline.fetch(user).await.unwrap();
+        assert_eq!(
+            offline
+                .iter()
+                .map(|m| (m.xml.as_str(), m.stored_at_ms))
+                .collect::<Vec<_>>(),
+            [("<m1/>", 1), ("<m2/>", 2)]
+        );
+        assert_eq!(storage.offline.count(user).await.unwrap(), 2);
+        let data = &storage.user_data;
+        assert_eq!(data.vcard(user).await.unwrap().as_deref(), Some("<vCard/>"));
+        assert_eq!(
+            data.private(user, "a b").await.unwrap().as_deref(),
+            Some("<a xmlns='b'/>")
+        );
+        assert_eq!(data.blocklist(user).await.unwrap(), ["spam@example.org"]);
+        assert_eq!(
+            data.last_activity(user).await.unwrap(),
+            Some((42, "away".to_owned()))
+        );
+    }
+
+    /// Asserts nothing at all is stored for `user`.
+    pub(crate) async fn check_empty(storage: &Storage, user: &str) {
+        assert_eq!(storage.accounts.credentials(user).await.unwrap(), None);
+        assert_eq!(
+            storage.rosters.roster(user).await.unwrap(),
+            Roster::default()
+        );
+        assert!(storage.offline.fetch(user).await.unwrap().is_empty());
+        assert_eq!(storage.offline.count(user).await.unwrap(), 0);
+        let data = &storage.user_data;
+        assert_eq!(data.vcard(user).await.unwrap(), None);
+        assert_eq!(data.private(user, "a b").await.unwrap(), None);
+        assert!(data.blocklist(user).await.unwrap().is_empty());
+        assert_eq!(data.last_activity(user).await.unwrap(), None);
+    }
+
+    pub(crate) async fn delete_user(storage: &Storage) {
+        let user = "dora@example.org";
+        // Neighbours in key order must survive the range deletes.
+        let neighbours = ["dora@example.orgx", "dora@example.or", "dor"];
+        fill(storage, user).await;
+        for other in neighbours {
+            fill(storage, other).await;
+        }
+        check_filled(storage, user).await;
+
+        assert!(storage.delete_user(user).await.unwrap());
+        check_empty(storage, user).await;
+        for other in neighbours {
+            check_filled(storage, other).await;
+        }
+        assert!(!storage.delete_user(user).await.unwrap());
+        assert!(!storage.delete_user("nobody@example.org").await.unwrap());
+
+        // Leftover data without an account is removed too, though the answer is false.
+        storage.user_data.set_vcard(user, "<vCard/>").await.unwrap();
+        assert!(!storage.delete_user(user).await.unwrap());
+        check_empty(storage, user).await;
+
+        // The name can be registered again and starts from nothing.
+        fill(storage, user).await;
+        check_filled(storage, user).await;
+    }
 }
 
 #[cfg(test)]
@@ -344,7 +749,7 @@ mod tests {
             path: PathBuf::from("/nonexistent/unused.redb"),
         })
         .unwrap();
-        conformance::accounts(storage.accounts.as_ref()).await;
+        conformance::all(&storage).await;
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/dir/shoal.redb");
@@ -353,7 +758,7 @@ mod tests {
             path: path.clone(),
         })
         .unwrap();
-        conformance::accounts(storage.accounts.as_ref()).await;
+        conformance::all(&storage).await;
         assert!(path.exists());
     }
 }
