@@ -8,6 +8,7 @@ pub mod config;
 pub mod metrics;
 pub mod model;
 pub mod ratelimit;
+pub mod roster;
 pub mod router;
 pub mod server;
 pub mod server_iq;
