@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod jobs;
 pub mod ratelimit;
+pub mod roster;
 pub mod router;
 pub mod server;
 pub mod server_iq;
