@@ -123,7 +123,8 @@ pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
         cx.router.route(request.iq_result(payload), since);
     };
     let fail = |request: &Stanza, condition: StanzaErrorCondition| {
-        cx.router.bounce(request, StanzaError::new(condition), since);
+        cx.router
+            .bounce(request, StanzaError::new(condition), since);
     };
     match job {
         Job::StoreOffline(stanza) => {
@@ -144,21 +145,26 @@ pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
             }
         }
         Job::DeliverOffline(session) => deliver_offline(&cx, &user, &session, since).await,
-        Job::VcardGet { request, owner } => match cx.storage.user_data.vcard(owner.as_str()).await
-        {
-            Ok(Some(xml)) => match parse_element(&xml) {
-                Some(v) => reply(&request, Some(&v)),
-                None => fail(&request, StanzaErrorCondition::InternalServerError),
-            },
-            // XEP-0054 §3.1: no vCard is an empty one.
-            Ok(None) => reply(&request, Some(&Element::new("vCard", ns::VCARD))),
-            Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
-        },
+        Job::VcardGet { request, owner } => {
+            match cx.storage.user_data.vcard(owner.as_str()).await {
+                Ok(Some(xml)) => match parse_element(&xml) {
+                    Some(v) => reply(&request, Some(&v)),
+                    None => fail(&request, StanzaErrorCondition::InternalServerError),
+                },
+                // XEP-0054 §3.1: no vCard is an empty one.
+                Ok(None) => reply(&request, Some(&Element::new("vCard", ns::VCARD))),
+                Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
+            }
+        }
         Job::VcardSet { request, xml } => match cx.storage.user_data.set_vcard(key, &xml).await {
             Ok(()) => reply(&request, None),
             Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
         },
-        Job::PrivateGet { request, name, ns: child_ns } => {
+        Job::PrivateGet {
+            request,
+            name,
+            ns: child_ns,
+        } => {
             let key2 = format!("{name} {child_ns}");
             match cx.storage.user_data.private(key, &key2).await {
                 Ok(stored) => {
@@ -166,17 +172,22 @@ pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
                         .as_deref()
                         .and_then(parse_element)
                         .unwrap_or_else(|| Element::new(name, child_ns));
-                    reply(&request, Some(&Element::new("query", ns::PRIVATE).child(child)));
+                    reply(
+                        &request,
+                        Some(&Element::new("query", ns::PRIVATE).child(child)),
+                    );
                 }
                 Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
             }
         }
-        Job::PrivateSet { request, key: k, xml } => {
-            match cx.storage.user_data.set_private(key, &k, &xml).await {
-                Ok(()) => reply(&request, None),
-                Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
-            }
-        }
+        Job::PrivateSet {
+            request,
+            key: k,
+            xml,
+        } => match cx.storage.user_data.set_private(key, &k, &xml).await {
+            Ok(()) => reply(&request, None),
+            Err(_) => fail(&request, StanzaErrorCondition::InternalServerError),
+        },
         Job::LastActivity { request } => match cx.storage.user_data.last_activity(key).await {
             Ok(Some((at, status))) => {
                 let seconds = (now_ms() / 1000).saturating_sub(at);
@@ -194,7 +205,9 @@ pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
             let creds = tokio::task::spawn_blocking(move || new_credentials(&password)).await;
             let result = match creds {
                 Ok(c) => cx.storage.accounts.set_credentials(key, &c).await,
-                Err(_) => Err(StorageError::Unrepresentable("credential derivation failed")),
+                Err(_) => Err(StorageError::Unrepresentable(
+                    "credential derivation failed",
+                )),
             };
             match result {
                 Ok(()) => {
@@ -324,7 +337,10 @@ mod tests {
     #[test]
     fn timestamps_are_xep_0082() {
         assert_eq!(format_timestamp(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_timestamp(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            format_timestamp(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
         assert_eq!(
             format_timestamp(1_795_325_400_123),
             "2026-11-22T05:30:00.123Z"

@@ -5,9 +5,9 @@
 pub mod admin;
 pub mod c2s;
 pub mod config;
+pub mod jobs;
 pub mod metrics;
 pub mod model;
-pub mod jobs;
 pub mod ratelimit;
 pub mod roster;
 pub mod router;

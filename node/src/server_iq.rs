@@ -135,7 +135,7 @@ mod tests {
         let info = ask("<iq from='a@localhost/r' to='localhost' id='d' type='get'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").unwrap();
         assert_eq!(
             info,
-            "<iq to='a@localhost/r' from='localhost' id='d' type='result'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='server' type='im' name='Shoal'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='urn:xmpp:ping'/></query></iq>"
+            "<iq to='a@localhost/r' from='localhost' id='d' type='result'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='server' type='im' name='Shoal'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='jabber:iq:last'/><feature var='jabber:iq:private'/><feature var='jabber:iq:register'/><feature var='jabber:iq:roster'/><feature var='jabber:iq:version'/><feature var='msgoffline'/><feature var='urn:xmpp:blocking'/><feature var='urn:xmpp:carbons:2'/><feature var='urn:xmpp:ping'/><feature var='urn:xmpp:time'/><feature var='vcard-temp'/></query></iq>"
         );
     }
 

@@ -314,7 +314,13 @@ impl ShardHost {
         self.queue.submit(jobs::run(cx, u, job));
     }
 
-    fn deliver(&mut self, user: &BareJid, sessions: Vec<SessionHandle>, stanza: Stanza, since: Instant) {
+    fn deliver(
+        &mut self,
+        user: &BareJid,
+        sessions: Vec<SessionHandle>,
+        stanza: Stanza,
+        since: Instant,
+    ) {
         // Serialised once, shared by every recipient.
         let xml = Bytes::from(stanza.to_xml());
         let mut gone = Vec::new();

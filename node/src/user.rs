@@ -102,17 +102,39 @@ pub enum Job<H> {
     /// Deliver stored messages to a session that just became available, then remove them.
     DeliverOffline(H),
     /// Answer a vCard get for `owner` (XEP-0054).
-    VcardGet { request: Stanza, owner: BareJid },
-    VcardSet { request: Stanza, xml: String },
+    VcardGet {
+        request: Stanza,
+        owner: BareJid,
+    },
+    VcardSet {
+        request: Stanza,
+        xml: String,
+    },
     /// Answer a private XML get (XEP-0049) for the element `name`/`ns`.
-    PrivateGet { request: Stanza, name: String, ns: String },
-    PrivateSet { request: Stanza, key: String, xml: String },
+    PrivateGet {
+        request: Stanza,
+        name: String,
+        ns: String,
+    },
+    PrivateSet {
+        request: Stanza,
+        key: String,
+        xml: String,
+    },
     /// Answer a last-activity query about an offline account (XEP-0012).
-    LastActivity { request: Stanza },
+    LastActivity {
+        request: Stanza,
+    },
     /// Change the password (XEP-0077 §3.3).
-    ChangePassword { request: Stanza, password: String },
+    ChangePassword {
+        request: Stanza,
+        password: String,
+    },
     /// Remove the account and all its data, then close these sessions (XEP-0077 §3.2).
-    RemoveAccount { request: Stanza, sessions: Vec<H> },
+    RemoveAccount {
+        request: Stanza,
+        sessions: Vec<H>,
+    },
 }
 
 /// What the shard actor must do after a call.
@@ -333,7 +355,9 @@ impl<H: Clone + PartialEq> UserState<H> {
         let mut effects = Vec::new();
         for item in self.data.roster.items.values() {
             if item.subscription.has_from() {
-                let Ok(to) = Jid::new(&item.jid) else { continue };
+                let Ok(to) = Jid::new(&item.jid) else {
+                    continue;
+                };
                 if self.shared.is_blocked(&to) {
                     continue;
                 }
@@ -356,7 +380,8 @@ impl<H: Clone + PartialEq> UserState<H> {
     /// `unavailable` from `jid` to contacts and own resources (after the session's
     /// presence was cleared or the session removed).
     fn went_unavailable(&self, jid: &FullJid, original: Option<Stanza>) -> Vec<Effect<H>> {
-        let mut p = original.unwrap_or_else(|| Stanza::new(Kind::Presence(PresenceType::Unavailable)));
+        let mut p =
+            original.unwrap_or_else(|| Stanza::new(Kind::Presence(PresenceType::Unavailable)));
         p.to = None;
         let mut effects = self.broadcast(&p, jid);
         // The resource that went unavailable hears its own unavailable too when it
@@ -400,9 +425,9 @@ impl<H: Clone + PartialEq> UserState<H> {
             return Vec::new();
         }
         let key = contact.to_string();
-        let state = self.contact_state(&key);
+        let state = ContactState::of(&self.data.roster, &key);
         let t = roster::outbound(&state, op);
-        let mut effects = self.apply_transition(&key, &state, &t.new_state, t.roster_push);
+        let mut effects = self.apply_transition(&key, &state, &t.new_state, "");
         if t.forward {
             // RFC 6121 §3.1.2: the user's server stamps the bare JID.
             let mut out = stanza.clone();
@@ -422,12 +447,7 @@ impl<H: Clone + PartialEq> UserState<H> {
         }
         if t.send_unavailable {
             // §3.2.1: cancelling sends unavailable from each available resource.
-            for s in self.sessions.iter().filter(|s| s.available()) {
-                let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
-                p.from = Some(Jid::from(s.jid.clone()));
-                p.to = Some(Jid::from(contact.clone()));
-                effects.push(Effect::Route(p));
-            }
+            effects.extend(self.unavailable_to(&Jid::from(contact.clone())));
         }
         effects
     }
@@ -441,26 +461,25 @@ impl<H: Clone + PartialEq> UserState<H> {
             return Vec::new();
         };
         let key = contact.to_string();
-        let state = self.contact_state(&key);
+        let state = ContactState::of(&self.data.roster, &key);
         let t = roster::inbound(&state, op);
-        let mut effects = self.apply_transition(&key, &state, &t.new_state, t.roster_push);
+        let request_xml = String::from_utf8_lossy(&stanza.payload).into_owned();
+        let mut effects = self.apply_transition(&key, &state, &t.new_state, &request_xml);
         if t.forward {
             let mut st = stanza.clone();
             st.from = Some(Jid::from(contact.clone()));
             st.to = Some(Jid::from(self.bare.clone()));
-            if op == SubscriptionOp::Subscribe && !state.pending_in {
-                // Kept until the user answers, and redelivered at each login.
-                let payload = String::from_utf8_lossy(&st.payload).into_owned();
-                self.data.roster.pending_in.insert(key.clone(), payload.clone());
-                effects.push(Effect::Persist(Write::PendingIn(key.clone(), Some(payload))));
-            }
             let to = self.available_handles();
             if !to.is_empty() {
                 effects.push(Effect::Deliver(to, st));
             }
         }
+        if t.send_unavailable {
+            // §3.3.3: the contact stopped following this user's presence.
+            effects.extend(self.unavailable_to(&Jid::from(contact.clone())));
+        }
         if let Some(reply_op) = t.auto_reply {
-            let mut reply = Stanza::new(Kind::Presence(presence_type(reply_op)));
+            let mut reply = Stanza::new(Kind::Presence(reply_op.presence_type()));
             reply.from = Some(Jid::from(self.bare.clone()));
             reply.to = Some(Jid::from(contact.clone()));
             effects.push(Effect::Route(reply));
@@ -478,79 +497,33 @@ impl<H: Clone + PartialEq> UserState<H> {
         effects
     }
 
-    fn contact_state(&self, key: &str) -> ContactState {
-        let item = self.data.roster.items.get(key);
-        ContactState {
-            subscription: item.map(|i| i.subscription).unwrap_or_default(),
-            ask: item.is_some_and(|i| i.ask),
-            pending_in: self.data.roster.pending_in.contains_key(key),
-            approved: item.is_some_and(|i| i.approved),
-            in_roster: item.is_some(),
-        }
-    }
-
-    /// Stores a new contact state and pushes the item when it changed visibly.
+    /// Stores a contact's new subscription state; persists and pushes what changed.
     fn apply_transition(
         &mut self,
         key: &str,
         old: &ContactState,
         new: &ContactState,
-        push: bool,
+        request_xml: &str,
     ) -> Vec<Effect<H>> {
         let mut effects = Vec::new();
-        if old.pending_in && !new.pending_in {
-            self.data.roster.pending_in.remove(key);
-            effects.push(Effect::Persist(Write::PendingIn(key.to_string(), None)));
+        let pushed = roster::apply_state(&mut self.data.roster, key, new, request_xml);
+        if old.pending_in != new.pending_in {
+            let stored = self.data.roster.pending_in.get(key).cloned();
+            effects.push(Effect::Persist(Write::PendingIn(key.to_string(), stored)));
         }
-        let item_changed = new.subscription != old.subscription
-            || new.ask != old.ask
-            || new.approved != old.approved
-            || new.in_roster != old.in_roster;
-        if !item_changed {
-            return effects;
-        }
-        if new.in_roster {
-            let mut item = self
-                .data
-                .roster
-                .items
-                .get(key)
-                .cloned()
-                .unwrap_or_else(|| RosterItem {
-                    jid: key.to_string(),
-                    ..RosterItem::default()
-                });
-            item.subscription = new.subscription;
-            item.ask = new.ask;
-            item.approved = new.approved;
-            effects.extend(self.store_item(item, push));
-        } else if old.in_roster {
-            effects.extend(self.drop_item(key));
+        if pushed && let Some(item) = self.data.roster.items.get(key).cloned() {
+            effects.push(Effect::Persist(Write::PutItem(item.clone())));
+            effects.extend(self.roster_push(Some(&item), key));
         }
         effects
     }
 
-    fn store_item(&mut self, item: RosterItem, push: bool) -> Vec<Effect<H>> {
-        self.data.roster.version += 1;
-        self.data.roster.items.insert(item.jid.clone(), item.clone());
-        let mut effects = vec![Effect::Persist(Write::PutItem(item.clone()))];
-        if push {
-            effects.extend(self.roster_push(Some(&item), &item.jid));
-        }
-        effects
-    }
-
-    fn drop_item(&mut self, key: &str) -> Vec<Effect<H>> {
-        self.data.roster.version += 1;
-        self.data.roster.items.remove(key);
-        let mut effects = vec![Effect::Persist(Write::RemoveItem(key.to_string()))];
-        effects.extend(self.roster_push(None, key));
-        effects
-    }
-
-    /// A roster push to every interested resource (RFC 6121 §2.1.6).
+    /// A roster push of one item to every interested resource (RFC 6121 §2.1.6).
     fn roster_push(&self, item: Option<&RosterItem>, jid: &str) -> Vec<Effect<H>> {
-        let query = roster::roster_push(item, jid, self.data.roster.version);
+        self.push_to_interested(&roster::roster_push(item, jid, self.data.roster.version))
+    }
+
+    fn push_to_interested(&self, query: &Element) -> Vec<Effect<H>> {
         self.sessions
             .iter()
             .filter(|s| s.interested)
@@ -615,65 +588,67 @@ impl<H: Clone + PartialEq> UserState<H> {
             })],
             (ns::PRIVATE, "query", _) => self.private(from, &iq, &payload, set),
             (ns::REGISTER, "query", true) => self.register(from, &iq, &payload),
-            _ => reply_error(&addressed(&iq, from), StanzaErrorCondition::ServiceUnavailable),
+            _ => reply_error(
+                &addressed(&iq, from),
+                StanzaErrorCondition::ServiceUnavailable,
+            ),
         }
     }
 
     fn roster_set(&mut self, from: &FullJid, iq: &Stanza, payload: &Element) -> Vec<Effect<H>> {
         let req = addressed(iq, from);
-        match roster::parse_roster_set(payload, &self.bare, &self.data.roster, &self.limits.roster) {
-            Err(e) => req
-                .error_reply(&e)
-                .map(Effect::Route)
-                .into_iter()
-                .collect(),
-            Ok(RosterSet::Update { jid, name, groups }) => {
-                let mut item = self
-                    .data
-                    .roster
-                    .items
-                    .get(&jid)
-                    .cloned()
-                    .unwrap_or_else(|| RosterItem {
-                        jid: jid.clone(),
-                        ..RosterItem::default()
-                    });
-                item.name = name;
-                item.groups = groups;
-                let mut effects = vec![Effect::Route(result_to(iq, from, None))];
-                effects.extend(self.store_item(item, true));
-                effects
-            }
-            Ok(RosterSet::Remove { jid }) => {
-                let Some(item) = self.data.roster.items.get(&jid).cloned() else {
-                    return reply_error(&req, StanzaErrorCondition::ItemNotFound);
-                };
-                let mut effects = vec![Effect::Route(result_to(iq, from, None))];
-                // RFC 6121 §2.5.2: removal cancels subscriptions both ways.
-                let contact = Jid::new(&jid).ok();
-                if let Some(contact) = contact {
-                    if item.subscription.has_to() || item.ask {
-                        effects.push(Effect::Route(bare_presence(
-                            PresenceType::Unsubscribe,
-                            &self.bare,
-                            &contact,
-                        )));
-                    }
-                    if item.subscription.has_from() {
-                        effects.push(Effect::Route(bare_presence(
-                            PresenceType::Unsubscribed,
-                            &self.bare,
-                            &contact,
-                        )));
-                    }
+        let set = match roster::parse_roster_set(payload, &self.data.roster, &self.limits.roster) {
+            Ok(set) => set,
+            Err(e) => return req.error_reply(&e).map(Effect::Route).into_iter().collect(),
+        };
+        let had_pending = match &set {
+            RosterSet::Remove { jid } => self.data.roster.pending_in.contains_key(jid),
+            RosterSet::Update { .. } => false,
+        };
+        let applied = roster::apply_roster_set(&mut self.data.roster, &set);
+        let mut effects = vec![Effect::Route(result_to(iq, from, None))];
+        match &set {
+            RosterSet::Update { jid, .. } => {
+                if let Some(item) = self.data.roster.items.get(jid) {
+                    effects.push(Effect::Persist(Write::PutItem(item.clone())));
                 }
-                if self.data.roster.pending_in.remove(&jid).is_some() {
+            }
+            RosterSet::Remove { jid } => {
+                effects.push(Effect::Persist(Write::RemoveItem(jid.clone())));
+                if had_pending {
                     effects.push(Effect::Persist(Write::PendingIn(jid.clone(), None)));
                 }
-                effects.extend(self.drop_item(&jid));
-                effects
+                // RFC 6121 §2.5.2: removal cancels the subscriptions both ways.
+                if let Ok(contact) = Jid::new(jid) {
+                    for op in &applied.send {
+                        effects.push(Effect::Route(bare_presence(
+                            op.presence_type(),
+                            &self.bare,
+                            &contact,
+                        )));
+                    }
+                    if applied.send_unavailable {
+                        effects.extend(self.unavailable_to(&contact));
+                    }
+                }
             }
         }
+        effects.extend(self.push_to_interested(&applied.push));
+        effects
+    }
+
+    /// `unavailable` from each available resource to `contact`.
+    fn unavailable_to(&self, contact: &Jid) -> Vec<Effect<H>> {
+        self.sessions
+            .iter()
+            .filter(|s| s.available())
+            .map(|s| {
+                let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+                p.from = Some(Jid::from(s.jid.clone()));
+                p.to = Some(contact.clone());
+                Effect::Route(p)
+            })
+            .collect()
     }
 
     fn block(&mut self, from: &FullJid, iq: &Stanza, payload: &Element) -> Vec<Effect<H>> {
@@ -780,13 +755,20 @@ impl<H: Clone + PartialEq> UserState<H> {
                 sessions: self.sessions.iter().map(|s| s.handle.clone()).collect(),
             })];
         }
-        let username = payload.get_child("username", ns::REGISTER).map(|e| e.text_content());
-        let password = payload.get_child("password", ns::REGISTER).map(|e| e.text_content());
+        let username = payload
+            .get_child("username", ns::REGISTER)
+            .map(|e| e.text_content());
+        let password = payload
+            .get_child("password", ns::REGISTER)
+            .map(|e| e.text_content());
         match (username, password) {
             (Some(u), Some(p))
                 if !p.is_empty()
                     && p.len() <= 1023
-                    && self.bare.node().is_some_and(|n| n.as_str() == u.to_lowercase()) =>
+                    && self
+                        .bare
+                        .node()
+                        .is_some_and(|n| n.as_str() == u.to_lowercase()) =>
             {
                 vec![Effect::Job(Job::ChangePassword {
                     request: req,
@@ -838,7 +820,10 @@ impl<H: Clone + PartialEq> UserState<H> {
         if stanza.kind == Kind::Presence(PresenceType::Probe) {
             return self.answer_probe(&stanza);
         }
-        let to_full = stanza.to.as_ref().and_then(|t| t.try_as_full().ok().cloned());
+        let to_full = stanza
+            .to
+            .as_ref()
+            .and_then(|t| t.try_as_full().ok().cloned());
         match to_full {
             Some(full) => self.deliver_to_full(&full, stanza),
             None => self.deliver_to_bare(stanza),
@@ -1065,21 +1050,9 @@ impl<H: Clone + PartialEq> UserState<H> {
 }
 
 fn subscription_op(kind: Kind) -> Option<SubscriptionOp> {
-    Some(match kind {
-        Kind::Presence(PresenceType::Subscribe) => SubscriptionOp::Subscribe,
-        Kind::Presence(PresenceType::Subscribed) => SubscriptionOp::Subscribed,
-        Kind::Presence(PresenceType::Unsubscribe) => SubscriptionOp::Unsubscribe,
-        Kind::Presence(PresenceType::Unsubscribed) => SubscriptionOp::Unsubscribed,
-        _ => return None,
-    })
-}
-
-fn presence_type(op: SubscriptionOp) -> PresenceType {
-    match op {
-        SubscriptionOp::Subscribe => PresenceType::Subscribe,
-        SubscriptionOp::Subscribed => PresenceType::Subscribed,
-        SubscriptionOp::Unsubscribe => PresenceType::Unsubscribe,
-        SubscriptionOp::Unsubscribed => PresenceType::Unsubscribed,
+    match kind {
+        Kind::Presence(t) => SubscriptionOp::from_presence_type(t),
+        _ => None,
     }
 }
 
@@ -1134,9 +1107,8 @@ fn is_carbon_eligible(stanza: &Stanza) -> bool {
     let Ok(els) = stanza.payload_elements() else {
         return false;
     };
-    !els.iter().any(|e| {
-        e.is("private", ns::CARBONS) || e.is("no-copy", ns::HINTS) || e.ns == ns::CARBONS
-    })
+    !els.iter()
+        .any(|e| e.is("private", ns::CARBONS) || e.is("no-copy", ns::HINTS) || e.ns == ns::CARBONS)
 }
 
 fn has_no_store_hint(stanza: &Stanza) -> bool {

@@ -681,7 +681,7 @@ async fn disco_on_server() {
         .unwrap();
     assert_eq!(
         next(&mut j).await,
-        "<iq to='juliet@localhost/balcony' from='localhost' id='d1' type='result'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='server' type='im' name='Shoal'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='urn:xmpp:ping'/></query></iq>"
+        "<iq to='juliet@localhost/balcony' from='localhost' id='d1' type='result'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='server' type='im' name='Shoal'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='jabber:iq:last'/><feature var='jabber:iq:private'/><feature var='jabber:iq:register'/><feature var='jabber:iq:roster'/><feature var='jabber:iq:version'/><feature var='msgoffline'/><feature var='urn:xmpp:blocking'/><feature var='urn:xmpp:carbons:2'/><feature var='urn:xmpp:ping'/><feature var='urn:xmpp:time'/><feature var='vcard-temp'/></query></iq>"
     );
     j.send("<iq to='localhost' id='d2' type='get'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>")
         .await

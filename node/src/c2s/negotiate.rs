@@ -126,7 +126,7 @@ async fn negotiate(
             });
             let bound = result.as_ref().ok().cloned();
             actions.extend(conn.stream.bind_result(result.map(|(jid, _)| jid)));
-            if let Some((jid, shared)) = bound {
+            if let Some((jid, user_shared)) = bound {
                 // The bind result is written before the session takes the socket.
                 for a in actions.drain(..) {
                     if let Action::Send(s) = a
@@ -146,7 +146,7 @@ async fn negotiate(
                     ctx,
                     jid,
                     id,
-                    shared,
+                    shared: user_shared,
                 })));
             }
         } else {

@@ -14,8 +14,8 @@ use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use jid::{FullJid, Jid};
 use shoal_xmpp::c2s::{Action, C2sStream};
-use shoal_xmpp::error::{StreamError, StreamErrorCondition};
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
+use shoal_xmpp::error::{StreamError, StreamErrorCondition};
 use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
 use tokio::task::AbortHandle;
@@ -26,8 +26,8 @@ use crate::c2s::{fresh_id, stanza_kind, stream_error_label};
 use crate::metrics::{ConnectionGuard, Mailbox, Metrics, SessionGuard};
 use crate::router::Router;
 use crate::shard::{FromSession, FromSessionKind, Unbind};
-use crate::user::UserShared;
 use crate::user::SessionId;
+use crate::user::UserShared;
 
 /// Messages a session may queue. Beyond this, shard hosts drop stanzas for it (counted,
 /// sender told `<resource-constraint/>`); the reader task waits instead, which is the
@@ -167,7 +167,10 @@ impl Session {
             // XEP-0191 §3.4: nothing goes to a blocked entity; the client is told why.
             return self.refuse_blocked(&st, ctx);
         }
-        let to_self = st.to.as_ref().is_none_or(|t| t.is_bare() && t.to_bare() == own_bare);
+        let to_self = st
+            .to
+            .as_ref()
+            .is_none_or(|t| t.is_bare() && t.to_bare() == own_bare);
         match st.kind {
             // Presence without 'to' is the session's broadcast presence.
             Kind::Presence(_) if st.to.is_none() => {

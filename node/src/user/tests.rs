@@ -125,7 +125,9 @@ fn equal_priorities_all_receive() {
         &full("juliet@localhost/a"),
         stanza("<presence><priority>5</priority></presence>"),
     );
-    let e = u.deliver(stanza("<message to='juliet@localhost'><body>hi</body></message>"));
+    let e = u.deliver(stanza(
+        "<message to='juliet@localhost'><body>hi</body></message>",
+    ));
     assert_eq!(delivered_to(&e), vec![0, 1]);
 }
 
@@ -137,12 +139,19 @@ fn no_available_resource_stores_offline() {
     let msg = stanza(
         "<message from='romeo@localhost/x' to='juliet@localhost' id='m1' type='chat'><body>hi</body></message>",
     );
-    assert_eq!(u.deliver(msg.clone()), vec![Effect::Job(Job::StoreOffline(msg))]);
+    assert_eq!(
+        u.deliver(msg.clone()),
+        vec![Effect::Job(Job::StoreOffline(msg))]
+    );
     // Unless the sender says not to store it.
-    let no_store = stanza("<message to='juliet@localhost' type='chat'><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>");
+    let no_store = stanza(
+        "<message to='juliet@localhost' type='chat'><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>",
+    );
     assert!(u.deliver(no_store).is_empty());
     // A negative-priority resource still gets messages to its full JID.
-    let e = u.deliver(stanza("<message to='juliet@localhost/c'><body>hi</body></message>"));
+    let e = u.deliver(stanza(
+        "<message to='juliet@localhost/c'><body>hi</body></message>",
+    ));
     assert_eq!(delivered_to(&e), vec![7]);
 }
 
@@ -160,22 +169,43 @@ fn unknown_account_is_service_unavailable() {
         bounced(&e),
         "<message to='romeo@localhost/x' from='ghost@localhost' id='m1' type='error'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
     );
-    assert!(u.deliver(stanza("<presence from='romeo@localhost/x' to='ghost@localhost' type='subscribe'/>")).is_empty());
+    assert!(
+        u.deliver(stanza(
+            "<presence from='romeo@localhost/x' to='ghost@localhost' type='subscribe'/>"
+        ))
+        .is_empty()
+    );
 }
 
 #[test]
 fn full_jid_rules() {
     let mut u = juliet();
-    assert_eq!(delivered_to(&u.deliver(stanza("<message to='juliet@localhost/d'/>"))), vec![3]);
+    assert_eq!(
+        delivered_to(&u.deliver(stanza("<message to='juliet@localhost/d'/>"))),
+        vec![3]
+    );
     assert_eq!(
         delivered_to(&u.deliver(stanza("<message to='juliet@localhost/zz' type='chat'/>"))),
         vec![1]
     );
-    assert!(bounced(&u.deliver(stanza("<message from='r@localhost/x' to='juliet@localhost/zz' type='groupchat'/>"))).contains("service-unavailable"));
+    assert!(
+        bounced(&u.deliver(stanza(
+            "<message from='r@localhost/x' to='juliet@localhost/zz' type='groupchat'/>"
+        )))
+        .contains("service-unavailable")
+    );
     assert!(bounced(&u.deliver(stanza("<iq from='r@localhost/x' to='juliet@localhost/zz' id='1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>"))).contains("service-unavailable"));
-    assert!(u.deliver(stanza("<presence to='juliet@localhost/zz'/>")).is_empty());
-    assert!(u.deliver(stanza("<iq to='juliet@localhost/zz' id='1' type='error'/>")).is_empty());
-    let iq = stanza("<iq from='r@localhost/x' to='juliet@localhost/a' id='j1' type='set'><jingle xmlns='urn:xmpp:jingle:1' action='session-initiate'/></iq>");
+    assert!(
+        u.deliver(stanza("<presence to='juliet@localhost/zz'/>"))
+            .is_empty()
+    );
+    assert!(
+        u.deliver(stanza("<iq to='juliet@localhost/zz' id='1' type='error'/>"))
+            .is_empty()
+    );
+    let iq = stanza(
+        "<iq from='r@localhost/x' to='juliet@localhost/a' id='j1' type='set'><jingle xmlns='urn:xmpp:jingle:1' action='session-initiate'/></iq>",
+    );
     match &u.deliver(iq.clone())[..] {
         [Effect::Deliver(to, s)] => {
             assert_eq!(to, &vec![0]);
@@ -190,13 +220,24 @@ fn rebinding_replaces_and_limits_apply() {
     let mut u = juliet();
     let (_, effects) = u.bind("a", 10, 10).unwrap();
     assert_eq!(effects[0], Effect::Replaced(0));
-    assert!(matches!(&effects[1], Effect::Deliver(to, s) if to == &vec![1, 2] && s.kind == Kind::Presence(PresenceType::Unavailable)));
+    assert!(
+        matches!(&effects[1], Effect::Deliver(to, s) if to == &vec![1, 2] && s.kind == Kind::Presence(PresenceType::Unavailable))
+    );
     assert!(u.unbind(&full("juliet@localhost/a"), 0, 100).is_empty());
-    assert_eq!(delivered_to(&u.deliver(stanza("<message to='juliet@localhost/a'/>"))), vec![10]);
+    assert_eq!(
+        delivered_to(&u.deliver(stanza("<message to='juliet@localhost/a'/>"))),
+        vec![10]
+    );
     let mut small = UserState::new(
         BareJid::new("juliet@localhost").unwrap(),
-        UserData { exists: true, ..UserData::default() },
-        Arc::new(UserLimits { max_resources: 1, ..(*limits()).clone() }),
+        UserData {
+            exists: true,
+            ..UserData::default()
+        },
+        Arc::new(UserLimits {
+            max_resources: 1,
+            ..(*limits()).clone()
+        }),
     );
     small.bind("a", 1, 1u32).unwrap();
     let err = small.bind("b", 2, 2).unwrap_err();
@@ -210,24 +251,38 @@ fn last_unbind_records_last_activity() {
     let e = u.unbind(&a, 1, 1234);
     assert_eq!(
         e,
-        vec![Effect::Persist(Write::LastActivity { unix_secs: 1234, status: String::new() })]
+        vec![Effect::Persist(Write::LastActivity {
+            unix_secs: 1234,
+            status: String::new()
+        })]
     );
     assert!(u.is_idle());
 }
 
 #[test]
 fn initial_presence_broadcasts_probes_and_flushes_offline() {
-    let mut u = UserState::new(BareJid::new("juliet@localhost").unwrap(), juliet_data(), limits());
+    let mut u = UserState::new(
+        BareJid::new("juliet@localhost").unwrap(),
+        juliet_data(),
+        limits(),
+    );
     let (a, _) = u.bind("balcony", 1, 1u32).unwrap();
     let e = u.own_presence(&a, stanza("<presence><show>chat</show></presence>"));
     let r = routed(&e);
     // To contacts with a 'from' subscription (romeo, nurse), not tybalt (to only).
-    assert!(r.contains(&"<presence from='juliet@localhost/balcony' to='nurse@localhost'><show>chat</show></presence>".to_string()), "{r:?}");
-    assert!(r.contains(&"<presence from='juliet@localhost/balcony' to='romeo@localhost'><show>chat</show></presence>".to_string()));
-    assert!(!r.iter().any(|s| s.contains("to='tybalt@example.org'><show")));
+    assert!(r.contains(&"<presence to='nurse@localhost' from='juliet@localhost/balcony'><show>chat</show></presence>".to_string()), "{r:?}");
+    assert!(r.contains(&"<presence to='romeo@localhost' from='juliet@localhost/balcony'><show>chat</show></presence>".to_string()));
+    assert!(
+        !r.iter()
+            .any(|s| s.contains("to='tybalt@example.org'><show"))
+    );
     // Probes to contacts she subscribes to (romeo, tybalt).
-    assert!(r.contains(&"<presence to='romeo@localhost' from='juliet@localhost' type='probe'/>".to_string()));
-    assert!(r.contains(&"<presence to='tybalt@example.org' from='juliet@localhost' type='probe'/>".to_string()));
+    assert!(r.contains(
+        &"<presence to='romeo@localhost' from='juliet@localhost' type='probe'/>".to_string()
+    ));
+    assert!(r.contains(
+        &"<presence to='tybalt@example.org' from='juliet@localhost' type='probe'/>".to_string()
+    ));
     assert_eq!(r.len(), 4);
     // Her own resource hears it, and stored messages are delivered.
     assert!(e.iter().any(|x| matches!(x, Effect::Deliver(to, s) if to == &vec![1] && s.kind == Kind::Presence(PresenceType::Available))));
@@ -240,16 +295,37 @@ fn initial_presence_broadcasts_probes_and_flushes_offline() {
 
 #[test]
 fn probes_are_answered_only_for_subscribers() {
-    let mut u = UserState::new(BareJid::new("juliet@localhost").unwrap(), juliet_data(), limits());
+    let mut u = UserState::new(
+        BareJid::new("juliet@localhost").unwrap(),
+        juliet_data(),
+        limits(),
+    );
     // Offline: a subscriber learns she is unavailable.
-    let e = u.deliver(stanza("<presence from='romeo@localhost' to='juliet@localhost' type='probe'/>"));
-    assert_eq!(routed(&e), vec!["<presence to='romeo@localhost' from='juliet@localhost' type='unavailable'/>"]);
+    let e = u.deliver(stanza(
+        "<presence from='romeo@localhost' to='juliet@localhost' type='probe'/>",
+    ));
+    assert_eq!(
+        routed(&e),
+        vec!["<presence to='romeo@localhost' from='juliet@localhost' type='unavailable'/>"]
+    );
     let (a, _) = u.bind("balcony", 1, 1u32).unwrap();
     u.own_presence(&a, stanza("<presence><status>here</status></presence>"));
-    let e = u.deliver(stanza("<presence from='romeo@localhost' to='juliet@localhost' type='probe'/>"));
-    assert_eq!(routed(&e), vec!["<presence to='romeo@localhost' from='juliet@localhost/balcony'><status>here</status></presence>"]);
+    let e = u.deliver(stanza(
+        "<presence from='romeo@localhost' to='juliet@localhost' type='probe'/>",
+    ));
+    assert_eq!(
+        routed(&e),
+        vec![
+            "<presence to='romeo@localhost' from='juliet@localhost/balcony'><status>here</status></presence>"
+        ]
+    );
     // tybalt has no 'from' subscription: nothing.
-    assert!(u.deliver(stanza("<presence from='tybalt@example.org' to='juliet@localhost' type='probe'/>")).is_empty());
+    assert!(
+        u.deliver(stanza(
+            "<presence from='tybalt@example.org' to='juliet@localhost' type='probe'/>"
+        ))
+        .is_empty()
+    );
 }
 
 fn roster_iq(u: &mut UserState<u32>, from: &FullJid, xml: &str) -> Vec<Effect<u32>> {
@@ -258,75 +334,176 @@ fn roster_iq(u: &mut UserState<u32>, from: &FullJid, xml: &str) -> Vec<Effect<u3
 
 #[test]
 fn roster_get_set_remove_and_pushes() {
-    let mut u = UserState::new(BareJid::new("juliet@localhost").unwrap(), juliet_data(), limits());
+    let mut u = UserState::new(
+        BareJid::new("juliet@localhost").unwrap(),
+        juliet_data(),
+        limits(),
+    );
     let (a, _) = u.bind("a", 1, 1u32).unwrap();
     let (b, _) = u.bind("b", 2, 2u32).unwrap();
     // Only 'a' asks for the roster, so only 'a' gets pushes.
-    let e = roster_iq(&mut u, &a, "<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>");
+    let e = roster_iq(
+        &mut u,
+        &a,
+        "<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>",
+    );
     let r = routed(&e);
     assert!(r[0].starts_with("<iq to='juliet@localhost/a' id='r1' type='result'><query xmlns='jabber:iq:roster' ver='3'>"), "{r:?}");
-    let e = roster_iq(&mut u, &b, "<iq type='set' id='s1'><query xmlns='jabber:iq:roster'><item jid='benvolio@localhost' name='Ben'><group>Friends</group></item></query></iq>");
-    assert_eq!(routed(&e), vec!["<iq to='juliet@localhost/b' id='s1' type='result'/>"]);
+    let e = roster_iq(
+        &mut u,
+        &b,
+        "<iq type='set' id='s1'><query xmlns='jabber:iq:roster'><item jid='benvolio@localhost' name='Ben'><group>Friends</group></item></query></iq>",
+    );
+    assert_eq!(
+        routed(&e),
+        vec!["<iq to='juliet@localhost/b' id='s1' type='result'/>"]
+    );
     assert!(e.iter().any(|x| matches!(x, Effect::Persist(Write::PutItem(i)) if i.jid == "benvolio@localhost" && i.name.as_deref() == Some("Ben"))));
-    let pushes: Vec<_> = e.iter().filter_map(|x| match x { Effect::Deliver(to, s) => Some((to.clone(), s.to_xml())), _ => None }).collect();
+    let pushes: Vec<_> = e
+        .iter()
+        .filter_map(|x| match x {
+            Effect::Deliver(to, s) => Some((to.clone(), s.to_xml())),
+            _ => None,
+        })
+        .collect();
     assert_eq!(pushes.len(), 1);
     assert_eq!(pushes[0].0, vec![1]);
-    assert!(pushes[0].1.contains("ver='4'") && pushes[0].1.contains("benvolio@localhost"), "{pushes:?}");
+    assert!(
+        pushes[0].1.contains("ver='4'") && pushes[0].1.contains("benvolio@localhost"),
+        "{pushes:?}"
+    );
     // Unchanged version: empty result (RFC 6121 §2.6.3).
-    let e = roster_iq(&mut u, &a, "<iq type='get' id='r2'><query xmlns='jabber:iq:roster' ver='4'/></iq>");
-    assert_eq!(routed(&e), vec!["<iq to='juliet@localhost/a' id='r2' type='result'/>"]);
+    let e = roster_iq(
+        &mut u,
+        &a,
+        "<iq type='get' id='r2'><query xmlns='jabber:iq:roster' ver='4'/></iq>",
+    );
+    assert_eq!(
+        routed(&e),
+        vec!["<iq to='juliet@localhost/a' id='r2' type='result'/>"]
+    );
     // Removing romeo (both) cancels both directions.
-    let e = roster_iq(&mut u, &a, "<iq type='set' id='s2'><query xmlns='jabber:iq:roster'><item jid='romeo@localhost' subscription='remove'/></query></iq>");
+    let e = roster_iq(
+        &mut u,
+        &a,
+        "<iq type='set' id='s2'><query xmlns='jabber:iq:roster'><item jid='romeo@localhost' subscription='remove'/></query></iq>",
+    );
     let r = routed(&e);
-    assert!(r.contains(&"<presence to='romeo@localhost' from='juliet@localhost' type='unsubscribe'/>".to_string()), "{r:?}");
-    assert!(r.contains(&"<presence to='romeo@localhost' from='juliet@localhost' type='unsubscribed'/>".to_string()));
-    assert!(e.contains(&Effect::Persist(Write::RemoveItem("romeo@localhost".into()))));
+    assert!(
+        r.contains(
+            &"<presence to='romeo@localhost' from='juliet@localhost' type='unsubscribe'/>"
+                .to_string()
+        ),
+        "{r:?}"
+    );
+    assert!(r.contains(
+        &"<presence to='romeo@localhost' from='juliet@localhost' type='unsubscribed'/>".to_string()
+    ));
+    assert!(e.contains(&Effect::Persist(Write::RemoveItem(
+        "romeo@localhost".into()
+    ))));
     // Removing what is not there.
-    let e = roster_iq(&mut u, &a, "<iq type='set' id='s3'><query xmlns='jabber:iq:roster'><item jid='nobody@localhost' subscription='remove'/></query></iq>");
+    let e = roster_iq(
+        &mut u,
+        &a,
+        "<iq type='set' id='s3'><query xmlns='jabber:iq:roster'><item jid='nobody@localhost' subscription='remove'/></query></iq>",
+    );
     assert!(routed(&e)[0].contains("<item-not-found"));
 }
 
 #[test]
 fn subscription_round_trip_on_both_sides() {
     // Romeo asks Juliet; both live here, each side is its own UserState.
-    let mut romeo = UserState::new(BareJid::new("romeo@localhost").unwrap(), UserData { exists: true, ..UserData::default() }, limits());
-    let mut juliet = UserState::new(BareJid::new("juliet@localhost").unwrap(), UserData { exists: true, ..UserData::default() }, limits());
+    let mut romeo = UserState::new(
+        BareJid::new("romeo@localhost").unwrap(),
+        UserData {
+            exists: true,
+            ..UserData::default()
+        },
+        limits(),
+    );
+    let mut juliet = UserState::new(
+        BareJid::new("juliet@localhost").unwrap(),
+        UserData {
+            exists: true,
+            ..UserData::default()
+        },
+        limits(),
+    );
     let (r, _) = romeo.bind("orchard", 1, 1u32).unwrap();
-    romeo.account_iq(&r, stanza("<iq type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>"));
+    romeo.account_iq(
+        &r,
+        stanza("<iq type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>"),
+    );
     let (j, _) = juliet.bind("balcony", 2, 2u32).unwrap();
     juliet.own_presence(&j, stanza("<presence/>"));
 
-    let e = romeo.outbound_subscription(stanza("<presence from='romeo@localhost/orchard' to='juliet@localhost' type='subscribe'/>"));
+    let e = romeo.outbound_subscription(stanza(
+        "<presence from='romeo@localhost/orchard' to='juliet@localhost' type='subscribe'/>",
+    ));
     let out = routed(&e);
-    assert_eq!(out, vec!["<presence to='juliet@localhost' from='romeo@localhost' type='subscribe'/>"]);
+    assert_eq!(
+        out,
+        vec!["<presence to='juliet@localhost' from='romeo@localhost' type='subscribe'/>"]
+    );
     assert!(e.iter().any(|x| matches!(x, Effect::Persist(Write::PutItem(i)) if i.ask && i.subscription == Subscription::None)));
     assert!(e.iter().any(|x| matches!(x, Effect::Deliver(to, s) if to == &vec![1] && s.to_xml().contains("ask='subscribe'"))));
 
     // Juliet's server stores the request and shows it to her.
     let e = juliet.deliver(stanza(&out[0]));
-    assert!(e.iter().any(|x| matches!(x, Effect::Persist(Write::PendingIn(c, Some(_))) if c == "romeo@localhost")));
+    assert!(e.iter().any(
+        |x| matches!(x, Effect::Persist(Write::PendingIn(c, Some(_))) if c == "romeo@localhost")
+    ));
     assert!(e.iter().any(|x| matches!(x, Effect::Deliver(to, s) if to == &vec![2] && s.kind == Kind::Presence(PresenceType::Subscribe))));
 
     // She approves: romeo gets 'subscribed' and her presence.
-    let e = juliet.outbound_subscription(stanza("<presence from='juliet@localhost/balcony' to='romeo@localhost' type='subscribed'/>"));
+    let e = juliet.outbound_subscription(stanza(
+        "<presence from='juliet@localhost/balcony' to='romeo@localhost' type='subscribed'/>",
+    ));
     let out = routed(&e);
-    assert!(out.contains(&"<presence to='romeo@localhost' from='juliet@localhost' type='subscribed'/>".to_string()), "{out:?}");
-    assert!(out.contains(&"<presence from='juliet@localhost/balcony' to='romeo@localhost'/>".to_string()), "{out:?}");
-    assert!(e.contains(&Effect::Persist(Write::PendingIn("romeo@localhost".into(), None))));
-    assert!(e.iter().any(|x| matches!(x, Effect::Persist(Write::PutItem(i)) if i.subscription == Subscription::From)));
+    assert!(
+        out.contains(
+            &"<presence to='romeo@localhost' from='juliet@localhost' type='subscribed'/>"
+                .to_string()
+        ),
+        "{out:?}"
+    );
+    assert!(
+        out.contains(
+            &"<presence to='romeo@localhost' from='juliet@localhost/balcony'/>".to_string()
+        ),
+        "{out:?}"
+    );
+    assert!(e.contains(&Effect::Persist(Write::PendingIn(
+        "romeo@localhost".into(),
+        None
+    ))));
+    assert!(e.iter().any(
+        |x| matches!(x, Effect::Persist(Write::PutItem(i)) if i.subscription == Subscription::From)
+    ));
 
     // Romeo's side: 'to' now, ask cleared, pushed.
-    let e = romeo.deliver(stanza("<presence to='romeo@localhost' from='juliet@localhost' type='subscribed'/>"));
+    let e = romeo.deliver(stanza(
+        "<presence to='romeo@localhost' from='juliet@localhost' type='subscribed'/>",
+    ));
     assert!(e.iter().any(|x| matches!(x, Effect::Persist(Write::PutItem(i)) if i.subscription == Subscription::To && !i.ask)));
     // A second 'subscribed' changes nothing.
-    let e = romeo.deliver(stanza("<presence to='romeo@localhost' from='juliet@localhost' type='subscribed'/>"));
+    let e = romeo.deliver(stanza(
+        "<presence to='romeo@localhost' from='juliet@localhost' type='subscribed'/>",
+    ));
     assert!(!e.iter().any(|x| matches!(x, Effect::Persist(_))));
 }
 
 #[test]
 fn pending_requests_are_redelivered_at_login() {
-    let mut data = UserData { exists: true, ..UserData::default() };
-    data.roster.pending_in.insert("romeo@localhost".into(), "<status>let me in</status>".into());
+    let mut data = UserData {
+        exists: true,
+        ..UserData::default()
+    };
+    data.roster.pending_in.insert(
+        "romeo@localhost".into(),
+        "<status>let me in</status>".into(),
+    );
     let mut u = UserState::new(BareJid::new("juliet@localhost").unwrap(), data, limits());
     let (a, _) = u.bind("a", 1, 1u32).unwrap();
     let e = u.own_presence(&a, stanza("<presence/>"));
@@ -335,23 +512,54 @@ fn pending_requests_are_redelivered_at_login() {
 
 #[test]
 fn blocking_hides_and_refuses() {
-    let mut u = UserState::new(BareJid::new("juliet@localhost").unwrap(), juliet_data(), limits());
+    let mut u = UserState::new(
+        BareJid::new("juliet@localhost").unwrap(),
+        juliet_data(),
+        limits(),
+    );
     let (a, _) = u.bind("a", 1, 1u32).unwrap();
     u.own_presence(&a, stanza("<presence/>"));
     let e = u.account_iq(&a, stanza("<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='tybalt@example.org'/></block></iq>"));
-    assert_eq!(routed(&e)[0], "<iq to='juliet@localhost/a' id='b1' type='result'/>");
-    assert!(e.contains(&Effect::Persist(Write::Blocklist(vec!["tybalt@example.org".into()]))));
-    assert!(routed(&e).contains(&"<presence from='juliet@localhost/a' to='tybalt@example.org' type='unavailable'/>".to_string()));
-    assert!(u.shared().is_blocked(&Jid::new("tybalt@example.org/sword").unwrap()));
+    assert_eq!(
+        routed(&e)[0],
+        "<iq to='juliet@localhost/a' id='b1' type='result'/>"
+    );
+    assert!(e.contains(&Effect::Persist(Write::Blocklist(vec![
+        "tybalt@example.org".into()
+    ]))));
+    assert!(
+        routed(&e).contains(
+            &"<presence to='tybalt@example.org' from='juliet@localhost/a' type='unavailable'/>"
+                .to_string()
+        )
+    );
+    assert!(
+        u.shared()
+            .is_blocked(&Jid::new("tybalt@example.org/sword").unwrap())
+    );
     // Messages from a blocked entity vanish; iqs get an error.
     assert!(u.deliver(stanza("<message from='tybalt@example.org/sword' to='juliet@localhost'><body>duel</body></message>")).is_empty());
     assert!(bounced(&u.deliver(stanza("<iq from='tybalt@example.org/sword' to='juliet@localhost' id='q' type='get'><query xmlns='jabber:iq:last'/></iq>"))).contains("service-unavailable"));
-    let e = u.account_iq(&a, stanza("<iq type='get' id='b2'><blocklist xmlns='urn:xmpp:blocking'/></iq>"));
-    assert_eq!(routed(&e), vec!["<iq to='juliet@localhost/a' id='b2' type='result'><blocklist xmlns='urn:xmpp:blocking'><item jid='tybalt@example.org'/></blocklist></iq>"]);
+    let e = u.account_iq(
+        &a,
+        stanza("<iq type='get' id='b2'><blocklist xmlns='urn:xmpp:blocking'/></iq>"),
+    );
+    assert_eq!(
+        routed(&e),
+        vec![
+            "<iq to='juliet@localhost/a' id='b2' type='result'><blocklist xmlns='urn:xmpp:blocking'><item jid='tybalt@example.org'/></blocklist></iq>"
+        ]
+    );
     // Unblock all.
-    let e = u.account_iq(&a, stanza("<iq type='set' id='b3'><unblock xmlns='urn:xmpp:blocking'/></iq>"));
+    let e = u.account_iq(
+        &a,
+        stanza("<iq type='set' id='b3'><unblock xmlns='urn:xmpp:blocking'/></iq>"),
+    );
     assert!(e.contains(&Effect::Persist(Write::Blocklist(vec![]))));
-    assert!(!u.shared().is_blocked(&Jid::new("tybalt@example.org").unwrap()));
+    assert!(
+        !u.shared()
+            .is_blocked(&Jid::new("tybalt@example.org").unwrap())
+    );
 }
 
 #[test]
@@ -361,8 +569,14 @@ fn carbons_copy_received_and_sent_chats() {
     let (b, _) = u.bind("b", 2, 2u32).unwrap();
     u.own_presence(&a, stanza("<presence/>"));
     u.own_presence(&b, stanza("<presence/>"));
-    let e = u.account_iq(&b, stanza("<iq type='set' id='c'><enable xmlns='urn:xmpp:carbons:2'/></iq>"));
-    assert_eq!(routed(&e), vec!["<iq to='juliet@localhost/b' id='c' type='result'/>"]);
+    let e = u.account_iq(
+        &b,
+        stanza("<iq type='set' id='c'><enable xmlns='urn:xmpp:carbons:2'/></iq>"),
+    );
+    assert_eq!(
+        routed(&e),
+        vec!["<iq to='juliet@localhost/b' id='c' type='result'/>"]
+    );
     assert_eq!(u.shared().carbons_enabled(), 1);
     // A chat to a's full JID is copied to b.
     let e = u.deliver(stanza("<message from='romeo@localhost/x' to='juliet@localhost/a' type='chat'><body>hi</body></message>"));
@@ -370,16 +584,25 @@ fn carbons_copy_received_and_sent_chats() {
     match &e[1] {
         Effect::Deliver(to, s) => {
             assert_eq!(to, &vec![2]);
-            assert_eq!(s.to_xml(), "<message to='juliet@localhost/b' from='juliet@localhost' type='chat'><received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' to='juliet@localhost/a' from='romeo@localhost/x' type='chat'><body>hi</body></message></forwarded></received></message>");
+            assert_eq!(
+                s.to_xml(),
+                "<message to='juliet@localhost/b' from='juliet@localhost' type='chat'><received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' to='juliet@localhost/a' from='romeo@localhost/x' type='chat'><body>hi</body></message></forwarded></received></message>"
+            );
         }
         other => panic!("{other:?}"),
     }
     // What a sends is copied to b; what b sends is not copied back to b.
-    let sent = stanza("<message from='juliet@localhost/a' to='romeo@localhost' type='chat'><body>yo</body></message>");
-    assert!(matches!(&u.sent_carbon(&a, &sent)[..], [Effect::Deliver(to, s)] if to == &vec![2] && s.to_xml().contains("<sent xmlns='urn:xmpp:carbons:2'>")));
+    let sent = stanza(
+        "<message from='juliet@localhost/a' to='romeo@localhost' type='chat'><body>yo</body></message>",
+    );
+    assert!(
+        matches!(&u.sent_carbon(&a, &sent)[..], [Effect::Deliver(to, s)] if to == &vec![2] && s.to_xml().contains("<sent xmlns='urn:xmpp:carbons:2'>"))
+    );
     assert!(u.sent_carbon(&b, &sent).is_empty());
     // Private messages are not copied.
-    let private = stanza("<message from='romeo@localhost/x' to='juliet@localhost/a' type='chat'><body>psst</body><private xmlns='urn:xmpp:carbons:2'/></message>");
+    let private = stanza(
+        "<message from='romeo@localhost/x' to='juliet@localhost/a' type='chat'><body>psst</body><private xmlns='urn:xmpp:carbons:2'/></message>",
+    );
     assert_eq!(u.deliver(private).len(), 1);
 }
 
@@ -387,17 +610,31 @@ fn carbons_copy_received_and_sent_chats() {
 fn account_storage_requests_become_jobs() {
     let mut u = empty_user();
     let (a, _) = u.bind("a", 1, 1u32).unwrap();
-    let e = u.account_iq(&a, stanza("<iq type='set' id='v'><vCard xmlns='vcard-temp'><FN>Juliet</FN></vCard></iq>"));
-    assert!(matches!(&e[..], [Effect::Job(Job::VcardSet { xml, .. })] if xml == "<vCard xmlns='vcard-temp'><FN>Juliet</FN></vCard>"));
+    let e = u.account_iq(
+        &a,
+        stanza("<iq type='set' id='v'><vCard xmlns='vcard-temp'><FN>Juliet</FN></vCard></iq>"),
+    );
+    assert!(
+        matches!(&e[..], [Effect::Job(Job::VcardSet { xml, .. })] if xml == "<vCard xmlns='vcard-temp'><FN>Juliet</FN></vCard>")
+    );
     let e = u.account_iq(&a, stanza("<iq type='set' id='p'><query xmlns='jabber:iq:private'><prefs xmlns='urn:x:prefs'><a/></prefs></query></iq>"));
-    assert!(matches!(&e[..], [Effect::Job(Job::PrivateSet { key, .. })] if key == "prefs urn:x:prefs"));
+    assert!(
+        matches!(&e[..], [Effect::Job(Job::PrivateSet { key, .. })] if key == "prefs urn:x:prefs")
+    );
     // Reserved namespaces are refused (XEP-0049).
     let e = u.account_iq(&a, stanza("<iq type='get' id='p2'><query xmlns='jabber:iq:private'><x xmlns='jabber:iq:roster'/></query></iq>"));
     assert!(routed(&e)[0].contains("not-acceptable"));
     let e = u.account_iq(&a, stanza("<iq type='set' id='pw'><query xmlns='jabber:iq:register'><username>juliet</username><password>n3w</password></query></iq>"));
-    assert!(matches!(&e[..], [Effect::Job(Job::ChangePassword { password, .. })] if password == "n3w"));
+    assert!(
+        matches!(&e[..], [Effect::Job(Job::ChangePassword { password, .. })] if password == "n3w")
+    );
     let e = u.account_iq(&a, stanza("<iq type='set' id='pw2'><query xmlns='jabber:iq:register'><username>romeo</username><password>x</password></query></iq>"));
     assert!(routed(&e)[0].contains("not-acceptable"));
-    let e = u.account_iq(&a, stanza("<iq type='set' id='rm'><query xmlns='jabber:iq:register'><remove/></query></iq>"));
-    assert!(matches!(&e[..], [Effect::Job(Job::RemoveAccount { sessions, .. })] if sessions == &vec![1]));
+    let e = u.account_iq(
+        &a,
+        stanza("<iq type='set' id='rm'><query xmlns='jabber:iq:register'><remove/></query></iq>"),
+    );
+    assert!(
+        matches!(&e[..], [Effect::Job(Job::RemoveAccount { sessions, .. })] if sessions == &vec![1])
+    );
 }
