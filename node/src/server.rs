@@ -181,9 +181,18 @@ pub async fn run(
     for t in tasks {
         t.abort();
     }
-    for w in workers {
+    // Wait for the workers to finish, so everything they hold (the store's lock among
+    // it) is released when this returns: a restart in the same process must be able to
+    // open the store again.
+    for w in &workers {
         w.stop();
     }
+    let _ = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+    })
+    .await;
     info!("node stopped");
     Ok(())
 }
