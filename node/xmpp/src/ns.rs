@@ -14,3 +14,7 @@ pub const SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
 pub const PING: &str = "urn:xmpp:ping";
 pub const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
 pub const DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
+/// XEP-0077 in-band registration: the iq payload namespace.
+pub const REGISTER: &str = "jabber:iq:register";
+/// XEP-0077 §8: the stream feature advertising in-band registration.
+pub const REGISTER_FEATURE: &str = "http://jabber.org/features/iq-register";
