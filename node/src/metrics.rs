@@ -25,6 +25,7 @@ const MAILBOX_DROPS: &str = "shoal_mailbox_drops_total";
 const SLOW_CONSUMER_DISCONNECTS: &str = "shoal_slow_consumer_disconnects_total";
 const STREAM_ERRORS: &str = "shoal_stream_errors_total";
 const SESSIONS: &str = "shoal_sessions";
+const REGISTRATIONS: &str = "shoal_registrations_total";
 
 /// Routing latency buckets, 50µs to 5s. A local hop is tens of microseconds and a
 /// cross-node hop about a millisecond; anything past a second means a stuck mailbox, so
@@ -125,6 +126,19 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// Outcome of an in-band registration (XEP-0077) that passed validation (`result`
+    /// label). Malformed submissions are answered by the protocol core and not counted.
+    RegistrationResult {
+        /// The account was created.
+        Created => "created",
+        /// The account exists already.
+        Conflict => "conflict",
+        /// Turned down: rate limited, registration disabled, or the store failed.
+        Refused => "refused",
+    }
+}
+
 /// Installs the Prometheus recorder as the process-wide `metrics` recorder and returns
 /// the handle that renders it.
 ///
@@ -195,6 +209,10 @@ fn describe() {
     );
     describe_counter!(STREAM_ERRORS, "Stream errors sent, by condition.");
     describe_gauge!(SESSIONS, "Bound resources (sessions) on this node.");
+    describe_counter!(
+        REGISTRATIONS,
+        "In-band account registrations (XEP-0077), by result."
+    );
 }
 
 /// Pre-registered handles for every metric. Build once with [`Metrics::new`] and clone
@@ -218,6 +236,7 @@ struct Inner {
     slow_consumer_disconnects: Counter,
     stream_errors: Vec<Counter>,
     sessions: Gauge,
+    registrations: Vec<Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -281,6 +300,10 @@ impl Metrics {
                     |c| metrics::counter!(STREAM_ERRORS, "condition" => c.as_str()),
                 ),
                 sessions: metrics::gauge!(SESSIONS),
+                registrations: per_label(
+                    RegistrationResult::ALL,
+                    |r| metrics::counter!(REGISTRATIONS, "result" => r.as_str()),
+                ),
             }),
         }
     }
@@ -332,6 +355,10 @@ impl Metrics {
 
     pub fn stream_error(&self, condition: StreamErrorCondition) {
         self.inner.stream_errors[condition as usize].increment(1);
+    }
+
+    pub fn registration(&self, result: RegistrationResult) {
+        self.inner.registrations[result as usize].increment(1);
     }
 
     /// Counts a bound resource until the returned guard is dropped.
@@ -416,6 +443,7 @@ mod tests {
         metrics.mailbox_drop(Mailbox::Shard);
         metrics.slow_consumer_disconnect();
         metrics.stream_error(StreamErrorCondition::NotWellFormed);
+        metrics.registration(RegistrationResult::Conflict);
         let session = metrics.clone().session_bound();
 
         let rendered = again.render();
@@ -433,6 +461,9 @@ mod tests {
             r#"shoal_stream_errors_total{condition="not_well_formed"}"#,
             r#"shoal_stream_errors_total{condition="other"}"#,
             "shoal_sessions",
+            r#"shoal_registrations_total{result="created"}"#,
+            r#"shoal_registrations_total{result="conflict"}"#,
+            r#"shoal_registrations_total{result="refused"}"#,
             r#"shoal_routing_latency_seconds_bucket{le="0.0001"}"#,
             r#"shoal_routing_latency_seconds_bucket{le="5"}"#,
             "shoal_routing_latency_seconds_count",

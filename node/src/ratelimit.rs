@@ -105,9 +105,9 @@ const PRUNE_INTERVAL_WHEN_FULL: Duration = Duration::from_secs(1);
 
 /// Limits events (typically connection attempts) per source address.
 ///
-/// Each address gets a [`TokenBucket`] with a rate of `per_minute / 60` per second and a
-/// burst of `per_minute`, so a client within its per-minute budget is never refused even
-/// if it spends it at once. IPv6 addresses are grouped by /64, because a single host
+/// Each address gets a [`TokenBucket`] holding one period's budget (`per_minute`, or
+/// `per_hour` with [`IpLimiter::per_hour`]) that refills evenly over the period, so a
+/// client within its budget is never refused even if it spends it at once. IPv6 addresses are grouped by /64, because a single host
 /// usually controls a whole /64 and could otherwise rotate through it freely;
 /// IPv4-mapped IPv6 addresses count as their IPv4 address.
 ///
@@ -139,9 +139,22 @@ impl IpLimiter {
     }
 
     pub fn with_max_tracked(per_minute: u32, max_tracked: usize) -> Self {
+        Self::with_budget(per_minute, Duration::from_secs(60), max_tracked)
+    }
+
+    /// A budget per hour, for rare events such as account registration; `per_hour == 0`
+    /// disables limiting. A refused address regains one event every `3600 / per_hour`
+    /// seconds.
+    pub fn per_hour(per_hour: u32) -> Self {
+        Self::with_budget(per_hour, Duration::from_secs(3600), DEFAULT_MAX_TRACKED)
+    }
+
+    /// `budget` events per `period` (which must be non-zero); `budget == 0` disables
+    /// limiting.
+    fn with_budget(budget: u32, period: Duration, max_tracked: usize) -> Self {
         Self {
-            rate_per_sec: (per_minute > 0).then(|| f64::from(per_minute) / 60.0),
-            burst: f64::from(per_minute),
+            rate_per_sec: (budget > 0).then(|| f64::from(budget) / period.as_secs_f64()),
+            burst: f64::from(budget),
             max_tracked,
             state: Mutex::new(State {
                 buckets: HashMap::new(),
@@ -302,6 +315,22 @@ mod tests {
         // 3 per minute: one event every 20 seconds.
         assert!(!limiter.check(v4(1), t0 + secs(19.0)));
         assert!(limiter.check(v4(1), t0 + secs(20.0)));
+    }
+
+    #[test]
+    fn per_hour_budget_refills_over_the_hour() {
+        let t0 = Instant::now();
+        let limiter = IpLimiter::per_hour(2);
+        assert!(limiter.check(v4(1), t0));
+        assert!(limiter.check(v4(1), t0));
+        assert!(!limiter.check(v4(1), t0));
+        // Two per hour: one event every 30 minutes.
+        assert!(!limiter.check(v4(1), t0 + secs(1799.0)));
+        assert!(limiter.check(v4(1), t0 + secs(1800.0)));
+        let unlimited = IpLimiter::per_hour(0);
+        for _ in 0..100 {
+            assert!(unlimited.check(v4(1), t0));
+        }
     }
 
     #[test]

@@ -259,6 +259,25 @@ impl Client {
         }
     }
 
+    /// Submits an in-band registration (XEP-0077) with iq id `id` and returns the
+    /// server's answer, a result or an error iq.
+    pub async fn register(
+        &mut self,
+        id: &str,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<Stanza> {
+        let query = Element::new("query", ns::REGISTER)
+            .child(Element::new("username", ns::REGISTER).text(user))
+            .child(Element::new("password", ns::REGISTER).text(password));
+        self.send_raw(format!(
+            "<iq type='set' id='{id}'>{}</iq>",
+            query.to_xml(ns::CLIENT)
+        ))
+        .await?;
+        self.recv_stanza().await
+    }
+
     /// Binds a resource (server-chosen when `None`).
     pub async fn bind(&mut self, resource: Option<&str>) -> anyhow::Result<FullJid> {
         let inner = resource

@@ -100,7 +100,8 @@ fn error_with_text(kind: &str, condition: &str, text: &str) -> String {
 // ---------------------------------------------------------------------------------
 
 /// RFC 6120 §5.3.1 and §6.4.1: before TLS only mandatory STARTTLS is offered; after TLS
-/// the mechanisms (PLAIN included now the channel is encrypted); after SASL, bind.
+/// the mechanisms (PLAIN included now the channel is encrypted) and in-band registration
+/// (XEP-0077, on by default); after SASL, bind.
 #[tokio::test]
 async fn stream_features_at_each_stage() {
     let node = node();
@@ -116,7 +117,7 @@ async fn stream_features_at_each_stage() {
     let after_tls = c.open().await.unwrap();
     assert_eq!(
         after_tls.to_xml(ns::CLIENT),
-        "<features xmlns='http://etherx.jabber.org/streams'><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms></features>"
+        "<features xmlns='http://etherx.jabber.org/streams'><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms><register xmlns='http://jabber.org/features/iq-register'/></features>"
     );
 
     c.auth_scram(ScramHash::Sha256, "juliet", PW).await.unwrap();
@@ -190,7 +191,7 @@ async fn login_direct_tls() {
     let features = c.open().await.unwrap();
     assert_eq!(
         features.to_xml(ns::CLIENT),
-        "<features xmlns='http://etherx.jabber.org/streams'><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms></features>"
+        "<features xmlns='http://etherx.jabber.org/streams'><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms><register xmlns='http://jabber.org/features/iq-register'/></features>"
     );
     c.auth_scram(ScramHash::Sha256, "juliet", PW).await.unwrap();
     assert_eq!(

@@ -42,6 +42,8 @@ pub struct Shared {
     pub router: Router,
     pub metrics: Metrics,
     pub auth_limiter: IpLimiter,
+    /// In-band registrations per source address per hour.
+    pub register_limiter: IpLimiter,
     /// Open client connections (negotiating or bound), for the global cap and drain.
     pub open: AtomicUsize,
     next_session: AtomicU64,
@@ -67,9 +69,11 @@ impl Shared {
             },
             tls_available: tls.is_some(),
             tls_required: config.c2s.starttls_required,
+            registration: config.registration.enabled,
         };
         Self {
             auth_limiter: IpLimiter::new(config.limits.auth_failures_per_ip_per_minute),
+            register_limiter: IpLimiter::per_hour(config.registration.per_ip_per_hour),
             config,
             stream_config,
             tls,

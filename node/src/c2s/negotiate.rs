@@ -2,9 +2,11 @@
 //!
 //! Before binding nothing can be routed to a connection, so negotiation is a plain task
 //! that owns the socket: it carries out the [`C2sStream`] actions (TLS upgrade,
-//! credential lookup, binding through the user's shard host) under the negotiation
-//! timeout, then turns the connection into a [`Session`] actor. Authentication failures
-//! count against the peer address's budget.
+//! credential lookup, in-band account registration, binding through the user's shard
+//! host) under the negotiation timeout, then turns the connection into a [`Session`]
+//! actor. Authentication failures and registrations count against the peer address's
+//! budgets. A registration's password goes from the machine straight into the key
+//! derivation and is never logged.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::BytesMut;
-use jid::FullJid;
+use jid::{BareJid, FullJid};
 use shoal_xmpp::c2s::{Action, C2sStream};
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,8 +28,9 @@ use tracing::{debug, info, warn};
 use crate::c2s::io::{self, Outbound, Transport};
 use crate::c2s::session::{Incoming, Session, SessionParts};
 use crate::c2s::{Shared, fresh_id, mechanism_label, stream_error_label};
-use crate::metrics::{ConnectionGuard, Listener, Mailbox};
+use crate::metrics::{ConnectionGuard, Listener, Mailbox, RegistrationResult};
 use crate::shard::{Bind, BindResult};
+use crate::storage::{self, StorageError};
 use crate::user::UserShared;
 
 /// How long the final stream error may take to reach a peer that is being closed.
@@ -211,6 +214,13 @@ async fn negotiate(
                         )));
                     }
                 }
+                Action::Register { user, password } => {
+                    let result = register(shared, peer, &user, password).await;
+                    actions.extend(conn.stream.register_result(result));
+                    // A client may have pipelined its SASL exchange behind the
+                    // registration; the machine held it back until now.
+                    actions.extend(conn.stream.receive(&mut conn.buf, &mut fresh_id));
+                }
                 Action::Bind { resource } => {
                     let Some(user) = conn.stream.user().cloned() else {
                         return Ok(None);
@@ -247,6 +257,68 @@ async fn negotiate(
                 // The machine only emits stanzas once bound, which ends this loop.
                 Action::Stanza(_) => debug!(%peer, "stanza before binding ignored"),
             }
+        }
+    }
+}
+
+/// Creates `user` for an in-band registration (XEP-0077) from `peer`: the answer for
+/// [`C2sStream::register_result`].
+async fn register(
+    shared: &Shared,
+    peer: SocketAddr,
+    user: &BareJid,
+    password: String,
+) -> Result<(), StanzaError> {
+    let refuse = |condition, text: &str| {
+        shared.metrics.registration(RegistrationResult::Refused);
+        Err(StanzaError::with_text(condition, text))
+    };
+    // The machine only asks when registration is enabled, as configured here; this is
+    // the driver's own guard, should the two ever disagree.
+    if !shared.config.registration.enabled {
+        return refuse(
+            StanzaErrorCondition::NotAllowed,
+            "in-band registration is disabled",
+        );
+    }
+    // Every attempt that reaches storage costs a token, conflicts included, so the
+    // budget also bounds probing for existing account names.
+    if !shared.register_limiter.check(peer.ip(), Instant::now()) {
+        info!(%peer, %user, "registration refused: too many from this address");
+        return refuse(
+            StanzaErrorCondition::ResourceConstraint,
+            "too many registrations from your address; try again later",
+        );
+    }
+    // PBKDF2 at thousands of iterations, twice: milliseconds of CPU that must not stall
+    // the worker's other connections.
+    let creds = match tokio::task::spawn_blocking(move || storage::new_credentials(&password)).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%peer, %user, error = %e, "registration: deriving credentials failed");
+            return refuse(StanzaErrorCondition::InternalServerError, "internal error");
+        }
+    };
+    match shared
+        .storage
+        .accounts
+        .create_account(user.as_str(), &creds)
+        .await
+    {
+        Ok(()) => {
+            shared.metrics.registration(RegistrationResult::Created);
+            info!(%peer, %user, "account registered in-band");
+            Ok(())
+        }
+        Err(StorageError::AlreadyExists) => {
+            shared.metrics.registration(RegistrationResult::Conflict);
+            info!(%peer, %user, "registration refused: account exists");
+            Err(StanzaError::new(StanzaErrorCondition::Conflict))
+        }
+        Err(e) => {
+            warn!(%peer, %user, error = %e, "registration: storing the account failed");
+            refuse(StanzaErrorCondition::InternalServerError, "internal error")
         }
     }
 }

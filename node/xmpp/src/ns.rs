@@ -28,4 +28,7 @@ pub const VERSION: &str = "jabber:iq:version";
 pub const TIME: &str = "urn:xmpp:time";
 pub const LAST: &str = "jabber:iq:last";
 pub const HINTS: &str = "urn:xmpp:hints";
+/// XEP-0077 in-band registration: the iq payload namespace.
 pub const REGISTER: &str = "jabber:iq:register";
+/// XEP-0077 §8: the stream feature advertising in-band registration.
+pub const REGISTER_FEATURE: &str = "http://jabber.org/features/iq-register";

@@ -2,11 +2,18 @@
 //!
 //! The driver appends socket bytes to a buffer and calls [`C2sStream::receive`]; the
 //! machine frames and parses them and returns [`Action`]s: bytes to send, a TLS upgrade
-//! to perform, a credential lookup or resource binding to carry out (answered through
-//! [`C2sStream::credentials`] and [`C2sStream::bind_result`]), stanzas to route, or the
-//! end of the stream. It owns negotiation order (header → STARTTLS → SASL → restart →
-//! bind), stream-level errors and the `from` stamp on client stanzas. It never touches
-//! a socket, a clock, storage or routing.
+//! to perform, a credential lookup, account creation or resource binding to carry out
+//! (answered through [`C2sStream::credentials`], [`C2sStream::register_result`] and
+//! [`C2sStream::bind_result`]), stanzas to route, or the end of the stream. It owns
+//! negotiation order (header → STARTTLS → [registration] → SASL → restart → bind),
+//! stream-level errors and the `from` stamp on client stanzas. It never touches a
+//! socket, a clock, storage or routing.
+//!
+//! In-band registration (XEP-0077) is the account-creation use case only: an
+//! unauthenticated client on a TLS stream asks for the form and submits a username and
+//! password, and may then authenticate as the new account on the same stream. The
+//! machine validates the submission and says [`Action::Register`]; whether the account
+//! can be created (rate limits, existing accounts) is the driver's call.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -16,7 +23,7 @@ use jid::{BareJid, FullJid, Jid};
 use crate::error::{StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition};
 use crate::framer::{Frame, FrameError, Framer, FramerLimits};
 use crate::ns;
-use crate::sasl::{Mechanism, SaslFailure, SaslServer, SaslStep, StoredCredentials};
+use crate::sasl::{Mechanism, SaslFailure, SaslServer, SaslStep, StoredCredentials, saslprep_name};
 use crate::stanza::{IqType, Kind, Stanza, StanzaParseError, TopLevel, parse_top_level};
 use crate::stream::{STREAM_CLOSE, StreamHeader, response_header};
 use crate::xml::{Element, NsContext};
@@ -24,6 +31,13 @@ use crate::xml::{Element, NsContext};
 /// SASL attempts allowed on one stream before it is closed (RFC 6120 §6.4.5 asks for
 /// a limit between 2 and 5).
 pub const MAX_AUTH_ATTEMPTS: u32 = 3;
+
+/// Longest password accepted by in-band registration, in bytes. Generous for any
+/// passphrase, and it bounds the PBKDF2 input an anonymous peer can make us hash.
+pub const MAX_PASSWORD_BYTES: usize = 1023;
+
+/// The `<instructions/>` of the registration form (XEP-0077 §3.1).
+const REGISTER_INSTRUCTIONS: &str = "Choose a username and password for use with this service.";
 
 /// Static settings of a c2s stream.
 #[derive(Debug, Clone)]
@@ -35,10 +49,16 @@ pub struct C2sConfig {
     pub tls_available: bool,
     /// Refuse SASL until TLS is in place.
     pub tls_required: bool,
+    /// XEP-0077 in-band registration is enabled. Even then it is only offered and
+    /// accepted once the stream is encrypted, because the password travels in the iq.
+    pub registration: bool,
 }
 
 /// What the driver must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` is written by hand so that [`Action::Register`] never prints its password:
+/// actions end up in log lines.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Action {
     /// Write these bytes.
     Send(String),
@@ -55,6 +75,10 @@ pub enum Action {
         mechanism: Option<Mechanism>,
         condition: SaslFailure,
     },
+    /// Create this account (XEP-0077) with credentials derived from `password`, which is
+    /// already SASLprep'ed and at most [`MAX_PASSWORD_BYTES`] long, then call
+    /// [`C2sStream::register_result`]. The driver must never log the password.
+    Register { user: BareJid, password: String },
     /// Bind a resource (None: the server picks one) and call [`C2sStream::bind_result`].
     Bind { resource: Option<String> },
     /// A stanza from the bound client, `from` stamped with its full JID.
@@ -62,6 +86,42 @@ pub enum Action {
     /// The stream is over: close the socket once everything sent so far is flushed.
     /// `error` is what was sent to the peer, for the log line.
     Close { error: Option<StreamError> },
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Send(s) => f.debug_tuple("Send").field(s).finish(),
+            Action::StartTls => f.write_str("StartTls"),
+            Action::LookupCredentials { user } => f
+                .debug_struct("LookupCredentials")
+                .field("user", user)
+                .finish(),
+            Action::Authenticated { user, mechanism } => f
+                .debug_struct("Authenticated")
+                .field("user", user)
+                .field("mechanism", mechanism)
+                .finish(),
+            Action::AuthFailed {
+                mechanism,
+                condition,
+            } => f
+                .debug_struct("AuthFailed")
+                .field("mechanism", mechanism)
+                .field("condition", condition)
+                .finish(),
+            Action::Register { user, password: _ } => f
+                .debug_struct("Register")
+                .field("user", user)
+                .field("password", &format_args!("<redacted>"))
+                .finish(),
+            Action::Bind { resource } => {
+                f.debug_struct("Bind").field("resource", resource).finish()
+            }
+            Action::Stanza(st) => f.debug_tuple("Stanza").field(st).finish(),
+            Action::Close { error } => f.debug_struct("Close").field("error", error).finish(),
+        }
+    }
 }
 
 /// Where negotiation stands. Each state's data lives in its variant.
@@ -77,6 +137,12 @@ enum State {
     Authenticating(Box<SaslServer>),
     /// Waiting for the driver's credential lookup.
     AwaitCredentials(Box<SaslServer>),
+    /// Account creation requested from the driver; waiting for its answer. `request` is
+    /// the registration iq stripped of its payload (which holds the password), kept to
+    /// address the reply.
+    Registering {
+        request: Stanza,
+    },
     /// Authenticated and restarted; waiting for the bind request.
     AwaitBind {
         user: BareJid,
@@ -113,6 +179,9 @@ pub struct C2sStream {
     auth_failures: u32,
     /// The authenticated account, kept across the post-auth restart.
     user: Option<BareJid>,
+    /// An account was created on this stream; XEP-0077 §3.1.1 lets a server refuse a
+    /// second one, which keeps one connection from minting accounts in a loop.
+    registered: bool,
     lang: Option<String>,
 }
 
@@ -131,6 +200,7 @@ impl C2sStream {
             header_sent: false,
             auth_failures: 0,
             user: None,
+            registered: false,
             lang: None,
         }
     }
@@ -166,11 +236,11 @@ impl C2sStream {
     ) -> Vec<Action> {
         let mut out = Vec::new();
         while !self.is_closed() {
-            // A pending lookup or bind stops framing: what follows must be handled in
-            // the state the answer leads to.
+            // A pending lookup, registration or bind stops framing: what follows must be
+            // handled in the state the answer leads to.
             if matches!(
                 self.state,
-                State::AwaitCredentials(_) | State::Binding { .. }
+                State::AwaitCredentials(_) | State::Registering { .. } | State::Binding { .. }
             ) {
                 break;
             }
@@ -195,6 +265,31 @@ impl C2sStream {
             let step = sasl.credentials(creds);
             self.on_sasl_step(sasl, step, fresh_id, &mut out);
         }
+        out
+    }
+
+    /// The answer to [`Action::Register`]: `Ok` when the account was created, else the
+    /// error for the client (`<conflict/>` for an existing account, `<not-allowed/>`,
+    /// `<resource-constraint/>` when rate limited). Either way the client may go on to
+    /// authenticate.
+    pub fn register_result(&mut self, result: Result<(), StanzaError>) -> Vec<Action> {
+        let mut out = Vec::new();
+        let State::Registering { request } = std::mem::replace(&mut self.state, State::Closed)
+        else {
+            return out;
+        };
+        match result {
+            Ok(()) => {
+                out.push(Action::Send(request.iq_result(None).to_xml()));
+                self.registered = true;
+            }
+            Err(error) => {
+                if let Some(reply) = request.error_reply(&error) {
+                    out.push(Action::Send(reply.to_xml()));
+                }
+            }
+        }
+        self.state = State::AwaitAuth;
         out
     }
 
@@ -326,6 +421,11 @@ impl C2sStream {
                         features.push_str("</mechanism>");
                     }
                     features.push_str("</mechanisms>");
+                    if self.secure && self.config.registration {
+                        features.push_str("<register xmlns='");
+                        features.push_str(ns::REGISTER_FEATURE);
+                        features.push_str("'/>");
+                    }
                     self.state = State::AwaitAuth;
                 }
             }
@@ -602,8 +702,131 @@ impl C2sStream {
                     self.not_authorized(fresh_id, out);
                 }
             }
+            State::AwaitStartTls | State::AwaitAuth if self.is_register_iq(&st) => {
+                self.on_register(st, out)
+            }
             _ => self.not_authorized(fresh_id, out),
         }
+    }
+
+    /// An iq get or set carrying a `jabber:iq:register` query, addressed to this server
+    /// (or to no one, which means the same on a client stream).
+    fn is_register_iq(&self, st: &Stanza) -> bool {
+        matches!(st.kind, Kind::Iq(IqType::Get | IqType::Set))
+            && st
+                .to
+                .as_ref()
+                .is_none_or(|to| to.as_str() == self.config.domain.as_str())
+            && matches!(st.iq_payload(), Ok(Some(q)) if q.is("query", ns::REGISTER))
+    }
+
+    /// XEP-0077 §3.1, registration with a server before authentication.
+    fn on_register(&mut self, st: Stanza, out: &mut Vec<Action>) {
+        // The client has no address yet, so any 'from' it wrote is meaningless and the
+        // reply goes to the stream. The payload (with the password) is not kept.
+        let request = Stanza {
+            kind: st.kind,
+            to: st.to.clone(),
+            from: None,
+            id: st.id.clone(),
+            extra_attrs: Vec::new(),
+            payload: Default::default(),
+        };
+        let refuse = |error: StanzaError, out: &mut Vec<Action>| {
+            if let Some(reply) = request.error_reply(&error) {
+                out.push(Action::Send(reply.to_xml()));
+            }
+        };
+        if !self.config.registration {
+            return refuse(
+                StanzaError::new(StanzaErrorCondition::ServiceUnavailable),
+                out,
+            );
+        }
+        if !self.secure {
+            // Never offered here; a client that tries anyway is told why (the condition
+            // XEP-0077 §3.3 uses for a channel not safe enough for a password).
+            return refuse(
+                StanzaError::with_text(
+                    StanzaErrorCondition::NotAuthorized,
+                    "in-band registration requires TLS",
+                ),
+                out,
+            );
+        }
+        if st.kind == Kind::Iq(IqType::Get) {
+            let form = Element::new("query", ns::REGISTER)
+                .child(Element::new("instructions", ns::REGISTER).text(REGISTER_INSTRUCTIONS))
+                .child(Element::new("username", ns::REGISTER))
+                .child(Element::new("password", ns::REGISTER));
+            out.push(Action::Send(request.iq_result(Some(&form)).to_xml()));
+            return;
+        }
+        let Ok(Some(query)) = st.iq_payload() else {
+            unreachable!("is_register_iq checked the payload")
+        };
+        match self.validate_registration(&query) {
+            Ok((user, password)) => {
+                out.push(Action::Register { user, password });
+                self.state = State::Registering { request };
+            }
+            Err(error) => refuse(error, out),
+        }
+    }
+
+    /// Checks a registration submission: the account it names and the SASLprep'ed
+    /// password, or the stanza error XEP-0077 asks for.
+    fn validate_registration(&self, query: &Element) -> Result<(BareJid, String), StanzaError> {
+        use StanzaErrorCondition::{JidMalformed, NotAcceptable, UnexpectedRequest};
+        if query.get_child("remove", ns::REGISTER).is_some() {
+            // Cancelling needs an account, and an unauthenticated stream has none
+            // (XEP-0077 §3.2).
+            return Err(StanzaError::with_text(
+                UnexpectedRequest,
+                "authenticate before cancelling a registration",
+            ));
+        }
+        if self.registered {
+            return Err(StanzaError::with_text(
+                NotAcceptable,
+                "an account was already registered on this stream; authenticate first",
+            ));
+        }
+        let field = |name: &str| {
+            query
+                .get_child(name, ns::REGISTER)
+                .map(Element::text_content)
+                .filter(|v| !v.is_empty())
+        };
+        // §3.1: a missing or empty field, the password included, is not acceptable.
+        let (Some(username), Some(password)) = (field("username"), field("password")) else {
+            return Err(StanzaError::with_text(
+                NotAcceptable,
+                "both <username/> and <password/> are required",
+            ));
+        };
+        // The same preparation SASL applies to the name a client logs in with, so the
+        // account created is the one that login finds.
+        let user = saslprep_name(&username)
+            .and_then(|name| self.account(&name))
+            .ok_or_else(|| {
+                StanzaError::with_text(JidMalformed, "the username is not a valid localpart")
+            })?;
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(StanzaError::with_text(
+                NotAcceptable,
+                format!("the password is longer than {MAX_PASSWORD_BYTES} bytes"),
+            ));
+        }
+        // SCRAM keys are derived from the prepared password, as SASL prepares the one a
+        // client logs in with; one SASLprep prohibits could never be used to log in.
+        let password = saslprep_name(&password).ok_or_else(|| {
+            StanzaError::with_text(
+                NotAcceptable,
+                "the password contains characters SASLprep prohibits",
+            )
+        })?;
+        Ok((user, password))
     }
 
     fn reply_error(&self, st: &Stanza, condition: StanzaErrorCondition, out: &mut Vec<Action>) {

@@ -15,6 +15,10 @@ struct Harness {
 
 impl Harness {
     fn new(tls_required: bool, secure: bool) -> Self {
+        Self::with_registration(tls_required, secure, false)
+    }
+
+    fn with_registration(tls_required: bool, secure: bool, registration: bool) -> Self {
         let config = C2sConfig {
             domain: BareJid::new("localhost").unwrap(),
             limits: FramerLimits {
@@ -23,6 +27,7 @@ impl Harness {
             },
             tls_available: true,
             tls_required,
+            registration,
         };
         Self {
             stream: C2sStream::new(config, secure),
@@ -473,6 +478,372 @@ fn shutdown_close() {
     );
 }
 
+// ---------------------------------------------------------------------------------
+// XEP-0077 in-band registration
+// ---------------------------------------------------------------------------------
+
+const MECHANISMS_UNDER_TLS: &str = "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>";
+const REGISTER_FEATURE: &str = "<register xmlns='http://jabber.org/features/iq-register'/>";
+
+fn register_set(id: &str, inner: &str) -> String {
+    format!("<iq type='set' id='{id}'><query xmlns='jabber:iq:register'>{inner}</query></iq>")
+}
+
+fn stanza_error(id: &str, kind: &str, condition: &str, text: Option<&str>) -> String {
+    let text = text
+        .map(|t| format!("<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{t}</text>"))
+        .unwrap_or_default();
+    format!(
+        "<iq id='{id}' type='error'><error type='{kind}'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>{text}</error></iq>"
+    )
+}
+
+/// A registration-enabled stream over direct TLS, header exchanged.
+fn registering() -> Harness {
+    let mut h = Harness::with_registration(true, true, true);
+    h.feed(HEADER);
+    h
+}
+
+#[test]
+fn register_feature_only_under_tls_and_when_enabled() {
+    // Plaintext with optional TLS: mechanisms (no PLAIN) but never registration.
+    let mut h = Harness::with_registration(false, false, true);
+    let out = h.feed(HEADER);
+    assert!(sent(&out).ends_with("<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism></mechanisms></stream:features>"));
+
+    // Required TLS: STARTTLS only, then registration after the upgrade.
+    let mut h = Harness::with_registration(true, false, true);
+    let out = h.feed(HEADER);
+    assert!(sent(&out).ends_with("<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls></stream:features>"));
+    h.feed("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+    let out = h.feed(HEADER);
+    assert!(sent(&out).ends_with(&format!(
+        "<stream:features>{MECHANISMS_UNDER_TLS}{REGISTER_FEATURE}</stream:features>"
+    )));
+
+    // Direct TLS: offered at once.
+    let mut h = Harness::with_registration(true, true, true);
+    let out = h.feed(HEADER);
+    assert!(sent(&out).ends_with(&format!(
+        "<stream:features>{MECHANISMS_UNDER_TLS}{REGISTER_FEATURE}</stream:features>"
+    )));
+
+    // Disabled: not offered even under TLS.
+    let mut h = Harness::with_registration(true, true, false);
+    let out = h.feed(HEADER);
+    assert!(sent(&out).ends_with(&format!(
+        "<stream:features>{MECHANISMS_UNDER_TLS}</stream:features>"
+    )));
+}
+
+#[test]
+fn register_form() {
+    let mut h = registering();
+    let out = h.feed("<iq type='get' id='reg1'><query xmlns='jabber:iq:register'/></iq>");
+    assert_eq!(
+        out,
+        vec![Action::Send("<iq id='reg1' type='result'><query xmlns='jabber:iq:register'><instructions>Choose a username and password for use with this service.</instructions><username/><password/></query></iq>".into())]
+    );
+    // Addressed to the server: the reply comes from it. A 'from' the unauthenticated
+    // client made up is not echoed back as 'to'.
+    let out = h.feed("<iq type='get' id='reg2' to='localhost' from='mallory@evil.example'><query xmlns='jabber:iq:register'/></iq>");
+    assert_eq!(
+        sent(&out),
+        "<iq from='localhost' id='reg2' type='result'><query xmlns='jabber:iq:register'><instructions>Choose a username and password for use with this service.</instructions><username/><password/></query></iq>"
+    );
+}
+
+#[test]
+fn register_set_then_login_on_the_same_stream() {
+    let mut h = registering();
+    let out = h.feed(&register_set(
+        "reg2",
+        "<username>Juliet</username><password>pen\u{AD}cil</password>",
+    ));
+    // The username is prepared like a SASL name (case-folded by nodeprep) and the
+    // password SASLprep'ed (the soft hyphen maps to nothing), so login finds the keys.
+    assert_eq!(
+        out,
+        vec![Action::Register {
+            user: BareJid::new("juliet@localhost").unwrap(),
+            password: "pencil".into(),
+        }]
+    );
+    // Pipelined input waits until the driver answers.
+    let auth = B64.encode(plain_initial_response("juliet", "pencil"));
+    let pipelined =
+        format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>");
+    assert!(h.feed(&pipelined).is_empty());
+    assert_eq!(
+        h.stream.register_result(Ok(())),
+        vec![Action::Send("<iq id='reg2' type='result'/>".into())]
+    );
+    assert_eq!(
+        h.feed(""),
+        vec![Action::LookupCredentials {
+            user: BareJid::new("juliet@localhost").unwrap()
+        }]
+    );
+    let out = h.creds(Some(&creds()));
+    assert_eq!(
+        sent(&out),
+        "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
+    );
+}
+
+#[test]
+fn register_submission_errors() {
+    const MISSING: &str = "both &lt;username/&gt; and &lt;password/&gt; are required";
+    const BAD_NAME: &str = "the username is not a valid localpart";
+    let too_long = format!(
+        "<username>juliet</username><password>{}</password>",
+        "p".repeat(MAX_PASSWORD_BYTES + 1)
+    );
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "<username>juliet</username>",
+            stanza_error("r", "modify", "not-acceptable", Some(MISSING)),
+        ),
+        (
+            "<username>juliet</username><password/>",
+            stanza_error("r", "modify", "not-acceptable", Some(MISSING)),
+        ),
+        (
+            "<username></username><password>pencil</password>",
+            stanza_error("r", "modify", "not-acceptable", Some(MISSING)),
+        ),
+        (
+            "<x xmlns='jabber:x:data' type='submit'/>",
+            stanza_error("r", "modify", "not-acceptable", Some(MISSING)),
+        ),
+        (
+            "<username>juliet@capulet.example</username><password>pencil</password>",
+            stanza_error("r", "modify", "jid-malformed", Some(BAD_NAME)),
+        ),
+        (
+            "<username>ro/meo</username><password>pencil</password>",
+            stanza_error("r", "modify", "jid-malformed", Some(BAD_NAME)),
+        ),
+        (
+            "<username>a\"b</username><password>pencil</password>",
+            stanza_error("r", "modify", "jid-malformed", Some(BAD_NAME)),
+        ),
+        (
+            &too_long,
+            stanza_error(
+                "r",
+                "modify",
+                "not-acceptable",
+                Some("the password is longer than 1023 bytes"),
+            ),
+        ),
+        (
+            // U+E000 is private use, which SASLprep prohibits (RFC 4013 §2.3).
+            "<username>juliet</username><password>pen\u{E000}cil</password>",
+            stanza_error(
+                "r",
+                "modify",
+                "not-acceptable",
+                Some("the password contains characters SASLprep prohibits"),
+            ),
+        ),
+        (
+            "<remove/>",
+            stanza_error(
+                "r",
+                "cancel",
+                "unexpected-request",
+                Some("authenticate before cancelling a registration"),
+            ),
+        ),
+    ];
+    let mut h = registering();
+    for (inner, want) in cases {
+        // Each refusal is a stanza error; the stream stays usable for the next try.
+        let out = h.feed(&register_set("r", inner));
+        assert_eq!(out, vec![Action::Send(want)], "{inner}");
+    }
+    // The longest password allowed is accepted.
+    let longest = "p".repeat(MAX_PASSWORD_BYTES);
+    let out = h.feed(&register_set(
+        "r",
+        &format!("<username>juliet</username><password>{longest}</password>"),
+    ));
+    assert!(
+        matches!(&out[..], [Action::Register { password, .. }] if *password == longest),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn register_results_from_the_driver() {
+    use StanzaErrorCondition::*;
+    for (error, want) in [
+        (
+            StanzaError::new(Conflict),
+            stanza_error("reg2", "cancel", "conflict", None),
+        ),
+        (
+            StanzaError::new(NotAllowed),
+            stanza_error("reg2", "cancel", "not-allowed", None),
+        ),
+        (
+            StanzaError::new(ResourceConstraint),
+            stanza_error("reg2", "wait", "resource-constraint", None),
+        ),
+    ] {
+        let mut h = registering();
+        let out = h.feed(&register_set(
+            "reg2",
+            "<username>juliet</username><password>pencil</password>",
+        ));
+        assert!(matches!(&out[..], [Action::Register { .. }]));
+        assert_eq!(
+            h.stream.register_result(Err(error)),
+            vec![Action::Send(want)]
+        );
+        // A refused registration leaves the stream waiting for SASL (or another try).
+        let out = h.feed(&register_set(
+            "reg3",
+            "<username>juliet2</username><password>pencil</password>",
+        ));
+        assert!(matches!(&out[..], [Action::Register { .. }]), "{out:?}");
+    }
+}
+
+#[test]
+fn one_registration_per_stream() {
+    let mut h = registering();
+    h.feed(&register_set(
+        "a",
+        "<username>juliet</username><password>pencil</password>",
+    ));
+    h.stream.register_result(Ok(()));
+    let out = h.feed(&register_set(
+        "b",
+        "<username>romeo</username><password>pencil</password>",
+    ));
+    assert_eq!(
+        sent(&out),
+        stanza_error(
+            "b",
+            "modify",
+            "not-acceptable",
+            Some("an account was already registered on this stream; authenticate first")
+        )
+    );
+}
+
+#[test]
+fn registration_disabled_is_service_unavailable() {
+    let mut h = Harness::with_registration(true, true, false);
+    h.feed(HEADER);
+    let out = h.feed("<iq type='get' id='g'><query xmlns='jabber:iq:register'/></iq>");
+    assert_eq!(
+        out,
+        vec![Action::Send(stanza_error(
+            "g",
+            "cancel",
+            "service-unavailable",
+            None
+        ))]
+    );
+    let out = h.feed(&register_set(
+        "s",
+        "<username>juliet</username><password>pencil</password>",
+    ));
+    assert_eq!(
+        out,
+        vec![Action::Send(stanza_error(
+            "s",
+            "cancel",
+            "service-unavailable",
+            None
+        ))]
+    );
+}
+
+#[test]
+fn registration_is_refused_without_tls() {
+    // TLS optional and skipped: the password would travel in the clear.
+    let mut h = Harness::with_registration(false, false, true);
+    h.feed(HEADER);
+    for (id, req) in [
+        (
+            "g",
+            "<iq type='get' id='g'><query xmlns='jabber:iq:register'/></iq>".to_string(),
+        ),
+        (
+            "s",
+            register_set(
+                "s",
+                "<username>juliet</username><password>pencil</password>",
+            ),
+        ),
+    ] {
+        let out = h.feed(&req);
+        assert_eq!(
+            out,
+            vec![Action::Send(stanza_error(
+                id,
+                "auth",
+                "not-authorized",
+                Some("in-band registration requires TLS")
+            ))]
+        );
+    }
+}
+
+#[test]
+fn other_iqs_before_auth_still_end_the_stream() {
+    for iq in [
+        "<iq type='get' id='q'><query xmlns='jabber:iq:roster'/></iq>",
+        // Registration with some other entity is not ours to answer before auth.
+        "<iq type='get' id='q' to='conference.localhost'><query xmlns='jabber:iq:register'/></iq>",
+        // A result is not a request.
+        "<iq type='result' id='q'><query xmlns='jabber:iq:register'/></iq>",
+    ] {
+        let mut h = registering();
+        let out = h.feed(iq);
+        assert_eq!(
+            closed_with(&out),
+            Some(StreamErrorCondition::NotAuthorized),
+            "{iq}"
+        );
+    }
+}
+
+#[test]
+fn register_action_debug_hides_the_password() {
+    let action = Action::Register {
+        user: BareJid::new("juliet@localhost").unwrap(),
+        password: "s3cret-pencil".into(),
+    };
+    let debug = format!("{action:?}");
+    assert!(!debug.contains("s3cret-pencil"), "{debug}");
+    assert!(debug.contains("juliet@localhost"), "{debug}");
+    assert!(debug.contains("<redacted>"), "{debug}");
+    // The machine holding a pending registration does not reveal it either.
+    let mut h = registering();
+    h.feed(&register_set(
+        "r",
+        "<username>juliet</username><password>s3cret-pencil</password>",
+    ));
+    let debug = format!("{:?}", h.stream);
+    assert!(!debug.contains("s3cret-pencil"), "{debug}");
+    // Other actions keep their derived-style output.
+    assert_eq!(
+        format!(
+            "{:?}",
+            Action::Bind {
+                resource: Some("r".into())
+            }
+        ),
+        "Bind { resource: Some(\"r\") }"
+    );
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
@@ -490,6 +861,9 @@ mod fuzz {
             Just("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>biwsbj1qdWxpZXQscj1hYmM=</auth>".to_string()),
             Just("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>Yz1iaXdzLHI9YWJj</response>".to_string()),
             Just("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>".to_string()),
+            Just("<iq type='get' id='g'><query xmlns='jabber:iq:register'/></iq>".to_string()),
+            Just(register_set("r", "<username>juliet</username><password>pencil</password>")),
+            Just(register_set("r", "<username>a@b</username>")),
             Just("<message to='a@localhost'><body>x</body></message>".to_string()),
             Just("<presence><priority>3</priority></presence>".to_string()),
             Just("</stream:stream>".to_string()),
@@ -503,14 +877,19 @@ mod fuzz {
         /// Whatever a client sends, in whatever pieces, the machine never panics, and once
         /// it says Close it emits nothing more.
         #[test]
-        fn arbitrary_client_input_never_panics(pieces in proptest::collection::vec(piece(), 0..12), secure in any::<bool>(), with_creds in any::<bool>()) {
-            let mut h = Harness::new(true, secure);
+        fn arbitrary_client_input_never_panics(pieces in proptest::collection::vec(piece(), 0..12), secure in any::<bool>(), with_creds in any::<bool>(), registration in any::<bool>()) {
+            let mut h = Harness::with_registration(true, secure, registration);
             let mut closed = false;
             for p in pieces {
                 let mut out = h.feed(&p);
                 if out.iter().any(|a| matches!(a, Action::LookupCredentials { .. })) {
                     let c = creds();
                     out.extend(h.creds(with_creds.then_some(&c)));
+                }
+                if out.iter().any(|a| matches!(a, Action::Register { .. })) {
+                    let result = if with_creds { Ok(()) } else { Err(StanzaError::new(StanzaErrorCondition::Conflict)) };
+                    out.extend(h.stream.register_result(result));
+                    out.extend(h.feed(""));
                 }
                 if out.iter().any(|a| matches!(a, Action::Bind { .. })) {
                     let jid = BareJid::new("juliet@localhost").unwrap().with_resource_str("r").unwrap();

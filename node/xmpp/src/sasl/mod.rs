@@ -15,4 +15,5 @@ mod server;
 
 pub use client::{ScramClient, ScramClientError, plain_initial_response};
 pub use credentials::{ScramCredentials, ScramHash, StoredCredentials};
+pub(crate) use server::saslprep_name;
 pub use server::{Mechanism, SaslFailure, SaslServer, SaslStep};

@@ -166,9 +166,10 @@ impl SaslServer {
     }
 }
 
-/// SASLprep (RFC 4013) as the server applies it to a received name, `None` when the
-/// string is prohibited or prepares to nothing.
-pub(super) fn saslprep_name(s: &str) -> Option<String> {
+/// SASLprep (RFC 4013) as the server applies it to a received name or password (during
+/// SASL, and to credentials chosen by in-band registration, so both sides derive keys from
+/// the same string), `None` when the string is prohibited or prepares to nothing.
+pub(crate) fn saslprep_name(s: &str) -> Option<String> {
     match stringprep::saslprep(s) {
         Ok(p) if !p.is_empty() => Some(p.into_owned()),
         _ => None,
