@@ -784,17 +784,17 @@ impl<H: Clone + PartialEq> UserState<H> {
     /// A stanza addressed to this account (bare JID) or one of its resources (full JID),
     /// following RFC 6121 §8.5, with blocking, subscriptions, probes and offline storage.
     pub fn deliver(&mut self, stanza: Stanza) -> Vec<Effect<H>> {
-        if let Some(from) = &stanza.from {
-            if self.shared.is_blocked(from) {
-                // XEP-0191 §3.4: nothing from a blocked entity reaches the user; iqs get
-                // an error so the sender is not left waiting.
-                return match stanza.kind {
-                    Kind::Iq(IqType::Get | IqType::Set) => {
-                        reply_error(&stanza, StanzaErrorCondition::ServiceUnavailable)
-                    }
-                    _ => Vec::new(),
-                };
-            }
+        if let Some(from) = &stanza.from
+            && self.shared.is_blocked(from)
+        {
+            // XEP-0191 §3.4: nothing from a blocked entity reaches the user; iqs get
+            // an error so the sender is not left waiting.
+            return match stanza.kind {
+                Kind::Iq(IqType::Get | IqType::Set) => {
+                    reply_error(&stanza, StanzaErrorCondition::ServiceUnavailable)
+                }
+                _ => Vec::new(),
+            };
         }
         if !self.data.exists {
             // RFC 6121 §8.5.1: no such account.
@@ -871,7 +871,7 @@ impl<H: Clone + PartialEq> UserState<H> {
     fn deliver_to_full(&mut self, full: &FullJid, stanza: Stanza) -> Vec<Effect<H>> {
         if let Some(s) = self.sessions.iter().find(|s| &s.jid == full) {
             let mut effects = vec![Effect::Deliver(vec![s.handle.clone()], stanza.clone())];
-            effects.extend(self.received_carbons(&stanza, &[s.handle.clone()]));
+            effects.extend(self.received_carbons(&stanza, std::slice::from_ref(&s.handle)));
             return effects;
         }
         match stanza.kind {

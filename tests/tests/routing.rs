@@ -80,6 +80,20 @@ async fn set_priority(c: &mut Client, priority: i8, siblings: &mut [&mut Client]
     let jid = c.jid.clone().expect("bound");
     let broadcast = format!("<presence from='{jid}'><priority>{priority}</priority></presence>");
     assert_eq!(next(c).await, broadcast);
+    // A resource's first available presence also brings it the current presence of
+    // each sibling that is already available (RFC 6121 §4.2.2).
+    let mut sibling_jids: Vec<String> = siblings
+        .iter()
+        .map(|s| s.jid.clone().expect("bound").to_string())
+        .collect();
+    for _ in 0..siblings.len() {
+        let got = next(c).await;
+        let from = sibling_jids
+            .iter()
+            .position(|sj| got.starts_with(&format!("<presence to='{jid}' from='{sj}'>")))
+            .unwrap_or_else(|| panic!("expected a sibling's presence, got {got}"));
+        sibling_jids.remove(from);
+    }
     for s in siblings {
         assert_eq!(next(s).await, broadcast);
     }
@@ -470,11 +484,12 @@ async fn negative_priority_gets_only_full_jid_messages() {
     expect_nothing(&mut zero).await;
 }
 
-/// §8.5.2.2: an account with no available non-negative resource (one bound without
-/// presence, one with negative priority) bounces bare-JID chat with
-/// `<service-unavailable/>`, since offline storage is not offered.
+/// §8.5.2.2 with XEP-0160: an account with no available non-negative resource (one
+/// bound without presence, one with negative priority) gets bare-JID chat stored, and
+/// the next resource that becomes available with a non-negative priority receives it
+/// with a XEP-0203 delay stamp; nothing bounces.
 #[tokio::test]
-async fn message_to_user_without_available_resource_bounces() {
+async fn message_to_user_without_available_resource_is_stored_offline() {
     let node = node();
     let _silent = login(&node, "juliet", "silent").await;
     let mut neg = login(&node, "juliet", "neg").await;
@@ -484,25 +499,23 @@ async fn message_to_user_without_available_resource_bounces() {
     r.send("<message to='juliet@localhost' id='m1' type='chat'><body>anyone?</body></message>")
         .await
         .unwrap();
-    assert_eq!(
-        next(&mut r).await,
-        format!(
-            "<message to='romeo@localhost/orchard' from='juliet@localhost' id='m1' type='error'>{}</message>",
-            error("cancel", "service-unavailable")
-        )
-    );
+    expect_nothing(&mut r).await;
     expect_nothing(&mut neg).await;
 
-    // The same for an account with no session at all.
-    r.send("<message to='nurse@localhost' id='m2' type='chat'><body>anyone?</body></message>")
-        .await
-        .unwrap();
-    assert_eq!(
-        next(&mut r).await,
-        format!(
-            "<message to='romeo@localhost/orchard' from='nurse@localhost' id='m2' type='error'>{}</message>",
-            error("cancel", "service-unavailable")
-        )
+    let mut later = login(&node, "juliet", "later").await;
+    later.send("<presence/>").await.unwrap();
+    let mut got = None;
+    for _ in 0..3 {
+        let s = next(&mut later).await;
+        if s.starts_with("<message") {
+            got = Some(s);
+            break;
+        }
+    }
+    let got = got.expect("the stored message");
+    assert!(
+        got.starts_with("<message to='juliet@localhost' from='romeo@localhost/orchard' id='m1' type='chat'><body>anyone?</body><delay xmlns='urn:xmpp:delay' from='localhost' stamp='"),
+        "{got}"
     );
 }
 

@@ -174,14 +174,14 @@ impl Session {
         match st.kind {
             // Presence without 'to' is the session's broadcast presence.
             Kind::Presence(_) if st.to.is_none() => {
-                self.to_own_shard(FromSessionKind::Presence, st, since)
+                self.send_own_shard(FromSessionKind::Presence, st, since)
             }
             Kind::Presence(
                 PresenceType::Subscribe
                 | PresenceType::Subscribed
                 | PresenceType::Unsubscribe
                 | PresenceType::Unsubscribed,
-            ) => self.to_own_shard(FromSessionKind::Subscription, st, since),
+            ) => self.send_own_shard(FromSessionKind::Subscription, st, since),
             Kind::Presence(t) => {
                 // Directed presence: remembered so the recipient learns when this
                 // session goes away (RFC 6121 §4.6.3).
@@ -199,7 +199,7 @@ impl Session {
                 self.router.route(st, since)
             }
             Kind::Iq(_) if to_self && is_account_iq(&st) => {
-                self.to_own_shard(FromSessionKind::AccountIq, st, since)
+                self.send_own_shard(FromSessionKind::AccountIq, st, since)
             }
             // An iq without 'to' is for the server, on behalf of the account; the
             // router hands stanzas without 'to' to the server.
@@ -214,13 +214,13 @@ impl Session {
                 let copy = carbon.then(|| st.clone());
                 self.router.route(st, since);
                 if let Some(copy) = copy {
-                    self.to_own_shard(FromSessionKind::SentCarbon, copy, since);
+                    self.send_own_shard(FromSessionKind::SentCarbon, copy, since);
                 }
             }
         }
     }
 
-    fn to_own_shard(&mut self, kind: FromSessionKind, stanza: Stanza, since: Instant) {
+    fn send_own_shard(&mut self, kind: FromSessionKind, stanza: Stanza, since: Instant) {
         let msg = FromSession {
             from: self.jid.clone(),
             kind,
