@@ -253,7 +253,7 @@ impl<H: Clone + PartialEq> UserState<H> {
         if old.available() {
             effects.extend(self.went_unavailable(&old.jid, None));
         }
-        if self.sessions.is_empty() {
+        if self.sessions.is_empty() && self.data.exists {
             effects.push(Effect::Persist(Write::LastActivity {
                 unix_secs: now_unix,
                 status: String::new(),
@@ -750,10 +750,7 @@ impl<H: Clone + PartialEq> UserState<H> {
     fn register(&mut self, from: &FullJid, iq: &Stanza, payload: &Element) -> Vec<Effect<H>> {
         let req = addressed(iq, from);
         if payload.get_child("remove", ns::REGISTER).is_some() {
-            return vec![Effect::Job(Job::RemoveAccount {
-                request: req,
-                sessions: self.sessions.iter().map(|s| s.handle.clone()).collect(),
-            })];
+            return self.remove_account(req);
         }
         let username = payload
             .get_child("username", ns::REGISTER)
@@ -777,6 +774,39 @@ impl<H: Clone + PartialEq> UserState<H> {
             }
             _ => reply_error(&req, StanzaErrorCondition::NotAcceptable),
         }
+    }
+
+    /// XEP-0077 §3.2: cancels every subscription (contacts get `unsubscribe` and
+    /// `unsubscribed`), forgets the account in memory so nothing more is written for
+    /// it, then has the storage job delete its data and close its sessions.
+    fn remove_account(&mut self, request: Stanza) -> Vec<Effect<H>> {
+        let mut effects = Vec::new();
+        for item in self.data.roster.items.values() {
+            let Ok(contact) = Jid::new(&item.jid) else {
+                continue;
+            };
+            if item.subscription.has_to() || item.ask {
+                effects.push(Effect::Route(bare_presence(
+                    PresenceType::Unsubscribe,
+                    &self.bare,
+                    &contact,
+                )));
+            }
+            if item.subscription.has_from() {
+                effects.extend(self.unavailable_to(&contact));
+                effects.push(Effect::Route(bare_presence(
+                    PresenceType::Unsubscribed,
+                    &self.bare,
+                    &contact,
+                )));
+            }
+        }
+        self.data = UserData::default();
+        effects.push(Effect::Job(Job::RemoveAccount {
+            request,
+            sessions: self.sessions.iter().map(|s| s.handle.clone()).collect(),
+        }));
+        effects
     }
 
     // ---- stanzas to the account ---------------------------------------------------------

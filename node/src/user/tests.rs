@@ -638,3 +638,32 @@ fn account_storage_requests_become_jobs() {
         matches!(&e[..], [Effect::Job(Job::RemoveAccount { sessions, .. })] if sessions == &vec![1])
     );
 }
+
+#[test]
+fn account_removal_cancels_subscriptions_and_stops_writes() {
+    let mut u = UserState::new(
+        BareJid::new("juliet@localhost").unwrap(),
+        juliet_data(),
+        limits(),
+    );
+    let (a, _) = u.bind("a", 1, 1u32).unwrap();
+    let e = u.account_iq(
+        &a,
+        stanza("<iq type='set' id='rm'><query xmlns='jabber:iq:register'><remove/></query></iq>"),
+    );
+    let r = routed(&e);
+    for want in [
+        "<presence to='romeo@localhost' from='juliet@localhost' type='unsubscribe'/>",
+        "<presence to='romeo@localhost' from='juliet@localhost' type='unsubscribed'/>",
+        "<presence to='nurse@localhost' from='juliet@localhost' type='unsubscribed'/>",
+        "<presence to='tybalt@example.org' from='juliet@localhost' type='unsubscribe'/>",
+    ] {
+        assert!(r.contains(&want.to_string()), "{want} not in {r:?}");
+    }
+    assert!(
+        matches!(e.last(), Some(Effect::Job(Job::RemoveAccount { sessions, .. })) if sessions == &vec![1])
+    );
+    // Once removed, the account writes nothing more (no last-activity record).
+    assert!(!u.exists());
+    assert!(u.unbind(&a, 1, 99).is_empty());
+}
