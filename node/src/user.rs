@@ -942,10 +942,9 @@ impl<H: Clone + PartialEq> UserState<H> {
                         effects.insert(0, Effect::Deliver(to, stanza));
                         effects
                     }
-                    // §8.5.2.2.1: no available resource — store it (XEP-0160), unless
-                    // the sender asked for it not to be (XEP-0334).
-                    None if has_no_store_hint(&stanza) => Vec::new(),
-                    None => vec![Effect::Job(Job::StoreOffline(stanza))],
+                    // §8.5.2.2.1: no available resource — store it (XEP-0160).
+                    None if worth_storing(&stanza) => vec![Effect::Job(Job::StoreOffline(stanza))],
+                    None => Vec::new(),
                 }
             }
             Kind::Message(MessageType::Headline) => {
@@ -1141,10 +1140,21 @@ fn is_carbon_eligible(stanza: &Stanza) -> bool {
         .any(|e| e.is("private", ns::CARBONS) || e.is("no-copy", ns::HINTS) || e.ns == ns::CARBONS)
 }
 
-fn has_no_store_hint(stanza: &Stanza) -> bool {
-    stanza
-        .payload_elements()
-        .is_ok_and(|els| els.iter().any(|e| e.is("no-store", ns::HINTS)))
+/// Messages with content are stored for an offline user; bodiless ones (chat states,
+/// receipts) are not (XEP-0160 §3), nor are those the sender marked `<no-store/>`
+/// (XEP-0334), unless marked `<store/>`.
+fn worth_storing(stanza: &Stanza) -> bool {
+    let Ok(els) = stanza.payload_elements() else {
+        return false;
+    };
+    let hinted = |name| els.iter().any(|e| e.is(name, ns::HINTS));
+    if hinted("no-store") {
+        return false;
+    }
+    hinted("store")
+        || els
+            .iter()
+            .any(|e| e.is("body", ns::CLIENT) || e.is("subject", ns::CLIENT))
 }
 
 fn wrap_carbon(direction: &str, stanza: &Stanza, bare: &BareJid, to: &FullJid) -> Stanza {

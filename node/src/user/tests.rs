@@ -143,7 +143,11 @@ fn no_available_resource_stores_offline() {
         u.deliver(msg.clone()),
         vec![Effect::Job(Job::StoreOffline(msg))]
     );
-    // Unless the sender says not to store it.
+    // Not without content (a chat state), nor when the sender says not to.
+    let state = stanza(
+        "<message to='juliet@localhost' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>",
+    );
+    assert!(u.deliver(state).is_empty());
     let no_store = stanza(
         "<message to='juliet@localhost' type='chat'><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>",
     );
