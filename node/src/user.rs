@@ -483,14 +483,14 @@ impl<H: Clone + PartialEq> UserState<H> {
             reply.from = Some(Jid::from(self.bare.clone()));
             reply.to = Some(Jid::from(contact.clone()));
             effects.push(Effect::Route(reply));
-            if reply_op == SubscriptionOp::Subscribed {
-                // A pre-approved subscription also gets the user's presence.
-                for s in self.sessions.iter().filter(|s| s.available()) {
-                    if let Some(mut p) = s.presence.clone() {
-                        p.from = Some(Jid::from(s.jid.clone()));
-                        p.to = Some(Jid::from(contact.clone()));
-                        effects.push(Effect::Route(p));
-                    }
+        }
+        if t.send_presence {
+            // A subscription granted on the user's behalf also carries its presence.
+            for s in self.sessions.iter().filter(|s| s.available()) {
+                if let Some(mut p) = s.presence.clone() {
+                    p.from = Some(Jid::from(s.jid.clone()));
+                    p.to = Some(Jid::from(contact.clone()));
+                    effects.push(Effect::Route(p));
                 }
             }
         }

@@ -671,3 +671,111 @@ fn account_removal_cancels_subscriptions_and_stops_writes() {
     assert!(!u.exists());
     assert!(u.unbind(&a, 1, 99).is_empty());
 }
+
+/// Every row of RFC 6121 Appendix A.2 (outbound) and A.3 (inbound), run through the
+/// user state itself: the contact's stored state afterwards is the table's new state,
+/// what the table routes or delivers is routed or delivered, and a change is persisted.
+#[test]
+fn appendix_a_through_the_user_state() {
+    let states = [
+        "None",
+        "None + Pending Out",
+        "None + Pending In",
+        "None + Pending Out/In",
+        "To",
+        "To + Pending In",
+        "From",
+        "From + Pending Out",
+        "Both",
+    ];
+    let named = |name: &str| {
+        let (sub, ask, pending_in) = match name {
+            "None" => (Subscription::None, false, false),
+            "None + Pending Out" => (Subscription::None, true, false),
+            "None + Pending In" => (Subscription::None, false, true),
+            "None + Pending Out/In" => (Subscription::None, true, true),
+            "To" => (Subscription::To, false, false),
+            "To + Pending In" => (Subscription::To, false, true),
+            "From" => (Subscription::From, false, false),
+            "From + Pending Out" => (Subscription::From, true, false),
+            _ => (Subscription::Both, false, false),
+        };
+        ContactState {
+            subscription: sub,
+            ask,
+            pending_in,
+            approved: false,
+            in_roster: true,
+        }
+    };
+    let ops = [
+        ("subscribe", SubscriptionOp::Subscribe),
+        ("subscribed", SubscriptionOp::Subscribed),
+        ("unsubscribe", SubscriptionOp::Unsubscribe),
+        ("unsubscribed", SubscriptionOp::Unsubscribed),
+    ];
+    let mut rows = 0;
+    for outbound in [true, false] {
+        for name in states {
+            for (op_name, op) in ops {
+                let row = format!(
+                    "{} {op_name} in {name}",
+                    if outbound { "outbound" } else { "inbound" }
+                );
+                let old = named(name);
+                let mut data = UserData {
+                    exists: true,
+                    ..UserData::default()
+                };
+                data.roster.items.insert(
+                    "romeo@localhost".into(),
+                    RosterItem {
+                        jid: "romeo@localhost".into(),
+                        subscription: old.subscription,
+                        ask: old.ask,
+                        ..RosterItem::default()
+                    },
+                );
+                if old.pending_in {
+                    data.roster
+                        .pending_in
+                        .insert("romeo@localhost".into(), String::new());
+                }
+                let mut u =
+                    UserState::new(BareJid::new("juliet@localhost").unwrap(), data, limits());
+                let (j, _) = u.bind("balcony", 1, 1u32).unwrap();
+                u.own_presence(&j, stanza("<presence/>"));
+                let (t, effects) = if outbound {
+                    let st = stanza(&format!(
+                        "<presence from='juliet@localhost/balcony' to='romeo@localhost' type='{op_name}'/>"
+                    ));
+                    (roster::outbound(&old, op), u.outbound_subscription(st))
+                } else {
+                    let st = stanza(&format!(
+                        "<presence from='romeo@localhost/orchard' to='juliet@localhost' type='{op_name}'/>"
+                    ));
+                    (roster::inbound(&old, op), u.deliver(st))
+                };
+                let now = ContactState::of(&u.data.roster, "romeo@localhost");
+                assert_eq!(now, t.new_state, "{row}: stored state");
+                let sent = effects.iter().any(|e| match e {
+                    Effect::Route(s) => {
+                        s.kind == Kind::Presence(op.presence_type())
+                            && s.to
+                                .as_ref()
+                                .is_some_and(|t| t.as_str() == "romeo@localhost")
+                    }
+                    Effect::Deliver(to, s) => {
+                        to == &vec![1] && s.kind == Kind::Presence(op.presence_type())
+                    }
+                    _ => false,
+                });
+                assert_eq!(sent, t.forward, "{row}: routed/delivered");
+                let persisted = effects.iter().any(|e| matches!(e, Effect::Persist(_)));
+                assert_eq!(persisted, t.new_state != old, "{row}: persisted");
+                rows += 1;
+            }
+        }
+    }
+    assert_eq!(rows, 72);
+}
