@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use anyhow::Context as _;
 use jid::BareJid;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::metrics::{self, Listener, Metrics};
 use crate::roster::RosterLimits;
 use crate::router::Router;
-use crate::shard::{CloseAllSessions, ShardConfig, ShardHost};
+use crate::shard::{CloseAllSessions, DrainStorage, ShardConfig, ShardHost};
 use crate::user::UserLimits;
 use crate::{storage, tls};
 
@@ -178,6 +178,23 @@ pub async fn run(
     if left > 0 {
         warn!(left, "connections still open after the grace period");
     }
+    // Every write queued so far (last activity of the sessions just closed, roster
+    // changes) reaches the store before the workers stop.
+    let drained: Vec<_> = router
+        .hosts()
+        .iter()
+        .filter_map(|host| {
+            let (done, rx) = oneshot::channel();
+            host.try_send(DrainStorage { done }).ok().map(|()| rx)
+        })
+        .collect();
+    let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+    if tokio::time::timeout(wait, futures_all(drained))
+        .await
+        .is_err()
+    {
+        warn!("storage writes still pending at shutdown");
+    }
     for t in tasks {
         t.abort();
     }
@@ -195,4 +212,11 @@ pub async fn run(
     .await;
     info!("node stopped");
     Ok(())
+}
+
+/// Waits for every receiver (a closed one counts as done).
+async fn futures_all(receivers: Vec<oneshot::Receiver<()>>) {
+    for rx in receivers {
+        let _ = rx.await;
+    }
 }

@@ -99,6 +99,14 @@ pub enum FromSessionKind {
 #[rtype(result = "()")]
 pub struct CloseAllSessions;
 
+/// Node shutdown: answers `done` once every storage operation queued before this
+/// message has finished, so a stopping node loses no write.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DrainStorage {
+    pub done: oneshot::Sender<()>,
+}
+
 /// A user's pending work while its data loads.
 enum UserMsg {
     Bind(Bind),
@@ -422,5 +430,16 @@ impl Handler<CloseAllSessions> for ShardHost {
                 }
             }
         }
+    }
+}
+
+impl Handler<DrainStorage> for ShardHost {
+    type Result = ();
+
+    fn handle(&mut self, msg: DrainStorage, _: &mut Self::Context) {
+        // The queue runs in order, so this marker completes after everything before it.
+        self.queue.submit(async move {
+            let _ = msg.done.send(());
+        });
     }
 }
