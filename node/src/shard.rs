@@ -152,7 +152,11 @@ impl ShardHost {
         match self.users.get_mut(&user) {
             Some(Slot::Ready(_)) => self.handle_ready(&user, msg),
             Some(Slot::Loading(queue)) => {
-                if queue.len() >= USER_QUEUE {
+                // Binds and unbinds always wait their turn: a flood of stanzas to the
+                // account must not refuse its owner's login, and a dropped unbind would
+                // leave a dead session bound. Both are bounded by the connections.
+                let control = matches!(msg, UserMsg::Bind(_) | UserMsg::Unbind(_));
+                if queue.len() >= USER_QUEUE && !control {
                     self.metrics.mailbox_drop(Mailbox::Shard);
                     self.refuse(msg);
                 } else {
@@ -195,9 +199,12 @@ impl ShardHost {
         };
         let state = UserState::new(user.clone(), data, self.config.limits.clone());
         self.users.insert(user.clone(), Slot::Ready(state));
+        // Unload (if idle) only once the whole queue is handled: unloading after the
+        // first message would leave the rest with no state to be handled by.
         for msg in queue {
-            self.handle_ready(&user, msg);
+            self.handle_one(&user, msg);
         }
+        self.unload_if_idle(&user);
     }
 
     fn fail_load(&mut self, user: &BareJid) {
@@ -226,7 +233,14 @@ impl ShardHost {
         }
     }
 
+    /// Handles a message for a loaded user, then unloads the user if it has no session.
     fn handle_ready(&mut self, user: &BareJid, msg: UserMsg) {
+        self.handle_one(user, msg);
+        self.unload_if_idle(user);
+    }
+
+    /// Handles a message for a loaded user (which stays loaded).
+    fn handle_one(&mut self, user: &BareJid, msg: UserMsg) {
         let Some(Slot::Ready(state)) = self.users.get_mut(user) else {
             return;
         };
@@ -244,7 +258,6 @@ impl ShardHost {
                 };
                 // The connection may have gone while waiting; its unbind follows.
                 let _ = b.reply.send(reply);
-                self.unload_if_idle(user);
                 return;
             }
             UserMsg::Unbind(u) => (state.unbind(&u.jid, u.id, now_unix), Instant::now()),
@@ -263,7 +276,6 @@ impl ShardHost {
             }
         };
         self.apply(user, effects, since);
-        self.unload_if_idle(user);
     }
 
     fn unload_if_idle(&mut self, user: &BareJid) {

@@ -542,6 +542,12 @@ impl<H: Clone + PartialEq> UserState<H> {
     /// An iq from one of the user's sessions to its own account (no `to`, or its own
     /// bare JID): roster, blocking, carbons, vCard, private storage, registration.
     pub fn account_iq(&mut self, from: &FullJid, iq: Stanza) -> Vec<Effect<H>> {
+        if !matches!(iq.kind, Kind::Iq(IqType::Get | IqType::Set)) {
+            // A result or error answers one of the server's own requests, such as a
+            // client acknowledging a roster push with the query echoed back; it is not
+            // a request and gets no answer (RFC 6120 §8.2.3).
+            return Vec::new();
+        }
         let Ok(Some(payload)) = iq.iq_payload() else {
             return reply_error(&iq, StanzaErrorCondition::BadRequest);
         };

@@ -519,6 +519,47 @@ async fn message_to_user_without_available_resource_is_stored_offline() {
     );
 }
 
+/// Several stanzas that reach an offline account while its data is still loading are
+/// all handled, in order: the three messages are stored and the ping after them is
+/// answered (a user with no session used to be unloaded after the first queued stanza,
+/// silently dropping the rest of the queue).
+#[tokio::test]
+async fn burst_to_offline_user_is_handled_in_full() {
+    let node = node();
+    let mut r = login(&node, "romeo", "orchard").await;
+    // One write, so all four arrive while juliet's data loads.
+    r.send(
+        "<message to='juliet@localhost' id='m1' type='chat'><body>one</body></message>\
+         <message to='juliet@localhost' id='m2' type='chat'><body>two</body></message>\
+         <message to='juliet@localhost' id='m3' type='chat'><body>three</body></message>\
+         <iq to='juliet@localhost' id='p1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        "<iq to='romeo@localhost/orchard' from='juliet@localhost' id='p1' type='result'/>"
+    );
+
+    let mut j = login(&node, "juliet", "balcony").await;
+    j.send("<presence/>").await.unwrap();
+    let mut bodies = Vec::new();
+    while bodies.len() < 3 {
+        let s = next(&mut j).await;
+        if s.starts_with("<message") {
+            let body = s
+                .split("<body>")
+                .nth(1)
+                .and_then(|b| b.split("</body>").next())
+                .unwrap_or_default()
+                .to_string();
+            assert!(s.contains("<delay xmlns='urn:xmpp:delay'"), "{s}");
+            bodies.push(body);
+        }
+    }
+    assert_eq!(bodies, ["one", "two", "three"]);
+}
+
 /// §8.5.1: no such account.
 #[tokio::test]
 async fn message_to_nonexistent_user_bounces() {

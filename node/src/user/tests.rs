@@ -415,6 +415,39 @@ fn roster_get_set_remove_and_pushes() {
     assert!(routed(&e)[0].contains("<item-not-found"));
 }
 
+/// A client acknowledging a roster push may echo the query back (slixmpp sends
+/// `<iq type='result'><query xmlns='jabber:iq:roster'/></iq>`): that is a response, so
+/// it is neither answered (as if it were a roster get) nor makes the session
+/// interested in pushes.
+#[test]
+fn roster_push_acknowledgements_are_not_answered() {
+    let mut u = UserState::new(
+        BareJid::new("juliet@localhost").unwrap(),
+        juliet_data(),
+        limits(),
+    );
+    let (a, _) = u.bind("a", 1, 1u32).unwrap();
+    for ack in [
+        "<iq type='result' id='push3'><query xmlns='jabber:iq:roster'/></iq>",
+        "<iq type='result' id='push3' to='juliet@localhost'><query xmlns='jabber:iq:roster'/></iq>",
+        "<iq type='error' id='push3'><query xmlns='jabber:iq:roster'/></iq>",
+        "<iq type='result' id='b1'><blocklist xmlns='urn:xmpp:blocking'/></iq>",
+    ] {
+        assert_eq!(roster_iq(&mut u, &a, ack), Vec::new(), "{ack}");
+    }
+    // 'a' never asked for the roster, so a change is not pushed to it.
+    let e = roster_iq(
+        &mut u,
+        &a,
+        "<iq type='set' id='s1'><query xmlns='jabber:iq:roster'><item jid='benvolio@localhost'/></query></iq>",
+    );
+    assert_eq!(
+        routed(&e),
+        vec!["<iq to='juliet@localhost/a' id='s1' type='result'/>"]
+    );
+    assert!(!e.iter().any(|x| matches!(x, Effect::Deliver(..))), "{e:?}");
+}
+
 #[test]
 fn subscription_round_trip_on_both_sides() {
     // Romeo asks Juliet; both live here, each side is its own UserState.
