@@ -142,7 +142,10 @@ impl ShardHost {
     /// Handles a message for `user`, loading its state first if needed.
     fn dispatch(&mut self, user: BareJid, msg: UserMsg, ctx: &mut Context<Self>) {
         match self.users.get_mut(&user) {
-            Some(Slot::Ready(_)) => self.handle_ready(&user, msg),
+            Some(Slot::Ready(_)) => {
+                self.handle_ready(&user, msg);
+                self.unload_if_idle(&user);
+            }
             Some(Slot::Loading(queue)) => {
                 if queue.len() >= USER_QUEUE {
                     self.metrics.mailbox_drop(Mailbox::Shard);
@@ -187,9 +190,13 @@ impl ShardHost {
         };
         let state = UserState::new(user.clone(), data, self.config.limits.clone());
         self.users.insert(user.clone(), Slot::Ready(state));
+        // Every queued message is handled before the state may be unloaded: unloading
+        // after the first one would drop the rest (several stanzas routed to an
+        // offline account while it loads).
         for msg in queue {
             self.handle_ready(&user, msg);
         }
+        self.unload_if_idle(&user);
     }
 
     fn fail_load(&mut self, user: &BareJid) {
@@ -218,6 +225,8 @@ impl ShardHost {
         }
     }
 
+    /// Handles a message for a loaded user. The caller unloads the state afterwards if
+    /// it became idle.
     fn handle_ready(&mut self, user: &BareJid, msg: UserMsg) {
         let Some(Slot::Ready(state)) = self.users.get_mut(user) else {
             return;
@@ -236,7 +245,6 @@ impl ShardHost {
                 };
                 // The connection may have gone while waiting; its unbind follows.
                 let _ = b.reply.send(reply);
-                self.unload_if_idle(user);
                 return;
             }
             UserMsg::Unbind(u) => (state.unbind(&u.jid, u.id, now_unix), Instant::now()),
@@ -255,7 +263,6 @@ impl ShardHost {
             }
         };
         self.apply(user, effects, since);
-        self.unload_if_idle(user);
     }
 
     fn unload_if_idle(&mut self, user: &BareJid) {
