@@ -636,6 +636,76 @@ async fn subscription_request_to_offline_user_is_delivered_at_login() {
     expect_nothing(&mut n).await;
 }
 
+/// §3.4: the server announces pre-approval; a user pre-approves a contact, whose later
+/// request is approved by the server without asking the user.
+#[tokio::test]
+async fn subscription_pre_approval() {
+    let node = node();
+    // §3.4.1: the stream feature, after authentication.
+    let mut c = Client::connect(node.c2s, &node.domain).await.unwrap();
+    c.open().await.unwrap();
+    c.starttls(node.cert_path()).await.unwrap();
+    c.open().await.unwrap();
+    c.auth_scram(shoal_xmpp::sasl::ScramHash::Sha256, "juliet", PW)
+        .await
+        .unwrap();
+    let features = c.open().await.unwrap();
+    assert!(
+        features
+            .get_child("sub", "urn:xmpp:features:pre-approval")
+            .is_some(),
+        "{features:?}"
+    );
+
+    let mut j = online(&node, "juliet", "balcony").await;
+    let mut r = online(&node, "romeo", "orchard").await;
+    // §3.4.2: nothing is sent to Romeo; Juliet's roster shows the approval.
+    j.send("<presence to='romeo@localhost' type='subscribed'/>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        push(
+            "juliet@localhost/balcony",
+            1,
+            "<item approved='true' jid='romeo@localhost' subscription='none'/>"
+        )
+    );
+    expect_nothing(&mut r).await;
+
+    // His request is approved at once, with her presence; she is not asked.
+    r.send("<presence to='juliet@localhost' type='subscribe'/>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        push(
+            "juliet@localhost/balcony",
+            2,
+            "<item jid='romeo@localhost' subscription='from'/>"
+        )
+    );
+    next_unordered(
+        &mut r,
+        &[
+            push(
+                "romeo@localhost/orchard",
+                1,
+                "<item ask='subscribe' jid='juliet@localhost' subscription='none'/>",
+            ),
+            push(
+                "romeo@localhost/orchard",
+                2,
+                "<item jid='juliet@localhost' subscription='to'/>",
+            ),
+            "<presence to='romeo@localhost' from='juliet@localhost' type='subscribed'/>".into(),
+            "<presence to='romeo@localhost' from='juliet@localhost/balcony'/>".into(),
+        ],
+    )
+    .await;
+    expect_nothing(&mut j).await;
+}
+
 /// §3.2 (cancelling a subscription with "unsubscribed") and §3.3 (unsubscribing): the
 /// roster pushes on both sides and the unavailable presence the contact is owed.
 #[tokio::test]
