@@ -34,8 +34,8 @@ use crate::user::{Effect, Job, SessionId, UserData, UserLimits, UserShared, User
 /// the connections that route through it.
 const SHARD_MAILBOX: usize = 16_384;
 
-/// Messages one user may have waiting while its data loads; beyond this they are
-/// refused like a full mailbox.
+/// Messages one user may have waiting while its data loads; beyond this stanzas are
+/// refused like a full mailbox (binds and unbinds never are).
 const USER_QUEUE: usize = 1_024;
 
 /// A session as the shard sees it: its actor's address.
@@ -147,7 +147,12 @@ impl ShardHost {
                 self.unload_if_idle(&user);
             }
             Some(Slot::Loading(queue)) => {
-                if queue.len() >= USER_QUEUE {
+                // Binds and unbinds are never refused: they are bounded by the
+                // connections, and refusing a login because stanzas for the account
+                // piled up would let anyone flooding an offline account keep its owner
+                // out (and a lost unbind leaves a dead session registered).
+                let lifecycle = matches!(msg, UserMsg::Bind(_) | UserMsg::Unbind(_));
+                if queue.len() >= USER_QUEUE && !lifecycle {
                     self.metrics.mailbox_drop(Mailbox::Shard);
                     self.refuse(msg);
                 } else {
