@@ -220,20 +220,46 @@ pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
                 }
             }
         }
-        Job::RemoveAccount { request, sessions } => match cx.storage.delete_user(key).await {
-            Ok(_) => {
-                info!(%user, "account removed in-band");
-                reply(&request, None);
-                // XEP-0077 §3.2: the server closes the streams of the removed account.
-                for s in sessions {
-                    let _ = s.try_send(Close(StreamErrorCondition::NotAuthorized));
+        Job::RemoveAccount {
+            request,
+            requester,
+            sessions,
+        } => {
+            // The account no longer exists in its shard, which drops stanzas routed to
+            // it, so the answer goes straight to the session that asked.
+            let answer = |reply: Option<Stanza>| {
+                let (Some(reply), Some(session)) = (reply, &requester) else {
+                    return;
+                };
+                let msg = Deliver {
+                    xml: Bytes::from(reply.to_xml()),
+                    kind: reply.kind,
+                    since,
+                };
+                if session.try_send(msg).is_err() {
+                    cx.router.metrics().mailbox_drop(Mailbox::Connection);
+                }
+            };
+            match cx.storage.delete_user(key).await {
+                Ok(_) => {
+                    info!(%user, "account removed in-band");
+                    answer(Some(request.iq_result(None)));
+                    // XEP-0077 §3.2: the server closes the streams of the removed
+                    // account, after the answer to the one that asked.
+                    for s in sessions {
+                        let _ = s.try_send(Close(StreamErrorCondition::NotAuthorized));
+                    }
+                }
+                Err(e) => {
+                    warn!(%user, error = %e, "account removal failed");
+                    answer(
+                        request.error_reply(&StanzaError::new(
+                            StanzaErrorCondition::InternalServerError,
+                        )),
+                    );
                 }
             }
-            Err(e) => {
-                warn!(%user, error = %e, "account removal failed");
-                fail(&request, StanzaErrorCondition::InternalServerError);
-            }
-        },
+        }
     }
 }
 

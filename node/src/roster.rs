@@ -601,8 +601,9 @@ pub fn parse_roster_set(
 /// What a roster set asks of the server beyond the roster itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
-    /// The roster push payload for all interested resources (§2.1.6).
-    pub push: Element,
+    /// The roster push payload for all interested resources (§2.1.6); `None` when the
+    /// set left the roster as it was.
+    pub push: Option<Element>,
     /// Stanzas to route to the contact from the user's bare JID, in this order, when
     /// an item is removed (§2.5.2): `unsubscribe` if the user was subscribed or asked to
     /// be, `unsubscribed` if the contact was subscribed or asked to be.
@@ -612,11 +613,28 @@ pub struct Applied {
     pub send_unavailable: bool,
 }
 
-/// Applies a validated roster set to `roster`, bumping its version.
+/// Applies a validated roster set to `roster`, bumping its version if anything
+/// changed.
+///
+/// Setting an item exactly as it already is changes nothing: no new version, no push.
+/// A version names one roster content (§2.6.1), and storage keeps the version of an
+/// identical item unbumped, so bumping here would hand clients versions that a reload
+/// from storage reuses for different content.
 pub fn apply_roster_set(roster: &mut Roster, set: &RosterSet) -> Applied {
-    roster.version += 1;
     match set {
         RosterSet::Update { jid, name, groups } => {
+            if roster
+                .items
+                .get(jid)
+                .is_some_and(|i| i.name == *name && i.groups == *groups)
+            {
+                return Applied {
+                    push: None,
+                    send: Vec::new(),
+                    send_unavailable: false,
+                };
+            }
+            roster.version += 1;
             let item = roster
                 .items
                 .entry(jid.clone())
@@ -627,12 +645,13 @@ pub fn apply_roster_set(roster: &mut Roster, set: &RosterSet) -> Applied {
             item.name = name.clone();
             item.groups = groups.clone();
             Applied {
-                push: roster_push(Some(item), jid, roster.version),
+                push: Some(roster_push(Some(item), jid, roster.version)),
                 send: Vec::new(),
                 send_unavailable: false,
             }
         }
         RosterSet::Remove { jid } => {
+            roster.version += 1;
             let state = ContactState::of(roster, jid);
             roster.items.remove(jid);
             roster.pending_in.remove(jid);
@@ -644,7 +663,7 @@ pub fn apply_roster_set(roster: &mut Roster, set: &RosterSet) -> Applied {
                 send.push(SubscriptionOp::Unsubscribed);
             }
             Applied {
-                push: roster_push(None, jid, roster.version),
+                push: Some(roster_push(None, jid, roster.version)),
                 send,
                 send_unavailable: state.subscription.has_from(),
             }
@@ -1304,12 +1323,25 @@ mod tests {
         let applied = apply_roster_set(&mut roster, &parsed);
         // RFC 6121 §2.3.2, the push that follows this very roster set.
         assert_eq!(
-            applied.push.to_xml(ns::CLIENT),
+            applied.push.unwrap().to_xml(ns::CLIENT),
             "<query xmlns='jabber:iq:roster' ver='1'><item jid='nurse@example.com' \
              name='Nurse' subscription='none'><group>Servants</group></item></query>"
         );
         assert!(applied.send.is_empty() && !applied.send_unavailable);
         assert_eq!(roster.items["nurse@example.com"].groups, ["Servants"]);
+
+        // The same set again changes nothing: same version, nothing to push.
+        let again = apply_roster_set(&mut roster, &parsed);
+        assert_eq!(again.push, None);
+        assert_eq!(roster.version, 1);
+        // A different name is a change.
+        let renamed = RosterSet::Update {
+            jid: "nurse@example.com".into(),
+            name: Some("Angelica".into()),
+            groups: vec!["Servants".into()],
+        };
+        assert!(apply_roster_set(&mut roster, &renamed).push.is_some());
+        assert_eq!(roster.version, 2);
     }
 
     #[test]
@@ -1329,7 +1361,7 @@ mod tests {
         );
         assert!(a.send_unavailable);
         assert_eq!(
-            a.push.to_xml(ns::CLIENT),
+            a.push.unwrap().to_xml(ns::CLIENT),
             "<query xmlns='jabber:iq:roster' ver='1'>\
              <item jid='a@example.com' subscription='remove'/></query>"
         );

@@ -34,8 +34,8 @@ use crate::user::{Effect, Job, SessionId, UserData, UserLimits, UserShared, User
 /// the connections that route through it.
 const SHARD_MAILBOX: usize = 16_384;
 
-/// Messages one user may have waiting while its data loads; beyond this they are
-/// refused like a full mailbox.
+/// Messages one user may have waiting while its data loads; beyond this stanzas are
+/// refused like a full mailbox (binds and unbinds never are).
 const USER_QUEUE: usize = 1_024;
 
 /// A session as the shard sees it: its actor's address.

@@ -133,6 +133,9 @@ pub enum Job<H> {
     /// Remove the account and all its data, then close these sessions (XEP-0077 §3.2).
     RemoveAccount {
         request: Stanza,
+        /// The session that asked. It gets the answer directly: the account is already
+        /// gone for routing, which drops stanzas to a removed account.
+        requester: Option<H>,
         sessions: Vec<H>,
     },
 }
@@ -437,13 +440,7 @@ impl<H: Clone + PartialEq> UserState<H> {
         }
         if t.send_presence {
             // §3.1.5: approving a subscription sends the user's current presence.
-            for s in self.sessions.iter().filter(|s| s.available()) {
-                if let Some(mut p) = s.presence.clone() {
-                    p.from = Some(Jid::from(s.jid.clone()));
-                    p.to = Some(Jid::from(contact.clone()));
-                    effects.push(Effect::Route(p));
-                }
-            }
+            effects.extend(self.current_presence_to(&Jid::from(contact.clone())));
         }
         if t.send_unavailable {
             // §3.2.1: cancelling sends unavailable from each available resource.
@@ -486,13 +483,7 @@ impl<H: Clone + PartialEq> UserState<H> {
         }
         if t.send_presence {
             // A subscription granted on the user's behalf also carries its presence.
-            for s in self.sessions.iter().filter(|s| s.available()) {
-                if let Some(mut p) = s.presence.clone() {
-                    p.from = Some(Jid::from(s.jid.clone()));
-                    p.to = Some(Jid::from(contact.clone()));
-                    effects.push(Effect::Route(p));
-                }
-            }
+            effects.extend(self.current_presence_to(&Jid::from(contact.clone())));
         }
         effects
     }
@@ -639,8 +630,23 @@ impl<H: Clone + PartialEq> UserState<H> {
                 }
             }
         }
-        effects.extend(self.push_to_interested(&applied.push));
+        if let Some(push) = &applied.push {
+            effects.extend(self.push_to_interested(push));
+        }
         effects
+    }
+
+    /// The current presence of each available resource, to `contact`.
+    fn current_presence_to(&self, contact: &Jid) -> Vec<Effect<H>> {
+        self.sessions
+            .iter()
+            .filter_map(|s| {
+                let mut p = s.presence.clone()?;
+                p.from = Some(Jid::from(s.jid.clone()));
+                p.to = Some(contact.clone());
+                Some(Effect::Route(p))
+            })
+            .collect()
     }
 
     /// `unavailable` from each available resource to `contact`.
@@ -670,6 +676,7 @@ impl<H: Clone + PartialEq> UserState<H> {
             // XEP-0191 §3.2: a block with no items is a bad request.
             return reply_error(&addressed(iq, from), StanzaErrorCondition::BadRequest);
         }
+        let before: HashSet<String> = self.data.blocklist.iter().cloned().collect();
         let mut list: Vec<String> = self.data.blocklist.clone();
         if block {
             for j in &jids {
@@ -687,7 +694,8 @@ impl<H: Clone + PartialEq> UserState<H> {
         }
         list.sort();
         self.data.blocklist = list.clone();
-        *self.shared.blocklist.write() = list.iter().cloned().collect();
+        let after: HashSet<String> = list.iter().cloned().collect();
+        *self.shared.blocklist.write() = after.clone();
         let mut effects = vec![
             Effect::Route(result_to(iq, from, None)),
             Effect::Persist(Write::Blocklist(list)),
@@ -705,17 +713,20 @@ impl<H: Clone + PartialEq> UserState<H> {
             p.payload = Bytes::from(push.to_xml(ns::CLIENT));
             effects.push(Effect::Deliver(vec![s.handle.clone()], p));
         }
-        // Blocked contacts see the user go offline (XEP-0191 §3.4).
-        if block {
-            for s in self.sessions.iter().filter(|s| s.available()) {
-                for j in &jids {
-                    if let Ok(to) = Jid::new(j) {
-                        let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
-                        p.from = Some(Jid::from(s.jid.clone()));
-                        p.to = Some(to);
-                        effects.push(Effect::Route(p));
-                    }
-                }
+        // XEP-0191 §3.3: a contact allowed to see the user's presence sees the user go
+        // offline when blocked, and gets the current presence back when unblocked;
+        // anyone else learns nothing.
+        for item in self.data.roster.items.values() {
+            if !item.subscription.has_from() {
+                continue;
+            }
+            let Ok(contact) = Jid::new(&item.jid) else {
+                continue;
+            };
+            match (blocked_by(&before, &contact), blocked_by(&after, &contact)) {
+                (false, true) => effects.extend(self.unavailable_to(&contact)),
+                (true, false) => effects.extend(self.current_presence_to(&contact)),
+                _ => {}
             }
         }
         effects
@@ -808,8 +819,14 @@ impl<H: Clone + PartialEq> UserState<H> {
             }
         }
         self.data = UserData::default();
+        let requester = self
+            .sessions
+            .iter()
+            .find(|s| request.from.as_ref() == Some(&Jid::from(s.jid.clone())))
+            .map(|s| s.handle.clone());
         effects.push(Effect::Job(Job::RemoveAccount {
             request,
+            requester,
             sessions: self.sessions.iter().map(|s| s.handle.clone()).collect(),
         }));
         effects

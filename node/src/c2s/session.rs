@@ -201,6 +201,11 @@ impl Session {
             Kind::Iq(_) if to_self && is_account_iq(&st) => {
                 self.send_own_shard(FromSessionKind::AccountIq, st, since)
             }
+            // XEP-0077 §3.3 addresses a password change to the server; it is still the
+            // account's own business.
+            Kind::Iq(_) if self.is_to_server(&st) && is_register_iq(&st) => {
+                self.send_own_shard(FromSessionKind::AccountIq, st, since)
+            }
             // An iq without 'to' is for the server, on behalf of the account; the
             // router hands stanzas without 'to' to the server.
             Kind::Iq(_) => self.router.route(st, since),
@@ -218,6 +223,13 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Whether the stanza is addressed to this server's domain itself.
+    fn is_to_server(&self, st: &Stanza) -> bool {
+        st.to
+            .as_ref()
+            .is_some_and(|t| t.is_bare() && t.to_bare() == *self.router.domain())
     }
 
     fn send_own_shard(&mut self, kind: FromSessionKind, stanza: Stanza, since: Instant) {
@@ -373,4 +385,10 @@ fn is_account_iq(st: &Stanza) -> bool {
         Ok(Some(p)) if [ns::ROSTER, ns::BLOCKING, ns::CARBONS, ns::VCARD, ns::PRIVATE, ns::REGISTER]
             .contains(&p.ns.as_str())
     )
+}
+
+/// An in-band registration request (XEP-0077): a password change or account removal
+/// once authenticated.
+fn is_register_iq(st: &Stanza) -> bool {
+    matches!(st.iq_payload(), Ok(Some(p)) if p.ns == ns::REGISTER)
 }

@@ -556,19 +556,20 @@ fn blocking_hides_and_refuses() {
     );
     let (a, _) = u.bind("a", 1, 1u32).unwrap();
     u.own_presence(&a, stanza("<presence/>"));
-    let e = u.account_iq(&a, stanza("<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='tybalt@example.org'/></block></iq>"));
+    let e = u.account_iq(&a, stanza("<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='tybalt@example.org'/><item jid='nurse@localhost'/></block></iq>"));
     assert_eq!(
         routed(&e)[0],
         "<iq to='juliet@localhost/a' id='b1' type='result'/>"
     );
     assert!(e.contains(&Effect::Persist(Write::Blocklist(vec![
+        "nurse@localhost".into(),
         "tybalt@example.org".into()
     ]))));
-    assert!(
-        routed(&e).contains(
-            &"<presence to='tybalt@example.org' from='juliet@localhost/a' type='unavailable'/>"
-                .to_string()
-        )
+    // XEP-0191 §3.3: the nurse ("from") saw juliet's presence and is told she went
+    // offline; tybalt ("to") never saw it and learns nothing.
+    assert_eq!(
+        routed(&e)[1..],
+        ["<presence to='nurse@localhost' from='juliet@localhost/a' type='unavailable'/>"]
     );
     assert!(
         u.shared()
@@ -584,15 +585,19 @@ fn blocking_hides_and_refuses() {
     assert_eq!(
         routed(&e),
         vec![
-            "<iq to='juliet@localhost/a' id='b2' type='result'><blocklist xmlns='urn:xmpp:blocking'><item jid='tybalt@example.org'/></blocklist></iq>"
+            "<iq to='juliet@localhost/a' id='b2' type='result'><blocklist xmlns='urn:xmpp:blocking'><item jid='nurse@localhost'/><item jid='tybalt@example.org'/></blocklist></iq>"
         ]
     );
-    // Unblock all.
+    // Unblock all: the nurse gets juliet's current presence back (§3.4).
     let e = u.account_iq(
         &a,
         stanza("<iq type='set' id='b3'><unblock xmlns='urn:xmpp:blocking'/></iq>"),
     );
     assert!(e.contains(&Effect::Persist(Write::Blocklist(vec![]))));
+    assert_eq!(
+        routed(&e)[1..],
+        ["<presence to='nurse@localhost' from='juliet@localhost/a'/>"]
+    );
     assert!(
         !u.shared()
             .is_blocked(&Jid::new("tybalt@example.org").unwrap())
@@ -672,7 +677,7 @@ fn account_storage_requests_become_jobs() {
         stanza("<iq type='set' id='rm'><query xmlns='jabber:iq:register'><remove/></query></iq>"),
     );
     assert!(
-        matches!(&e[..], [Effect::Job(Job::RemoveAccount { sessions, .. })] if sessions == &vec![1])
+        matches!(&e[..], [Effect::Job(Job::RemoveAccount { requester: Some(1), sessions, .. })] if sessions == &vec![1])
     );
 }
 
@@ -698,7 +703,7 @@ fn account_removal_cancels_subscriptions_and_stops_writes() {
         assert!(r.contains(&want.to_string()), "{want} not in {r:?}");
     }
     assert!(
-        matches!(e.last(), Some(Effect::Job(Job::RemoveAccount { sessions, .. })) if sessions == &vec![1])
+        matches!(e.last(), Some(Effect::Job(Job::RemoveAccount { requester: Some(1), sessions, .. })) if sessions == &vec![1])
     );
     // Once removed, the account writes nothing more (no last-activity record).
     assert!(!u.exists());

@@ -17,6 +17,8 @@ pub const DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 pub const ROSTER: &str = "jabber:iq:roster";
 /// Stream feature announcing roster versioning (RFC 6121 §2.6.1).
 pub const ROSTER_VER: &str = "urn:xmpp:features:rosterver";
+/// Stream feature announcing subscription pre-approval (RFC 6121 §3.4.1).
+pub const PRE_APPROVAL: &str = "urn:xmpp:features:pre-approval";
 pub const VCARD: &str = "vcard-temp";
 pub const PRIVATE: &str = "jabber:iq:private";
 pub const BLOCKING: &str = "urn:xmpp:blocking";

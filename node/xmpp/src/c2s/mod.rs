@@ -435,8 +435,11 @@ impl C2sStream {
                 features.push_str("'/><session xmlns='");
                 features.push_str(ns::SESSION);
                 features.push_str("'><optional/></session><ver xmlns='");
-                // Roster versioning (RFC 6121 §2.6.1) is served by the user actor.
+                // Roster versioning (RFC 6121 §2.6.1) and subscription pre-approval
+                // (§3.4.1, which must be announced) are served by the user actor.
                 features.push_str(ns::ROSTER_VER);
+                features.push_str("'/><sub xmlns='");
+                features.push_str(ns::PRE_APPROVAL);
                 features.push_str("'/>");
                 let user = self.user.clone().expect("authenticated before restart");
                 self.state = State::AwaitBind { user };

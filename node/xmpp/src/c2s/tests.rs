@@ -76,7 +76,7 @@ impl Harness {
             "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
         );
         let out = self.feed(HEADER);
-        assert!(sent(&out).ends_with("<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session><ver xmlns='urn:xmpp:features:rosterver'/></stream:features>"));
+        assert!(sent(&out).ends_with("<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session><ver xmlns='urn:xmpp:features:rosterver'/><sub xmlns='urn:xmpp:features:pre-approval'/></stream:features>"));
     }
 
     fn bind(&mut self, resource: &str) {
