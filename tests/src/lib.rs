@@ -6,6 +6,7 @@
 //! node's internals.
 
 pub mod client;
+pub mod interop;
 pub mod node;
 
 pub use client::{Client, ClientReader, ClientWriter, Received};

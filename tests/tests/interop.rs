@@ -2,24 +2,8 @@
 //! into `.venv` by `scripts/test-deps.sh`) log in with SCRAM over STARTTLS, bind and
 //! exchange messages through a real node.
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use shoal_tests::TestNode;
-
-/// The interpreter with slixmpp: `SHOAL_TEST_PYTHON`, else the repo's `.venv`.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("SHOAL_TEST_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: run `bash scripts/test-deps.sh` (the README's test command does)",
-        venv.display()
-    );
-    venv
-}
+use shoal_tests::interop::run_script;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_clients_chat_over_starttls_with_scram() {
@@ -27,37 +11,23 @@ async fn slixmpp_clients_chat_over_starttls_with_scram() {
         .user("juliet", "pencil")
         .user("romeo", "r0m30!")
         .start();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/chat_pair.py");
-    let port = node.c2s.port().to_string();
-    let cafile = node.cert_path().to_path_buf();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(&script)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--domain",
-                "localhost",
-            ])
-            .args(["--user1", "juliet", "--pass1", "pencil"])
-            .args(["--user2", "romeo", "--pass2", "r0m30!"])
-            .arg("--cafile")
-            .arg(&cafile)
-            .args(["--timeout", "30"])
-            .output()
-            .expect("run slixmpp script")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "slixmpp run failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    let summary = stdout.lines().last().unwrap_or_default();
+    let summary = run_script(
+        &node,
+        "chat_pair.py",
+        &[
+            "--user1",
+            "juliet",
+            "--pass1",
+            "pencil",
+            "--user2",
+            "romeo",
+            "--pass2",
+            "r0m30!",
+            "--timeout",
+            "30",
+        ],
+    )
+    .await;
     // Both clients negotiated TLS and SCRAM with us and exchanged both messages.
     assert!(summary.contains("\"ok\": true"), "{summary}");
     assert!(summary.contains("\"messages\": 2"), "{summary}");

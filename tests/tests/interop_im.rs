@@ -6,67 +6,31 @@
 //! XEP-0203 delay stamps when it logs in again. The scenario is
 //! `tests/interop/im_flow.py`; set `SHOAL_INTEROP_DEBUG=1` to have it log the XML.
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use shoal_tests::TestNode;
-
-/// The interpreter with slixmpp: `SHOAL_TEST_PYTHON`, else the repo's `.venv`.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("SHOAL_TEST_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: run `bash scripts/test-deps.sh` (the README's test command does)",
-        venv.display()
-    );
-    venv
-}
+use shoal_tests::interop::run_script;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_clients_register_subscribe_chat_and_get_offline_messages() {
     // No pre-provisioned users: the accounts exist only if registration worked.
     let node = TestNode::builder().start();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/im_flow.py");
-    let port = node.c2s.port().to_string();
-    let cafile = node.cert_path().to_path_buf();
-    let debug = std::env::var_os("SHOAL_INTEROP_DEBUG").is_some_and(|v| !v.is_empty());
-    let output = tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(python());
-        cmd.arg(&script)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--domain",
-                "localhost",
-            ])
-            .args(["--alice", "rosalind", "--alice-pass", "0rl@ndo"])
-            .args(["--bob", "orlando", "--bob-pass", "Ardenne forest"])
-            .arg("--cafile")
-            .arg(&cafile)
-            .args(["--timeout", "60"]);
-        if debug {
-            cmd.arg("--debug");
-        }
-        cmd.output().expect("run slixmpp script")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "slixmpp run failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    let summary = stdout.lines().last().unwrap_or_default();
+    let summary = run_script(
+        &node,
+        "im_flow.py",
+        &[
+            "--alice",
+            "rosalind",
+            "--alice-pass",
+            "0rl@ndo",
+            "--bob",
+            "orlando",
+            "--bob-pass",
+            "Ardenne forest",
+            "--timeout",
+            "60",
+        ],
+    )
+    .await;
     println!("im_flow summary: {summary}"); // shown with --nocapture
-    if debug {
-        println!("{stderr}");
-    }
     assert!(summary.contains("\"ok\": true"), "{summary}");
     // Both roster items ended at subscription 'both' (via roster pushes).
     assert!(

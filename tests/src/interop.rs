@@ -1,0 +1,57 @@
+//! Runs the slixmpp scripts under `tests/interop/` against a [`TestNode`]: finds the
+//! interpreter, passes the node's address and certificate, and returns the script's
+//! one-line JSON summary after checking it exited successfully.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::TestNode;
+
+/// The interpreter with slixmpp: `SHOAL_TEST_PYTHON`, else the repo's `.venv`.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run `bash scripts/test-deps.sh` (the README's test command does)",
+        venv.display()
+    );
+    venv
+}
+
+/// Runs `tests/interop/<script>` against `node` with `args` after the connection
+/// options, asserts it succeeded, and returns its last stdout line (the summary).
+/// `SHOAL_INTEROP_DEBUG=1` adds `--debug` and prints the script's log.
+pub async fn run_script(node: &TestNode, script: &str, args: &[&str]) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("interop")
+        .join(script);
+    let debug = std::env::var_os("SHOAL_INTEROP_DEBUG").is_some_and(|v| !v.is_empty());
+    let mut cmd = Command::new(python());
+    cmd.arg(&script)
+        .args(["--host", "127.0.0.1", "--domain", &node.domain])
+        .arg("--port")
+        .arg(node.c2s.port().to_string())
+        .arg("--cafile")
+        .arg(node.cert_path())
+        .args(args);
+    if debug {
+        cmd.arg("--debug");
+    }
+    // The script blocks; run it off the test's runtime threads.
+    let output = tokio::task::spawn_blocking(move || cmd.output().expect("run slixmpp script"))
+        .await
+        .expect("script runner");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "slixmpp run failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    if debug {
+        println!("{stderr}");
+    }
+    stdout.lines().last().unwrap_or_default().to_string()
+}
