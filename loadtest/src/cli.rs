@@ -78,8 +78,9 @@ pub struct Common {
     /// Usernames are PREFIX0, PREFIX1, ...
     #[arg(long, default_value = "load")]
     pub prefix: String,
-    /// The password every simulated user has.
+    /// The password every simulated user has (kept out of the JSON report).
     #[arg(long, default_value = "load-password")]
+    #[serde(skip)]
     pub password: String,
     /// Spread connections over source addresses 127.0.0.1..=127.0.0.K (loopback targets
     /// only), so more connections fit than one address's ephemeral port range.

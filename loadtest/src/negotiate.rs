@@ -35,8 +35,10 @@ pub enum TlsMode {
 #[serde(rename_all = "kebab-case")]
 pub enum Mech {
     #[value(name = "scram-sha-256")]
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     #[value(name = "scram-sha-1")]
+    #[serde(rename = "scram-sha-1")]
     ScramSha1,
     Plain,
 }

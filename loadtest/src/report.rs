@@ -58,6 +58,12 @@ impl Report {
             ));
         }
         for c in &self.chat {
+            if c.generator_cpu_percent > GENERATOR_CPU_WARN_PERCENT {
+                self.warnings.push(format!(
+                    "WARNING: phase {}: the generator used {:.0}% of a core: it may be the limit, not the server",
+                    c.phase, c.generator_cpu_percent
+                ));
+            }
             if c.scheduled > c.sent {
                 self.warnings.push(format!(
                     "phase {}: only {} of {} scheduled messages were sent",
@@ -121,6 +127,13 @@ impl Report {
                 c.send_rate, c.receive_rate
             );
             row(&mut o, "end-to-end", &c.latency);
+            let _ = writeln!(
+                o,
+                "  cpu          generator {:.0}% of a core{}",
+                c.generator_cpu_percent,
+                c.server_cpu_percent
+                    .map_or(String::new(), |s| format!(", server {s:.0}%"))
+            );
         }
         if let Some(s) = &self.step {
             let _ = writeln!(

@@ -72,6 +72,9 @@ pub struct ChatPhaseReport {
     pub receive_rate: f64,
     /// End-to-end latency from each message's scheduled send time.
     pub latency: Percentiles,
+    /// CPU over the phase (sending and drain), in percent of one core.
+    pub generator_cpu_percent: f64,
+    pub server_cpu_percent: Option<f64>,
 }
 
 /// Results of the idle soak.
@@ -265,6 +268,7 @@ impl Run {
             return report;
         }
         let received_before = self.counters.received.load(Ordering::Relaxed);
+        let cpu_before = self.cpu_samples();
         // A short lead so every sender task is waiting before the first message is due.
         let phase_start = Instant::now() + Duration::from_millis(100);
         let mut tasks = Vec::with_capacity(senders);
@@ -297,6 +301,13 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let receiving_done = Instant::now();
+        let cpu_after = self.cpu_samples();
+        if let (Some(b), Some(a)) = (cpu_before.0, cpu_after.0) {
+            report.generator_cpu_percent = sysmon::cpu_percent(&b, &a);
+        }
+        if let (Some(b), Some(a)) = (cpu_before.1, cpu_after.1) {
+            report.server_cpu_percent = Some(sysmon::cpu_percent(&b, &a));
+        }
         let mut latency = Latency::default();
         // Per sender, the messages no receiver has accounted for yet.
         let mut unaccounted = sent.clone();
@@ -483,6 +494,15 @@ impl Run {
         // Pairs are formed from the sessions that did log in, so a failed login costs
         // one pair rather than a partner that can never receive.
         self.start_sessions(sessions)
+    }
+
+    /// This process's and the server's CPU readings, where available.
+    fn cpu_samples(&self) -> (Option<sysmon::ProcSample>, Option<sysmon::ProcSample>) {
+        (
+            sysmon::sample("self").ok(),
+            self.server_pid
+                .and_then(|pid| sysmon::sample(&pid.to_string()).ok()),
+        )
     }
 
     fn server_rss(&self) -> Option<u64> {

@@ -125,16 +125,17 @@ impl Live {
         self.writer.clone()
     }
 
-    /// Closes the stream politely and stops the reader.
+    /// Stops the reader, then closes the stream politely. The reader goes first so the
+    /// server's answering close is not counted as a disconnection.
     pub async fn close(self) {
+        drop(self.control);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.reader).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let mut w = self.writer.lock().await;
             let _ = w.write_all(b"</stream:stream>").await;
             let _ = w.shutdown().await;
         })
         .await;
-        drop(self.control);
-        self.reader.abort();
     }
 }
 
