@@ -243,7 +243,7 @@ mod tests {
         let times: Vec<_> = burst.map(|q| s.due_at(q)).collect();
         assert_eq!(
             times,
-            [12_500, 22_500, 32_500, 42_500, 52_500].map(|us| Duration::from_micros(us))
+            [12_500, 22_500, 32_500, 42_500, 52_500].map(Duration::from_micros)
         );
         // Past the end, only what remains.
         assert_eq!(s.due(98, Duration::from_secs(5)), 98..100);

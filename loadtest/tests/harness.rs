@@ -241,11 +241,11 @@ async fn fake_session(stream: tokio::net::TcpStream, registry: Registry, stats: 
             continue;
         }
         let n = stats.seen.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             stats.dropped.fetch_add(1, Ordering::SeqCst);
             continue;
         }
-        let copies = if n % 7 == 0 {
+        let copies = if n.is_multiple_of(7) {
             stats.duplicated.fetch_add(1, Ordering::SeqCst);
             2
         } else {

@@ -304,3 +304,44 @@ fn password_or_stdin(given: Option<String>) -> anyhow::Result<String> {
     }
     Ok(password)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_file_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.txt");
+        std::fs::write(&path, "# accounts\nalice:pw1\n\nbob:p:w\r\n").unwrap();
+        assert_eq!(
+            read_import_file(&path).unwrap(),
+            vec![
+                ("alice".to_string(), "pw1".to_string()),
+                ("bob".to_string(), "p:w".to_string())
+            ]
+        );
+        std::fs::write(&path, "alice:pw1\ncarol\n").unwrap();
+        let err = read_import_file(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn derivation_keeps_input_order() {
+        let entries: Vec<_> = (0..5)
+            .map(|i| (format!("u{i}"), format!("pw{i}")))
+            .collect();
+        let derived = derive_all(&entries, 3);
+        assert_eq!(derived.len(), 5);
+        for ((_, pw), creds) in entries.iter().zip(&derived) {
+            let again = shoal_xmpp::sasl::StoredCredentials::derive(
+                pw,
+                &creds.sha1.salt,
+                &creds.sha256.salt,
+                creds.sha256.iterations,
+            );
+            assert_eq!(&again, creds);
+        }
+        assert!(derive_all(&[], 4).is_empty());
+    }
+}
