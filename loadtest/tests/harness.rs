@@ -87,6 +87,41 @@ async fn login_and_chat_against_a_real_node_lose_nothing() {
     assert_eq!(c.latency.count, 200);
     assert_eq!(r.disconnected, 0);
 
+    // Direct TLS (XEP-0368) on the other port.
+    let direct = node.direct_tls.expect("direct TLS listener").to_string();
+    let r = run(&[
+        "login",
+        "--clients",
+        "4",
+        "--server",
+        &direct,
+        "--domain",
+        &node.domain,
+        "--tls",
+        "direct",
+        "--cafile",
+        &cert,
+        "--prefix",
+        "load",
+        "--password",
+        "secret",
+    ])
+    .await;
+    assert_eq!(r.login.succeeded, 4, "{}", r.human());
+
+    // Failures are counted by reason.
+    let mut wrong = vec!["login", "--clients", "3"];
+    wrong.extend_from_slice(&common[..10]);
+    wrong.extend_from_slice(&["--password", "wrong"]);
+    let r = run(&wrong).await;
+    assert_eq!(r.login.failed, 3);
+    assert_eq!(
+        r.login.failures.0.get("sasl:not-authorized"),
+        Some(&3),
+        "{}",
+        r.human()
+    );
+
     // In-band registration, then a login with the new accounts.
     let mut reg = vec![
         "login",
