@@ -1,0 +1,360 @@
+//! The command line: one subcommand per scenario, each with the connection options
+//! flattened in, so options may follow the scenario name. Every run is bounded: client
+//! counts, durations and rates have upper limits checked in [`validate`].
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::negotiate::{Mech, TlsMode};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shoal-load",
+    version,
+    about = "Simulated XMPP clients for load tests (login storm, open-loop chat, idle soak, step)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Debug, Clone, Subcommand, Serialize)]
+#[serde(tag = "scenario", rename_all = "lowercase")]
+pub enum Scenario {
+    /// Login storm: open --clients sessions at --rate per second, report logins/s and
+    /// connect/TLS/auth/bind latency.
+    Login(LoginArgs),
+    /// 1:1 chat between paired sessions at a fixed open-loop message rate.
+    Chat(ChatArgs),
+    /// Idle soak: hold authenticated sessions, report server memory per session.
+    Idle(IdleArgs),
+    /// Raise the chat rate step by step until p99 or loss crosses a threshold.
+    Step(StepArgs),
+}
+
+impl Scenario {
+    pub fn common(&self) -> &Common {
+        match self {
+            Scenario::Login(a) => &a.common,
+            Scenario::Chat(a) => &a.common,
+            Scenario::Idle(a) => &a.common,
+            Scenario::Step(a) => &a.chat.common,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::Login(_) => "login",
+            Scenario::Chat(_) => "chat",
+            Scenario::Idle(_) => "idle",
+            Scenario::Step(_) => "step",
+        }
+    }
+}
+
+/// Options every scenario shares.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct Common {
+    /// Server endpoint (IP:port); repeat for several, clients are spread round-robin.
+    #[arg(long = "server", default_value = "127.0.0.1:5222")]
+    pub servers: Vec<SocketAddr>,
+    /// The XMPP domain (stream `to`, TLS server name, JID domain).
+    #[arg(long, default_value = "localhost")]
+    pub domain: String,
+    #[arg(long, value_enum, default_value_t = TlsMode::Starttls)]
+    pub tls: TlsMode,
+    /// CA / certificate file (PEM) to trust for TLS.
+    #[arg(long)]
+    pub cafile: Option<PathBuf>,
+    /// Trust any server certificate (handshake signatures are still checked).
+    #[arg(long)]
+    pub insecure: bool,
+    #[arg(long, value_enum, default_value_t = Mech::ScramSha256)]
+    pub mech: Mech,
+    /// Usernames are PREFIX0, PREFIX1, ...
+    #[arg(long, default_value = "load")]
+    pub prefix: String,
+    /// The password every simulated user has (kept out of the JSON report).
+    #[arg(long, default_value = "load-password")]
+    #[serde(skip)]
+    pub password: String,
+    /// Spread connections over source addresses 127.0.0.1..=127.0.0.K (loopback targets
+    /// only), so more connections fit than one address's ephemeral port range.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub source_addrs: u8,
+    /// Seconds one login (or registration) may take before it counts as failed.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// Logins in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Logins started per second (0: as fast as --concurrency allows).
+    #[arg(long, default_value_t = 0.0)]
+    pub login_rate: f64,
+    /// Spread the logins over this many seconds (sets the login rate when --login-rate
+    /// is 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp: f64,
+    /// Create the accounts by XEP-0077 in-band registration before the run.
+    #[arg(long)]
+    pub register: bool,
+    /// Write machine-readable results to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Print the live progress line even when stderr is not a terminal.
+    #[arg(long)]
+    pub progress: bool,
+    /// The server's process id (same machine): report its CPU and RSS.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// The server's Prometheus page (http://IP:port/metrics) for `shoal_sessions`.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    /// Allow endpoints outside 127.0.0.0/8 and ::1.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Tokio worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct LoginArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Sessions to open.
+    #[arg(long)]
+    pub clients: usize,
+    /// Logins per second (0: as fast as --concurrency allows); same as --login-rate.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Seconds to hold all sessions open after the last login.
+    #[arg(long, default_value_t = 0.0)]
+    pub hold: f64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Sessions, paired up (client 2k talks to 2k+1); an odd last one stays idle.
+    #[arg(long, default_value_t = 100)]
+    pub clients: usize,
+    /// Messages per second offered in total, on an open-loop schedule.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Body size in bytes (at least the probe header, ~30 bytes).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Seconds of measured traffic.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds to wait after the last send for messages in flight.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain: f64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long)]
+    pub clients: usize,
+    /// Seconds to hold the sessions idle.
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// Seconds between whitespace keepalives on each session.
+    #[arg(long, default_value_t = 60.0)]
+    pub keepalive: f64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct StepArgs {
+    /// --rate is the first step's rate, --duration is ignored (see --step-duration).
+    #[command(flatten)]
+    pub chat: ChatArgs,
+    /// Messages per second added at each step.
+    #[arg(long, default_value_t = 1000.0)]
+    pub step: f64,
+    /// Seconds each step runs.
+    #[arg(long, default_value_t = 10.0)]
+    pub step_duration: f64,
+    /// Stop when a step's p99 latency exceeds this many milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    pub p99_max_ms: f64,
+    /// Stop when a step loses more than this fraction of its messages.
+    #[arg(long, default_value_t = 0.001)]
+    pub max_loss: f64,
+    /// Never offer more than this many messages per second.
+    #[arg(long, default_value_t = 1_000_000.0)]
+    pub max_rate: f64,
+    /// At most this many steps.
+    #[arg(long, default_value_t = 50)]
+    pub max_steps: u32,
+}
+
+/// Upper bounds that keep every run finite and sized for one machine.
+pub const MAX_CLIENTS: usize = 1_000_000;
+pub const MAX_SECONDS: f64 = 24.0 * 3600.0;
+pub const MAX_RATE: f64 = 10_000_000.0;
+
+/// Checks the arguments; all problems are reported at once.
+pub fn validate(s: &Scenario) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    let c = s.common();
+    let mut secs = |name: &str, v: f64| {
+        if !(0.0..=MAX_SECONDS).contains(&v) {
+            errors.push(format!(
+                "--{name} must be between 0 and {MAX_SECONDS} seconds"
+            ));
+        }
+    };
+    secs("timeout", c.timeout);
+    secs("ramp", c.ramp);
+    let (clients, rates): (usize, Vec<(&str, f64)>) = match s {
+        Scenario::Login(a) => {
+            secs("hold", a.hold);
+            (a.clients, vec![("rate", a.rate)])
+        }
+        Scenario::Chat(a) => {
+            secs("duration", a.duration);
+            secs("drain", a.drain);
+            (a.clients, vec![("rate", a.rate)])
+        }
+        Scenario::Idle(a) => {
+            secs("duration", a.duration);
+            secs("keepalive", a.keepalive);
+            (a.clients, vec![])
+        }
+        Scenario::Step(a) => {
+            secs("step-duration", a.step_duration);
+            secs("drain", a.chat.drain);
+            (
+                a.chat.clients,
+                vec![
+                    ("rate", a.chat.rate),
+                    ("step", a.step),
+                    ("max-rate", a.max_rate),
+                ],
+            )
+        }
+    };
+    if c.timeout <= 0.0 {
+        errors.push("--timeout must be positive".into());
+    }
+    if !(1..=MAX_CLIENTS).contains(&clients) {
+        errors.push(format!("--clients must be between 1 and {MAX_CLIENTS}"));
+    }
+    if matches!(s, Scenario::Chat(_) | Scenario::Step(_)) {
+        if clients < 2 {
+            errors.push("chat needs at least 2 clients".into());
+        }
+        if rates[0].1 <= 0.0 {
+            errors.push("--rate must be positive for chat".into());
+        }
+    }
+    for (name, v) in rates.into_iter().chain([("login-rate", c.login_rate)]) {
+        if !(0.0..=MAX_RATE).contains(&v) {
+            errors.push(format!("--{name} must be between 0 and {MAX_RATE}"));
+        }
+    }
+    if c.concurrency == 0 {
+        errors.push("--concurrency must be at least 1".into());
+    }
+    if c.servers.is_empty() {
+        errors.push("at least one --server is needed".into());
+    }
+    if !c.allow_remote {
+        for s in &c.servers {
+            if !s.ip().is_loopback() {
+                errors.push(format!(
+                    "{s} is not a loopback address (pass --allow-remote to load a remote server)"
+                ));
+            }
+        }
+    }
+    if c.tls != TlsMode::None && c.cafile.is_none() && !c.insecure {
+        errors.push("TLS needs --cafile FILE or --insecure".into());
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("invalid arguments:\n  {}", errors.join("\n  "))
+    }
+}
+
+/// The source addresses to spread connections over: 127.0.0.1..=127.0.0.K when every
+/// endpoint is IPv4 loopback, otherwise none (the OS picks).
+pub fn source_addresses(c: &Common) -> Vec<IpAddr> {
+    let all_loopback_v4 = c
+        .servers
+        .iter()
+        .all(|s| matches!(s.ip(), IpAddr::V4(v4) if v4.is_loopback()));
+    if !all_loopback_v4 {
+        return Vec::new();
+    }
+    (1..=c.source_addrs)
+        .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, k)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Scenario {
+        let mut v = vec!["shoal-load"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap().scenario
+    }
+
+    #[test]
+    fn parses_and_validates() {
+        let s = parse(&[
+            "chat",
+            "--clients",
+            "10",
+            "--rate",
+            "100",
+            "--tls",
+            "none",
+            "--mech",
+            "plain",
+        ]);
+        validate(&s).unwrap();
+        assert_eq!(s.common().source_addrs, 8);
+        assert_eq!(source_addresses(s.common()).len(), 8);
+
+        let s = parse(&["login", "--clients", "0", "--server", "10.1.2.3:5222"]);
+        let err = validate(&s).unwrap_err().to_string();
+        assert!(err.contains("--clients"), "{err}");
+        assert!(err.contains("not a loopback"), "{err}");
+        assert!(err.contains("--cafile"), "{err}");
+
+        let s = parse(&[
+            "step",
+            "--clients",
+            "4",
+            "--tls",
+            "direct",
+            "--insecure",
+            "--step",
+            "500",
+        ]);
+        validate(&s).unwrap();
+        let s = parse(&[
+            "idle",
+            "--clients",
+            "4",
+            "--tls",
+            "none",
+            "--duration",
+            "100000",
+        ]);
+        assert!(validate(&s).is_err());
+    }
+}

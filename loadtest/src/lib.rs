@@ -1,0 +1,112 @@
+//! `shoal-load`: thousands of simulated XMPP clients in one process, for measuring Shoal
+//! (or any XMPP server) under a login storm, open-loop 1:1 chat, an idle soak, or a
+//! stepped search for the highest sustainable message rate.
+//!
+//! Code map:
+//! - `negotiate`: the client negotiation as a sans-IO state machine over `shoal-xmpp`
+//!   (framer, stream headers, SCRAM/PLAIN client).
+//! - `conn`: the async driver of one connection (source address, TLS, deadlines).
+//! - `schedule`: the open-loop send schedule and per-flow loss/duplicate/order
+//!   accounting, sans-IO.
+//! - `session`: reader and sender tasks of established sessions.
+//! - `scenario`: the scenarios; `monitor`, `sysmon`, `stats`, `report`: measurement and
+//!   output; `cli`: the command line.
+//!
+//! The generator talks to servers only over sockets and never reaches into a server's
+//! internals; it reads a co-located server's `/proc` entries and `/metrics` page, nothing
+//! else.
+
+pub mod cli;
+pub mod conn;
+pub mod monitor;
+pub mod negotiate;
+pub mod report;
+pub mod scenario;
+pub mod schedule;
+pub mod session;
+pub mod stats;
+pub mod sysmon;
+pub mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cli::Scenario;
+use conn::{ConnectConfig, Connector};
+use report::Report;
+use scenario::Run;
+use session::Counters;
+use sysmon::ProcReport;
+
+/// Runs one scenario to completion and returns its report (with warnings added).
+pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
+    cli::validate(&scenario)?;
+    let c = scenario.common();
+    let tls_config = match c.tls {
+        negotiate::TlsMode::None => None,
+        _ => Some(tls::client_config(c.cafile.as_deref(), c.insecure)?),
+    };
+    let connector = Arc::new(Connector::new(ConnectConfig {
+        servers: c.servers.clone(),
+        sources: cli::source_addresses(c),
+        domain: c.domain.clone(),
+        tls: c.tls,
+        tls_config,
+        mech: c.mech,
+        prefix: c.prefix.clone(),
+        password: c.password.clone(),
+        timeout: Duration::from_secs_f64(c.timeout),
+    }));
+    let counters = Arc::new(Counters::default());
+    let server_pid = c.server_pid;
+    let server_before = match server_pid {
+        Some(pid) => Some(sysmon::sample(&pid.to_string())?),
+        None => None,
+    };
+    let self_before = sysmon::sample("self")?;
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let monitor =
+        monitor::Monitor::start(scenario.name(), counters.clone(), server_pid, c.progress);
+    let run = Run {
+        connector,
+        counters: counters.clone(),
+        epoch: tokio::time::Instant::now(),
+        server_pid,
+        metrics_url: c.metrics_url.clone(),
+    };
+    let out = match &scenario {
+        Scenario::Login(a) => run.login(a).await,
+        Scenario::Chat(a) => run.chat(a).await,
+        Scenario::Idle(a) => run.idle(a).await,
+        Scenario::Step(a) => run.step(a).await,
+    };
+    let peaks = monitor.finish().await;
+    let self_after = sysmon::sample("self")?;
+    let server = match (server_pid, server_before) {
+        (Some(pid), Some(before)) => sysmon::sample(&pid.to_string())
+            .ok()
+            .map(|after| ProcReport::between(&before, &after, peaks.server_rss_kib)),
+        _ => None,
+    };
+    let mut report = Report {
+        scenario: scenario.name(),
+        started_unix,
+        wall_secs: self_after.at.duration_since(self_before.at).as_secs_f64(),
+        params: scenario.clone(),
+        registration: out.registration,
+        login: out.login,
+        chat: out.chat,
+        step: out.step,
+        idle: out.idle,
+        late_messages: counters.late.load(Ordering::Relaxed),
+        disconnected: counters.disconnected.load(Ordering::Relaxed),
+        generator: ProcReport::between(&self_before, &self_after, peaks.own_rss_kib),
+        server,
+        warnings: Vec::new(),
+    };
+    report.add_warnings();
+    Ok(report)
+}

@@ -1,0 +1,207 @@
+//! The run's results: one serialisable [`Report`] (the `--json` file, every number
+//! included) and the human summary table printed from it.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::cli::Scenario;
+use crate::scenario::{ChatPhaseReport, IdleReport, LoginReport, RegisterReport, StepReport};
+use crate::stats::{Failures, Percentiles, ms};
+use crate::sysmon::ProcReport;
+
+/// Generator CPU above this share of one core makes the generator a suspect.
+pub const GENERATOR_CPU_WARN_PERCENT: f64 = 90.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: &'static str,
+    /// Seconds since the Unix epoch when the run started.
+    pub started_unix: u64,
+    pub wall_secs: f64,
+    pub params: Scenario,
+    pub registration: Option<RegisterReport>,
+    pub login: LoginReport,
+    /// One entry for `chat`, one per step for `step`, none otherwise.
+    pub chat: Vec<ChatPhaseReport>,
+    pub step: Option<StepReport>,
+    pub idle: Option<IdleReport>,
+    /// Probe messages that arrived after their phase had been counted.
+    pub late_messages: u64,
+    /// Sessions the server closed during the run (not counting our own closes).
+    pub disconnected: u64,
+    pub generator: ProcReport,
+    pub server: Option<ProcReport>,
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// Adds the warnings derived from the numbers.
+    pub fn add_warnings(&mut self) {
+        if self.generator.cpu_percent_of_core > GENERATOR_CPU_WARN_PERCENT {
+            self.warnings.push(format!(
+                "WARNING: the generator used {:.0}% of a core: it may be the limit, not the server \
+                 (use more --threads or a second generator process)",
+                self.generator.cpu_percent_of_core
+            ));
+        }
+        if self.login.failed > 0 {
+            self.warnings.push(format!(
+                "{} of {} logins failed",
+                self.login.failed, self.login.attempted
+            ));
+        }
+        if self.disconnected > 0 {
+            self.warnings.push(format!(
+                "{} sessions were closed by the server",
+                self.disconnected
+            ));
+        }
+        for c in &self.chat {
+            if c.generator_cpu_percent > GENERATOR_CPU_WARN_PERCENT {
+                self.warnings.push(format!(
+                    "WARNING: phase {}: the generator used {:.0}% of a core: it may be the limit, not the server",
+                    c.phase, c.generator_cpu_percent
+                ));
+            }
+            if c.scheduled > c.sent {
+                self.warnings.push(format!(
+                    "phase {}: only {} of {} scheduled messages were sent",
+                    c.phase, c.sent, c.scheduled
+                ));
+            }
+        }
+    }
+
+    /// The human summary table.
+    pub fn human(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "shoal-load {} — {:.1} s", self.scenario, self.wall_secs);
+        if let Some(r) = &self.registration {
+            let _ = writeln!(
+                o,
+                "registration   created {}  existing {}  failed {}  in {:.1} s",
+                r.created, r.existing, r.failed, r.wall_secs
+            );
+            failures(&mut o, &r.failures);
+        }
+        let l = &self.login;
+        let _ = writeln!(
+            o,
+            "logins         {} ok / {} attempted, {} failed, {:.1} s, {:.0} logins/s",
+            l.succeeded, l.attempted, l.failed, l.wall_secs, l.logins_per_sec
+        );
+        failures(&mut o, &l.failures);
+        let _ = writeln!(
+            o,
+            "  latency ms   {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "p50", "p90", "p99", "p99.9", "max", "count"
+        );
+        row(&mut o, "connect", &l.connect);
+        if let Some(t) = &l.tls {
+            row(&mut o, "tls", t);
+        }
+        row(&mut o, "auth", &l.auth);
+        row(&mut o, "bind", &l.bind);
+        row(&mut o, "login total", &l.total);
+        for c in &self.chat {
+            let _ = writeln!(
+                o,
+                "chat phase {}  target {:.0} msg/s, {} senders, {} B bodies, {:.0} s",
+                c.phase, c.target_rate, c.senders, c.size, c.duration_secs
+            );
+            let _ = writeln!(
+                o,
+                "  messages     scheduled {}  sent {}  received {}  lost {}  dup {}  ooo {}  (loss {:.4}%)",
+                c.scheduled,
+                c.sent,
+                c.received,
+                c.lost,
+                c.duplicated,
+                c.out_of_order,
+                c.loss_fraction * 100.0
+            );
+            let _ = writeln!(
+                o,
+                "  rates        sent {:.0} msg/s  received {:.0} msg/s",
+                c.send_rate, c.receive_rate
+            );
+            row(&mut o, "end-to-end", &c.latency);
+            let _ = writeln!(
+                o,
+                "  cpu          generator {:.0}% of a core{}",
+                c.generator_cpu_percent,
+                c.server_cpu_percent
+                    .map_or(String::new(), |s| format!(", server {s:.0}%"))
+            );
+        }
+        if let Some(s) = &self.step {
+            let _ = writeln!(
+                o,
+                "step           highest sustained rate: {}; stopped: {}",
+                s.highest_sustained_rate
+                    .map_or("none".into(), |r| format!("{r:.0} msg/s")),
+                s.stopped_because
+            );
+        }
+        if let Some(i) = &self.idle {
+            let _ = writeln!(
+                o,
+                "idle           {} sessions held {:.0} s, {} disconnected",
+                i.sessions, i.held_secs, i.disconnected
+            );
+            if let (Some(b), Some(a)) = (i.server_rss_kib_before, i.server_rss_kib_after) {
+                let _ = writeln!(o, "  server RSS   {b} KiB -> {a} KiB");
+            }
+            if let (Some(b), Some(a)) = (i.metrics_sessions_before, i.metrics_sessions_after) {
+                let _ = writeln!(o, "  shoal_sessions {b} -> {a}");
+            }
+            if let Some(per) = i.bytes_per_session {
+                let _ = writeln!(o, "  memory/session {:.1} KiB", per / 1024.0);
+            }
+        }
+        if self.late_messages > 0 {
+            let _ = writeln!(o, "late messages  {}", self.late_messages);
+        }
+        let g = &self.generator;
+        let _ = writeln!(
+            o,
+            "generator      CPU {:.0}% of a core ({:.1} s), RSS peak {} KiB",
+            g.cpu_percent_of_core, g.cpu_seconds, g.rss_kib_peak
+        );
+        if let Some(s) = &self.server {
+            let _ = writeln!(
+                o,
+                "server         CPU {:.0}% of a core ({:.1} s), RSS {} -> {} KiB (peak {})",
+                s.cpu_percent_of_core,
+                s.cpu_seconds,
+                s.rss_kib_start,
+                s.rss_kib_end,
+                s.rss_kib_peak
+            );
+        }
+        for w in &self.warnings {
+            let _ = writeln!(o, "{w}");
+        }
+        o
+    }
+}
+
+fn row(o: &mut String, name: &str, p: &Percentiles) {
+    let _ = writeln!(
+        o,
+        "  {name:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        ms(p.p50_us),
+        ms(p.p90_us),
+        ms(p.p99_us),
+        ms(p.p999_us),
+        ms(p.max_us),
+        p.count
+    );
+}
+
+fn failures(o: &mut String, f: &Failures) {
+    for (reason, n) in &f.0 {
+        let _ = writeln!(o, "  failed: {reason} x{n}");
+    }
+}

@@ -1,0 +1,118 @@
+//! Latency histograms (HDR, microseconds) and failure counters, and their summaries as
+//! plain numbers for the report.
+//!
+//! Histograms are recorded by one task each and merged at the end, so recording never
+//! takes a lock on a hot path.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Highest recordable value: one hour in microseconds. Larger values saturate.
+const MAX_US: u64 = 3_600_000_000;
+
+/// A latency histogram in microseconds with 3 significant digits.
+#[derive(Debug, Clone)]
+pub struct Latency(Histogram<u64>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self(Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds"))
+    }
+}
+
+impl Latency {
+    pub fn record(&mut self, d: Duration) {
+        self.0
+            .saturating_record((d.as_micros() as u64).clamp(1, MAX_US));
+    }
+
+    pub fn merge(&mut self, other: &Latency) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.0.add(&other.0);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    pub fn summary(&self) -> Percentiles {
+        let h = &self.0;
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: h.len(),
+            min_us: h.min(),
+            mean_us: h.mean(),
+            p50_us: h.value_at_quantile(0.50),
+            p90_us: h.value_at_quantile(0.90),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+/// A histogram's summary, all in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub min_us: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+/// Failures counted by reason (the `reason()` keys of the error types).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Failures(pub BTreeMap<String, u64>);
+
+impl Failures {
+    pub fn add(&mut self, reason: String) {
+        *self.0.entry(reason).or_default() += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    pub fn merge(&mut self, other: &Failures) {
+        for (k, v) in &other.0 {
+            *self.0.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+/// Milliseconds with two decimals, for human tables.
+pub fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut a = Latency::default();
+        for i in 1..=1000 {
+            a.record(Duration::from_micros(i));
+        }
+        let mut b = Latency::default();
+        b.record(Duration::from_secs(7200)); // saturates at the bound
+        a.merge(&b);
+        let s = a.summary();
+        assert_eq!(s.count, 1001);
+        assert_eq!(s.min_us, 1);
+        assert!((499..=501).contains(&s.p50_us), "{s:?}");
+        assert!((989..=991).contains(&s.p99_us), "{s:?}");
+        assert!(s.max_us >= MAX_US - MAX_US / 1000, "{s:?}");
+        assert_eq!(Latency::default().summary(), Percentiles::default());
+    }
+}
