@@ -117,6 +117,7 @@ pub async fn run(
         .collect();
     router.set_hosts(hosts);
 
+    let data_dir = config.data_dir.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = config.shutdown.grace;
     let shared = Arc::new(Shared::new(
@@ -125,8 +126,8 @@ pub async fn run(
         tls,
         storage,
         router.clone(),
-        metrics,
         stop_rx.clone(),
+        node_secret(&data_dir).context("node secret")?,
     ));
     let handles: Vec<ArbiterHandle> = workers.iter().map(Arbiter::handle).collect();
     let mut tasks = Vec::new();
@@ -219,4 +220,34 @@ async fn futures_all(receivers: Vec<oneshot::Receiver<()>>) {
     for rx in receivers {
         let _ = rx.await;
     }
+}
+
+/// The node's persistent secret (`<data_dir>/node-secret`, created with 32 random bytes
+/// on first start, readable by the owner only). It keeps the fake SCRAM salts of unknown
+/// accounts stable across attempts and restarts. Nodes of one cluster may share it.
+fn node_secret(data_dir: &std::path::Path) -> std::io::Result<Arc<[u8]>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("node-secret");
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() >= 16 => return Ok(Arc::from(bytes)),
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} is shorter than 16 bytes",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let secret: [u8; 32] = rand::random();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(&secret)?;
+    file.sync_all()?;
+    Ok(Arc::from(&secret[..]))
 }

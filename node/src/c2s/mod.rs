@@ -58,9 +58,10 @@ impl Shared {
         tls: Option<TlsAcceptor>,
         storage: Storage,
         router: Router,
-        metrics: Metrics,
         shutdown: watch::Receiver<bool>,
+        secret: Arc<[u8]>,
     ) -> Self {
+        let metrics = router.metrics().clone();
         let stream_config = C2sConfig {
             domain,
             limits: FramerLimits {
@@ -70,6 +71,7 @@ impl Shared {
             tls_available: tls.is_some(),
             tls_required: config.c2s.starttls_required,
             registration: config.registration.enabled,
+            fake_salt_secret: secret,
         };
         Self {
             auth_limiter: IpLimiter::new(config.limits.auth_failures_per_ip_per_minute),

@@ -15,6 +15,8 @@
 //! machine validates the submission and says [`Action::Register`]; whether the account
 //! can be created (rate limits, existing accounts) is the driver's call.
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::BytesMut;
@@ -52,6 +54,10 @@ pub struct C2sConfig {
     /// XEP-0077 in-band registration is enabled. Even then it is only offered and
     /// accepted once the stream is encrypted, because the password travels in the iq.
     pub registration: bool,
+    /// A per-deployment secret that makes the fake SCRAM salt shown for unknown
+    /// accounts stable across attempts, so probing twice cannot tell a real account from
+    /// a made-up one. Empty: the fake salt changes per exchange.
+    pub fake_salt_secret: Arc<[u8]>,
 }
 
 /// What the driver must do.
@@ -541,7 +547,11 @@ impl C2sStream {
             Ok(d) => d,
             Err(f) => return self.sasl_failure(Some(mechanism), f, fresh_id, out),
         };
-        let mut sasl = Box::new(SaslServer::new(mechanism, fresh_id()));
+        let mut sasl = SaslServer::new(mechanism, fresh_id());
+        if !self.config.fake_salt_secret.is_empty() {
+            sasl = sasl.with_fake_salt_secret(&self.config.fake_salt_secret);
+        }
+        let mut sasl = Box::new(sasl);
         let step = sasl.start(&initial);
         self.on_sasl_step(sasl, step, fresh_id, out);
     }

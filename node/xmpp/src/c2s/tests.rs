@@ -27,6 +27,7 @@ impl Harness {
             },
             tls_available: true,
             tls_required,
+            fake_salt_secret: std::sync::Arc::from(&b"test secret"[..]),
             registration,
         };
         Self {
@@ -900,4 +901,32 @@ mod fuzz {
             }
         }
     }
+}
+
+/// With the deployment secret set, an unknown account shows the same (fake) salt on
+/// every attempt, as a real account does, so repeated probing reveals nothing.
+#[test]
+fn unknown_accounts_get_a_stable_fake_salt() {
+    let salt_for = |user: &str| {
+        let mut h = Harness::new(true, true);
+        h.feed(HEADER);
+        let client = ScramClient::new(ScramHash::Sha256, user, "x", format!("n{}", h.next_id));
+        h.feed(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>{}</auth>",
+            B64.encode(client.client_first())
+        ));
+        let out = h.creds(None);
+        let challenge = sent(&out);
+        let b64 = challenge
+            .strip_prefix("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
+            .and_then(|s| s.strip_suffix("</challenge>"))
+            .unwrap();
+        let first = String::from_utf8(B64.decode(b64).unwrap()).unwrap();
+        first
+            .split(',')
+            .find_map(|p| p.strip_prefix("s=").map(str::to_owned))
+            .unwrap()
+    };
+    assert_eq!(salt_for("nobody"), salt_for("nobody"));
+    assert_ne!(salt_for("nobody"), salt_for("someone-else"));
 }
