@@ -14,7 +14,6 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use jid::BareJid;
 use tokio::sync::{oneshot, watch};
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::admin::{self, Health, ReadyComponent};
@@ -88,7 +87,7 @@ pub async fn run(
         &config.domain,
     )
     .context("TLS certificate")?;
-    let tls = Some(TlsAcceptor::from(server_tls));
+    let tls = Some(server_tls);
 
     // Shard hosts and connections share the worker arbiters (one per core).
     let workers: Vec<Arbiter> = (0..config.cluster.effective_shard_hosts())

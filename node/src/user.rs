@@ -229,6 +229,8 @@ impl<H: Clone + PartialEq> UserState<H> {
                 "too many resources bound for this account",
             ));
         }
+        // Most accounts bind one resource: no spare slots (memory per session).
+        self.sessions.reserve_exact(1);
         self.sessions.push(SessionEntry {
             jid: jid.clone(),
             id,

@@ -24,7 +24,6 @@ use shoal_xmpp::sasl::Mechanism;
 use shoal_xmpp::stanza::Kind;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::config::Config;
@@ -37,7 +36,7 @@ use crate::storage::Storage;
 pub struct Shared {
     pub config: Config,
     pub stream_config: C2sConfig,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub storage: Storage,
     pub router: Router,
     pub metrics: Metrics,
@@ -55,7 +54,7 @@ impl Shared {
     pub fn new(
         config: Config,
         domain: BareJid,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         storage: Storage,
         router: Router,
         shutdown: watch::Receiver<bool>,

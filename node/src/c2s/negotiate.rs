@@ -110,7 +110,7 @@ async fn negotiate(
         let Some(tls) = &shared.tls else {
             return Ok(None);
         };
-        match tls.accept(tcp).await {
+        match crate::tls::accept(tls.clone(), tcp).await {
             Ok(s) => Either::Right(Box::new(s)),
             Err(e) => {
                 debug!(%peer, error = %e, "direct TLS handshake failed");
@@ -145,7 +145,13 @@ async fn negotiate(
                         &mut conn.stream,
                         C2sStream::new(shared.stream_config.clone(), true),
                     ),
-                    buf: std::mem::take(&mut conn.buf),
+                    // Bytes pipelined behind the bind request; the session must not
+                    // inherit the empty negotiation buffer's capacity.
+                    buf: if conn.buf.is_empty() {
+                        BytesMut::new()
+                    } else {
+                        std::mem::take(&mut conn.buf)
+                    },
                     ctx,
                     jid,
                     id,
@@ -175,7 +181,7 @@ async fn negotiate(
                     else {
                         return Ok(None);
                     };
-                    match tls.accept(tcp).await {
+                    match crate::tls::accept(tls.clone(), tcp).await {
                         Ok(s) => conn.transport = Some(Either::Right(Box::new(s))),
                         Err(e) => {
                             info!(%peer, error = %e, "TLS handshake after STARTTLS failed");

@@ -112,7 +112,7 @@ impl Session {
         }
     }
 
-    fn write(&mut self, bytes: Bytes, ctx: &mut Context<Self>) {
+    fn write(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
         let Some(out) = &self.outbound else { return };
         match out.send(bytes) {
             Ok(()) => {}
@@ -134,13 +134,17 @@ impl Session {
 
     fn process(&mut self, ctx: &mut Context<Self>) {
         let actions = self.stream.receive(&mut self.buf, &mut fresh_id);
+        if self.buf.is_empty() {
+            // Free the read buffer: an idle session holds none.
+            self.buf = BytesMut::new();
+        }
         self.run_actions(actions, ctx);
     }
 
     fn run_actions(&mut self, actions: Vec<Action>, ctx: &mut Context<Self>) {
         for action in actions {
             match action {
-                Action::Send(s) => self.write(Bytes::from(s), ctx),
+                Action::Send(s) => self.write(s.as_bytes(), ctx),
                 Action::Stanza(st) => self.route(st, ctx),
                 Action::Close { error } => {
                     if let Some(e) = &error {
@@ -268,7 +272,7 @@ impl Session {
             ns::STANZA_ERRORS,
             ns::BLOCKING_ERRORS
         ));
-        self.write(Bytes::from(reply.to_xml()), ctx);
+        self.write(reply.to_xml().as_bytes(), ctx);
     }
 
     /// Stops the actor; the stream close has been queued (or cannot be sent).
@@ -343,7 +347,12 @@ impl Handler<Incoming> for Session {
         match msg.0 {
             Some(bytes) => {
                 self.last_read = Instant::now();
-                self.buf.extend_from_slice(&bytes);
+                if self.buf.is_empty() {
+                    // Usually the whole chunk is framed at once: take it without a copy.
+                    self.buf = BytesMut::from(bytes);
+                } else {
+                    self.buf.extend_from_slice(&bytes);
+                }
                 self.process(ctx);
                 !self.stream.is_closed()
             }
@@ -365,7 +374,7 @@ impl Handler<Deliver> for Session {
         }
         self.metrics.stanza_out(stanza_kind(msg.kind));
         self.metrics.routing_latency(msg.since.elapsed());
-        self.write(msg.xml, ctx);
+        self.write(&msg.xml, ctx);
     }
 }
 

@@ -2,7 +2,9 @@
 //! files, or generates a self-signed pair on first start, and builds the one
 //! `rustls::ServerConfig` shared by the STARTTLS and direct-TLS (XEP-0368) c2s listeners.
 //!
-//! This module owns certificate files on disk and nothing else. It must never overwrite
+//! [`stream`] is the server side of a TLS connection over that configuration.
+//!
+//! This module owns certificate files on disk and the TLS record layer, nothing else. It must never overwrite
 //! an operator's existing certificate or key when loading (generation only happens when
 //! both files are absent), and it must never log key material.
 
@@ -14,6 +16,10 @@ use std::sync::Arc;
 
 use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+mod stream;
+
+pub use stream::{ServerStream, accept};
 
 /// ALPN protocol identifier for c2s over direct TLS (XEP-0368 §4).
 pub const ALPN_XMPP_CLIENT: &[u8] = b"xmpp-client";
@@ -249,7 +255,7 @@ mod tests {
 
     use rustls::pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     #[test]
     fn generates_then_loads() {
@@ -334,63 +340,97 @@ mod tests {
     #[tokio::test]
     async fn client_completes_handshake_over_loopback() {
         let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("cert.pem");
-        let key = dir.path().join("key.pem");
-        let server_config = load_or_generate(&cert, &key, true, "example.org").unwrap();
-
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut tls = acceptor.accept(tcp).await.unwrap();
-            let mut buf = [0u8; 4];
-            tls.read_exact(&mut buf).await.unwrap();
-            tls.write_all(&buf).await.unwrap();
-            tls.shutdown().await.unwrap();
-        });
+        let (server_config, connector) = test_support::pair(dir.path(), "example.org");
+        let (addr, server) =
+            test_support::serve_once(server_config.clone(), |mut tls| async move {
+                assert_eq!(tls.alpn_protocol(), Some(ALPN_XMPP_CLIENT));
+                let mut buf = [0u8; 4];
+                tls.read_exact(&mut buf).await.unwrap();
+                tls.write_all(&buf).await.unwrap();
+                tls.shutdown().await.unwrap();
+            })
+            .await;
 
         // The client trusts exactly the generated certificate, and verifies the
         // wildcard SAN as well as the bare domain. (The domain has two labels because
         // webpki refuses to match a wildcard directly under a single-label name such as
         // `*.localhost`; the default `localhost` certificate is still valid for
         // `localhost` itself.)
-        let mut roots = rustls::RootCertStore::empty();
-        for c in read_certs(&cert).unwrap() {
-            roots.add(c).unwrap();
-        }
-        let mut client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        client_config.alpn_protocols = vec![ALPN_XMPP_CLIENT.to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
-
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("example.org").unwrap();
         let mut tls = connector.connect(name, tcp).await.unwrap();
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_XMPP_CLIENT));
         tls.write_all(b"ping").await.unwrap();
         let mut echoed = Vec::new();
+        // Ends without error only on the server's close_notify.
         tls.read_to_end(&mut echoed).await.unwrap();
         assert_eq!(echoed, b"ping");
         server.await.unwrap();
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(
-            load_or_generate(&cert, &key, false, "example.org").unwrap(),
-        );
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            acceptor.accept(tcp).await.map(drop)
-        });
+        // Loading the same pair again serves the wildcard name too.
+        let reloaded = load_or_generate(
+            &dir.path().join("cert.pem"),
+            &dir.path().join("key.pem"),
+            false,
+            "example.org",
+        )
+        .unwrap();
+        let (addr, server) = test_support::serve_once(reloaded, |_| async {}).await;
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("conference.example.org").unwrap();
         connector.connect(name, tcp).await.unwrap();
-        server.await.unwrap().unwrap();
+        server.await.unwrap();
+    }
+}
+
+/// A server configuration with a generated certificate and a client that trusts it.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rustls::ServerConfig;
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsConnector;
+
+    use super::{ALPN_XMPP_CLIENT, ServerStream, accept, load_or_generate, read_certs};
+
+    /// Generates `cert.pem` and `key.pem` for `domain` in `dir`.
+    pub fn pair(dir: &Path, domain: &str) -> (Arc<ServerConfig>, TlsConnector) {
+        let cert = dir.join("cert.pem");
+        let server = load_or_generate(&cert, &dir.join("key.pem"), true, domain).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in read_certs(&cert).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        client.alpn_protocols = vec![ALPN_XMPP_CLIENT.to_vec()];
+        (server, TlsConnector::from(Arc::new(client)))
+    }
+
+    /// Accepts one TLS connection on a loopback port and runs `serve` on it.
+    pub async fn serve_once<F, Fut>(
+        config: Arc<ServerConfig>,
+        serve: F,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>)
+    where
+        F: FnOnce(ServerStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            serve(accept(config, tcp).await.unwrap()).await;
+        });
+        (addr, task)
     }
 }
