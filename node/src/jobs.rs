@@ -28,7 +28,7 @@ use crate::metrics::Mailbox;
 use crate::router::Router;
 use crate::shard::SessionHandle;
 use crate::storage::{Storage, StorageError, new_credentials};
-use crate::user::{Job, UserData, Write};
+use crate::user::{Job, Write};
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -77,16 +77,6 @@ impl StorageQueue {
             warn!("storage queue stopped; operation dropped");
         }
     }
-}
-
-/// Reads what a user's state needs.
-pub async fn load_user(storage: &Storage, user: &BareJid) -> Result<UserData, StorageError> {
-    let key = user.as_str();
-    Ok(UserData {
-        exists: storage.accounts.credentials(key).await?.is_some(),
-        roster: storage.rosters.roster(key).await?,
-        blocklist: storage.user_data.blocklist(key).await?,
-    })
 }
 
 pub async fn write(storage: &Storage, user: &BareJid, w: Write) {

@@ -78,6 +78,15 @@ pub struct Roster {
     pub pending_in: BTreeMap<String, String>,
 }
 
+/// What the shard loads from storage before a user's stanzas can be handled.
+#[derive(Debug, Clone, Default)]
+pub struct UserData {
+    /// The account exists (stanzas to unknown accounts are refused, never stored).
+    pub exists: bool,
+    pub roster: Roster,
+    pub blocklist: Vec<String>,
+}
+
 /// A message stored for an offline user (XEP-0160).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfflineMessage {

@@ -25,9 +25,10 @@ use tracing::{debug, warn};
 use crate::c2s::session::{Close, Deliver, Session};
 use crate::jobs::{self, JobContext, StorageQueue};
 use crate::metrics::{Mailbox, Metrics};
+use crate::model::UserData;
 use crate::router::Router;
 use crate::storage::Storage;
-use crate::user::{Effect, Job, SessionId, UserData, UserLimits, UserShared, UserState};
+use crate::user::{Effect, Job, SessionId, UserLimits, UserShared, UserState};
 
 /// Messages a shard host may queue. Past this, senders get `<resource-constraint/>`
 /// (and the drop is counted) rather than waiting: one overloaded shard must not stall
@@ -176,7 +177,7 @@ impl ShardHost {
         let storage = self.queue.storage.clone();
         let u = user.clone();
         self.queue.submit(async move {
-            let _ = tx.send(jobs::load_user(&storage, &u).await);
+            let _ = tx.send(storage.loader.load_user(u.as_str()).await);
         });
         ctx.spawn(rx.into_actor(self).map(move |result, act, _| {
             let data = match result {

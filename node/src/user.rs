@@ -21,21 +21,12 @@ use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
 use shoal_xmpp::xml::{Element, escape};
 
-use crate::model::{Roster, RosterItem};
+use crate::model::{RosterItem, UserData};
 use crate::roster::{self, ContactState, RosterLimits, RosterSet, SubscriptionOp};
 
 /// Identifies one binding of a resource, so a late unbind from a replaced session does
 /// not remove its replacement.
 pub type SessionId = u64;
-
-/// What the shard loads from storage before a user's stanzas can be handled.
-#[derive(Debug, Clone, Default)]
-pub struct UserData {
-    /// The account exists (stanzas to unknown accounts are refused, never stored).
-    pub exists: bool,
-    pub roster: Roster,
-    pub blocklist: Vec<String>,
-}
 
 /// State a user's sessions read on their own hot path (never written by them): the
 /// blocklist for outbound checks and how many sessions want carbons.

@@ -1,8 +1,9 @@
 //! The embedded backend: one redb file, durable across restarts, no external service.
 //!
-//! Owns the database handle and the table layout. redb is a blocking API, so every call
-//! runs on tokio's blocking pool via `spawn_blocking` and never on an async worker
-//! thread. Records are written in the versioned format of [`super::codec`]; this module
+//! Owns the database handle and the table layout. redb is a blocking API, so no call
+//! runs on an async worker thread: reads run on tokio's blocking pool via
+//! `spawn_blocking`, writes on the group-commit writer thread ([`super::committer`]),
+//! which commits many writes with one disk sync. Records are written in the versioned format of [`super::codec`]; this module
 //! must never store serde-derived or otherwise unversioned layouts, which would make
 //! every struct change a silent data loss. Counters are codec records too, never redb's
 //! native integers, whose decoding panics on damaged bytes.
@@ -17,7 +18,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
+use redb::{
+    Database, ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction,
+};
 use shoal_xmpp::sasl::StoredCredentials;
 
 use super::codec::{
@@ -25,8 +28,9 @@ use super::codec::{
     decode_roster_item, decode_text, encode_blocklist, encode_counter, encode_credentials,
     encode_last_activity, encode_offline, encode_roster_item, encode_text,
 };
-use super::{AccountStore, OfflineStore, RosterStore, StorageError, UserDataStore};
-use crate::model::{OfflineMessage, Roster, RosterItem};
+use super::committer::Committer;
+use super::{AccountStore, OfflineStore, RosterStore, StorageError, UserDataStore, UserLoader};
+use crate::model::{OfflineMessage, Roster, RosterItem, UserData};
 
 /// Bare JID → encoded [`StoredCredentials`].
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
@@ -62,6 +66,7 @@ fn user_range(user: &str) -> String {
 /// Every store, in one redb database file.
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    committer: Committer,
 }
 
 /// Maps any redb error to a backend error.
@@ -95,7 +100,18 @@ impl EmbeddedStore {
         }
         txn.open_table(OFFLINE).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(Self { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let committer = Committer::start(db.clone())?;
+        Ok(Self { db, committer })
+    }
+
+    /// Runs `write` in the writer's next transaction (see [`Committer::write`]).
+    async fn write<T, F>(&self, write: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: Fn(&WriteTransaction) -> Result<T, StorageError> + Send + 'static,
+    {
+        self.committer.write(write).await
     }
 
     /// Runs `f` against the database on the blocking pool.
@@ -131,13 +147,12 @@ impl EmbeddedStore {
     ) -> Result<(), StorageError> {
         let user = user.to_owned();
         let bytes = encode_credentials(creds)?;
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             {
                 let mut table = txn.open_table(ACCOUNTS).map_err(backend)?;
                 let exists = table.get(user.as_str()).map_err(backend)?.is_some();
                 match (expect, exists) {
-                    // Dropping the uncommitted transaction aborts it.
+                    // An error aborts the write (see the committer).
                     (Presence::MustBeAbsent, true) => return Err(StorageError::AlreadyExists),
                     (Presence::MustExist, false) => return Err(StorageError::NotFound),
                     _ => {}
@@ -146,7 +161,7 @@ impl EmbeddedStore {
                     .insert(user.as_str(), bytes.as_slice())
                     .map_err(backend)?;
             }
-            txn.commit().map_err(backend)
+            Ok(())
         })
         .await
     }
@@ -185,14 +200,12 @@ impl AccountStore for EmbeddedStore {
 
     async fn delete_account(&self, user: &str) -> Result<bool, StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             let existed = {
                 let mut table = txn.open_table(ACCOUNTS).map_err(backend)?;
                 let removed = table.remove(user.as_str()).map_err(backend)?;
                 removed.is_some()
             };
-            txn.commit().map_err(backend)?;
             Ok(existed)
         })
         .await
@@ -214,19 +227,72 @@ impl AccountStore for EmbeddedStore {
     }
 }
 
+/// `user`'s roster: version, items and pending-in requests.
+fn read_roster(txn: &ReadTransaction, user: &str) -> Result<Roster, StorageError> {
+    let versions = txn.open_table(ROSTER_VERSIONS).map_err(backend)?;
+    let mut roster = Roster {
+        version: read_counter(&versions, ROSTER_VERSIONS, user)?,
+        ..Roster::default()
+    };
+    let end = user_range(user);
+    let range = (user, "")..(end.as_str(), "");
+
+    let items = txn.open_table(ROSTER_ITEMS).map_err(backend)?;
+    for entry in items.range(range.clone()).map_err(backend)? {
+        let (key, value) = entry.map_err(backend)?;
+        let contact = key.value().1;
+        let record = format!("{}/{user}/{contact}", ROSTER_ITEMS.name());
+        let item = decode_roster_item(&record, contact, value.value())?;
+        roster.items.insert(contact.to_owned(), item);
+    }
+
+    let pending = txn.open_table(ROSTER_PENDING_IN).map_err(backend)?;
+    for entry in pending.range(range).map_err(backend)? {
+        let (key, value) = entry.map_err(backend)?;
+        let contact = key.value().1;
+        let record = format!("{}/{user}/{contact}", ROSTER_PENDING_IN.name());
+        let payload = decode_text(&record, value.value())?;
+        roster.pending_in.insert(contact.to_owned(), payload);
+    }
+    Ok(roster)
+}
+
+/// Loading a user is one read transaction instead of three.
+#[async_trait]
+impl UserLoader for EmbeddedStore {
+    async fn load_user(&self, user: &str) -> Result<UserData, StorageError> {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let exists = txn
+                .open_table(ACCOUNTS)
+                .map_err(backend)?
+                .get(user.as_str())
+                .map_err(backend)?
+                .is_some();
+            Ok(UserData {
+                exists,
+                roster: read_roster(&txn, &user)?,
+                blocklist: read_user_record(&txn, BLOCKLISTS, &user, decode_blocklist)?
+                    .unwrap_or_default(),
+            })
+        })
+        .await
+    }
+}
+
 /// A `user`-keyed table of encoded records.
 type UserTable = TableDefinition<'static, &'static str, &'static [u8]>;
 /// A `(user, contact)`-keyed table of encoded records.
 type PairTable = TableDefinition<'static, (&'static str, &'static str), &'static [u8]>;
 
-/// Reads and decodes `user`'s record from `def`, in a read transaction of its own.
+/// Reads and decodes `user`'s record from `def`.
 fn read_user_record<T>(
-    db: &Database,
+    txn: &ReadTransaction,
     def: UserTable,
     user: &str,
     decode: impl FnOnce(&str, &[u8]) -> Result<T, StorageError>,
 ) -> Result<Option<T>, StorageError> {
-    let txn = db.begin_read().map_err(backend)?;
     let table = txn.open_table(def).map_err(backend)?;
     let Some(value) = table.get(user).map_err(backend)? else {
         return Ok(None);
@@ -234,24 +300,19 @@ fn read_user_record<T>(
     decode(&format!("{}/{user}", def.name()), value.value()).map(Some)
 }
 
-/// Replaces (`Some`) or deletes (`None`) `user`'s record in `def`, in a write
-/// transaction of its own.
+/// Replaces (`Some`) or deletes (`None`) `user`'s record in `def`.
 fn write_user_record(
-    db: &Database,
+    txn: &WriteTransaction,
     def: UserTable,
     user: &str,
     bytes: Option<&[u8]>,
 ) -> Result<(), StorageError> {
-    let txn = db.begin_write().map_err(backend)?;
-    {
-        let mut table = txn.open_table(def).map_err(backend)?;
-        match bytes {
-            Some(bytes) => table.insert(user, bytes).map(drop),
-            None => table.remove(user).map(drop),
-        }
-        .map_err(backend)?;
+    let mut table = txn.open_table(def).map_err(backend)?;
+    match bytes {
+        Some(bytes) => table.insert(user, bytes).map(drop),
+        None => table.remove(user).map(drop),
     }
-    txn.commit().map_err(backend)
+    .map_err(backend)
 }
 
 /// `user`'s counter in `def` (roster version, last offline seq); 0 when absent.
@@ -283,44 +344,15 @@ fn delete_user_pairs(
 impl RosterStore for EmbeddedStore {
     async fn roster(&self, user: &str) -> Result<Roster, StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let versions = txn.open_table(ROSTER_VERSIONS).map_err(backend)?;
-            let mut roster = Roster {
-                version: read_counter(&versions, ROSTER_VERSIONS, &user)?,
-                ..Roster::default()
-            };
-            let end = user_range(&user);
-            let range = (user.as_str(), "")..(end.as_str(), "");
-
-            let items = txn.open_table(ROSTER_ITEMS).map_err(backend)?;
-            for entry in items.range(range.clone()).map_err(backend)? {
-                let (key, value) = entry.map_err(backend)?;
-                let contact = key.value().1;
-                let record = format!("{}/{user}/{contact}", ROSTER_ITEMS.name());
-                let item = decode_roster_item(&record, contact, value.value())?;
-                roster.items.insert(contact.to_owned(), item);
-            }
-
-            let pending = txn.open_table(ROSTER_PENDING_IN).map_err(backend)?;
-            for entry in pending.range(range).map_err(backend)? {
-                let (key, value) = entry.map_err(backend)?;
-                let contact = key.value().1;
-                let record = format!("{}/{user}/{contact}", ROSTER_PENDING_IN.name());
-                let payload = decode_text(&record, value.value())?;
-                roster.pending_in.insert(contact.to_owned(), payload);
-            }
-            Ok(roster)
-        })
-        .await
+        self.blocking(move |db| read_roster(&db.begin_read().map_err(backend)?, &user))
+            .await
     }
 
     async fn put_item(&self, user: &str, item: &RosterItem) -> Result<u64, StorageError> {
         let bytes = encode_roster_item(item)?;
         let user = user.to_owned();
         let contact = item.jid.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             let version = {
                 let mut items = txn.open_table(ROSTER_ITEMS).map_err(backend)?;
                 let mut versions = txn.open_table(ROSTER_VERSIONS).map_err(backend)?;
@@ -333,7 +365,6 @@ impl RosterStore for EmbeddedStore {
                     .map_err(backend)?
                     .is_some_and(|old| old.value() == bytes.as_slice());
                 if unchanged {
-                    // Dropping the uncommitted transaction aborts it.
                     return Ok(current);
                 }
                 let next = current + 1;
@@ -343,7 +374,6 @@ impl RosterStore for EmbeddedStore {
                     .map_err(backend)?;
                 next
             };
-            txn.commit().map_err(backend)?;
             Ok(version)
         })
         .await
@@ -352,8 +382,7 @@ impl RosterStore for EmbeddedStore {
     async fn remove_item(&self, user: &str, contact: &str) -> Result<u64, StorageError> {
         let user = user.to_owned();
         let contact = contact.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             let version = {
                 let mut items = txn.open_table(ROSTER_ITEMS).map_err(backend)?;
                 let mut versions = txn.open_table(ROSTER_VERSIONS).map_err(backend)?;
@@ -371,7 +400,6 @@ impl RosterStore for EmbeddedStore {
                     .map_err(backend)?;
                 next
             };
-            txn.commit().map_err(backend)?;
             Ok(version)
         })
         .await
@@ -386,8 +414,7 @@ impl RosterStore for EmbeddedStore {
         let bytes = payload.map(encode_text).transpose()?;
         let user = user.to_owned();
         let contact = contact.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             {
                 let mut pending = txn.open_table(ROSTER_PENDING_IN).map_err(backend)?;
                 let key = (user.as_str(), contact.as_str());
@@ -397,22 +424,21 @@ impl RosterStore for EmbeddedStore {
                 }
                 .map_err(backend)?;
             }
-            txn.commit().map_err(backend)
+            Ok(())
         })
         .await
     }
 
     async fn delete_user(&self, user: &str) -> Result<(), StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            delete_user_pairs(&txn, ROSTER_ITEMS, &user)?;
-            delete_user_pairs(&txn, ROSTER_PENDING_IN, &user)?;
+        self.write(move |txn| {
+            delete_user_pairs(txn, ROSTER_ITEMS, &user)?;
+            delete_user_pairs(txn, ROSTER_PENDING_IN, &user)?;
             txn.open_table(ROSTER_VERSIONS)
                 .map_err(backend)?
                 .remove(user.as_str())
                 .map_err(backend)?;
-            txn.commit().map_err(backend)
+            Ok(())
         })
         .await
     }
@@ -429,8 +455,7 @@ impl OfflineStore for EmbeddedStore {
     ) -> Result<bool, StorageError> {
         let bytes = encode_offline(stored_at_ms, xml)?;
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             {
                 let mut queue = txn.open_table(OFFLINE).map_err(backend)?;
                 let mut seqs = txn.open_table(OFFLINE_SEQS).map_err(backend)?;
@@ -457,7 +482,6 @@ impl OfflineStore for EmbeddedStore {
                 seqs.insert(user.as_str(), encode_counter(seq).as_slice())
                     .map_err(backend)?;
             }
-            txn.commit().map_err(backend)?;
             Ok(true)
         })
         .await
@@ -483,15 +507,14 @@ impl OfflineStore for EmbeddedStore {
 
     async fn remove_through(&self, user: &str, through: u64) -> Result<(), StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             txn.open_table(OFFLINE)
                 .map_err(backend)?
                 .retain_in((user.as_str(), 0u64)..=(user.as_str(), through), |_, _| {
                     false
                 })
                 .map_err(backend)?;
-            txn.commit().map_err(backend)
+            Ok(())
         })
         .await
     }
@@ -514,8 +537,7 @@ impl OfflineStore for EmbeddedStore {
 
     async fn delete_user(&self, user: &str) -> Result<(), StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             txn.open_table(OFFLINE)
                 .map_err(backend)?
                 .retain_in((user.as_str(), 0u64)..=(user.as_str(), u64::MAX), |_, _| {
@@ -526,7 +548,7 @@ impl OfflineStore for EmbeddedStore {
                 .map_err(backend)?
                 .remove(user.as_str())
                 .map_err(backend)?;
-            txn.commit().map_err(backend)
+            Ok(())
         })
         .await
     }
@@ -536,14 +558,21 @@ impl OfflineStore for EmbeddedStore {
 impl UserDataStore for EmbeddedStore {
     async fn vcard(&self, user: &str) -> Result<Option<String>, StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| read_user_record(db, VCARDS, &user, decode_text))
-            .await
+        self.blocking(move |db| {
+            read_user_record(
+                &db.begin_read().map_err(backend)?,
+                VCARDS,
+                &user,
+                decode_text,
+            )
+        })
+        .await
     }
 
     async fn set_vcard(&self, user: &str, xml: &str) -> Result<(), StorageError> {
         let bytes = encode_text(xml)?;
         let user = user.to_owned();
-        self.blocking(move |db| write_user_record(db, VCARDS, &user, Some(&bytes)))
+        self.write(move |txn| write_user_record(txn, VCARDS, &user, Some(&bytes)))
             .await
     }
 
@@ -566,22 +595,28 @@ impl UserDataStore for EmbeddedStore {
         let bytes = encode_text(xml)?;
         let user = user.to_owned();
         let key = key.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             txn.open_table(PRIVATE)
                 .map_err(backend)?
                 .insert((user.as_str(), key.as_str()), bytes.as_slice())
                 .map_err(backend)?;
-            txn.commit().map_err(backend)
+            Ok(())
         })
         .await
     }
 
     async fn blocklist(&self, user: &str) -> Result<Vec<String>, StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| read_user_record(db, BLOCKLISTS, &user, decode_blocklist))
-            .await
-            .map(Option::unwrap_or_default)
+        self.blocking(move |db| {
+            read_user_record(
+                &db.begin_read().map_err(backend)?,
+                BLOCKLISTS,
+                &user,
+                decode_blocklist,
+            )
+        })
+        .await
+        .map(Option::unwrap_or_default)
     }
 
     async fn set_blocklist(&self, user: &str, jids: &[String]) -> Result<(), StorageError> {
@@ -595,14 +630,21 @@ impl UserDataStore for EmbeddedStore {
             Some(encode_blocklist(&jids)?)
         };
         let user = user.to_owned();
-        self.blocking(move |db| write_user_record(db, BLOCKLISTS, &user, bytes.as_deref()))
+        self.write(move |txn| write_user_record(txn, BLOCKLISTS, &user, bytes.as_deref()))
             .await
     }
 
     async fn last_activity(&self, user: &str) -> Result<Option<(u64, String)>, StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| read_user_record(db, LAST_ACTIVITY, &user, decode_last_activity))
-            .await
+        self.blocking(move |db| {
+            read_user_record(
+                &db.begin_read().map_err(backend)?,
+                LAST_ACTIVITY,
+                &user,
+                decode_last_activity,
+            )
+        })
+        .await
     }
 
     async fn set_last_activity(
@@ -613,22 +655,21 @@ impl UserDataStore for EmbeddedStore {
     ) -> Result<(), StorageError> {
         let bytes = encode_last_activity(unix_secs, status)?;
         let user = user.to_owned();
-        self.blocking(move |db| write_user_record(db, LAST_ACTIVITY, &user, Some(&bytes)))
+        self.write(move |txn| write_user_record(txn, LAST_ACTIVITY, &user, Some(&bytes)))
             .await
     }
 
     async fn delete_user(&self, user: &str) -> Result<(), StorageError> {
         let user = user.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
+        self.write(move |txn| {
             for def in [VCARDS, BLOCKLISTS, LAST_ACTIVITY] {
                 txn.open_table(def)
                     .map_err(backend)?
                     .remove(user.as_str())
                     .map_err(backend)?;
             }
-            delete_user_pairs(&txn, PRIVATE, &user)?;
-            txn.commit().map_err(backend)
+            delete_user_pairs(txn, PRIVATE, &user)?;
+            Ok(())
         })
         .await
     }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use shoal_xmpp::sasl::StoredCredentials;
 
-use super::{AccountStore, OfflineStore, RosterStore, StorageError, UserDataStore};
+use super::{AccountStore, OfflineStore, RosterStore, StorageError, UserDataStore, UserLoader};
 use crate::model::{OfflineMessage, Roster, RosterItem};
 
 /// Every store, kept in process memory. For tests and throwaway nodes.
@@ -45,6 +45,9 @@ impl MemoryStore {
         Self::default()
     }
 }
+
+/// Nothing to gain from reading the maps together.
+impl UserLoader for MemoryStore {}
 
 #[async_trait]
 impl AccountStore for MemoryStore {

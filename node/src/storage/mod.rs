@@ -10,6 +10,7 @@
 //! Redis backend all hand the same shapes to the rest of the server.
 
 mod codec;
+mod committer;
 mod embedded;
 mod memory;
 
@@ -20,7 +21,7 @@ use rand::RngCore;
 use shoal_xmpp::sasl::StoredCredentials;
 
 use crate::config::{StorageBackend, StorageConfig};
-use crate::model::{OfflineMessage, Roster, RosterItem};
+use crate::model::{OfflineMessage, Roster, RosterItem, UserData};
 
 pub use embedded::EmbeddedStore;
 pub use memory::MemoryStore;
@@ -159,6 +160,19 @@ pub trait UserDataStore: Send + Sync {
     async fn delete_user(&self, user: &str) -> Result<(), StorageError>;
 }
 
+/// Loads what a shard needs to serve an account. The default reads each store in turn;
+/// a backend that can read them together (one transaction) overrides it.
+#[async_trait]
+pub trait UserLoader: AccountStore + RosterStore + UserDataStore {
+    async fn load_user(&self, user: &str) -> Result<UserData, StorageError> {
+        Ok(UserData {
+            exists: self.credentials(user).await?.is_some(),
+            roster: self.roster(user).await?,
+            blocklist: self.blocklist(user).await?,
+        })
+    }
+}
+
 /// Handles to every store of one backend. Cheap to clone.
 #[derive(Clone)]
 pub struct Storage {
@@ -166,19 +180,21 @@ pub struct Storage {
     pub rosters: Arc<dyn RosterStore>,
     pub offline: Arc<dyn OfflineStore>,
     pub user_data: Arc<dyn UserDataStore>,
+    pub loader: Arc<dyn UserLoader>,
 }
 
 impl Storage {
     /// Every store served by one backend object.
     pub fn from_backend<B>(backend: Arc<B>) -> Self
     where
-        B: AccountStore + RosterStore + OfflineStore + UserDataStore + 'static,
+        B: UserLoader + OfflineStore + 'static,
     {
         Self {
             accounts: backend.clone(),
             rosters: backend.clone(),
             offline: backend.clone(),
-            user_data: backend,
+            user_data: backend.clone(),
+            loader: backend,
         }
     }
 
@@ -679,6 +695,11 @@ pub(crate) mod conformance {
             data.last_activity(user).await.unwrap(),
             Some((42, "away".to_owned()))
         );
+        // The loader's one read agrees with the stores read one by one.
+        let loaded = storage.loader.load_user(user).await.unwrap();
+        assert!(loaded.exists, "{user}");
+        assert_eq!(loaded.roster, storage.rosters.roster(user).await.unwrap());
+        assert_eq!(loaded.blocklist, ["spam@example.org"]);
     }
 
     /// Asserts nothing at all is stored for `user`.
@@ -695,6 +716,9 @@ pub(crate) mod conformance {
         assert_eq!(data.private(user, "a b").await.unwrap(), None);
         assert!(data.blocklist(user).await.unwrap().is_empty());
         assert_eq!(data.last_activity(user).await.unwrap(), None);
+        let loaded = storage.loader.load_user(user).await.unwrap();
+        assert!(!loaded.exists && loaded.blocklist.is_empty());
+        assert_eq!(loaded.roster, Roster::default());
     }
 
     pub(crate) async fn delete_user(storage: &Storage) {

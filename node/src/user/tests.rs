@@ -2,7 +2,7 @@
 //! inspected as effects.
 
 use super::*;
-use crate::model::Subscription;
+use crate::model::{Roster, Subscription};
 use shoal_xmpp::stanza::{TopLevel, parse_top_level};
 use shoal_xmpp::xml::NsContext;
 
