@@ -1,6 +1,7 @@
 //! `shoal-load`: thousands of simulated XMPP clients in one process, for measuring Shoal
-//! (or any XMPP server) under a login storm, open-loop 1:1 chat, an idle soak, or a
-//! stepped search for the highest sustainable message rate.
+//! (or any XMPP server) under a login storm, open-loop 1:1 chat, an idle soak, a stepped
+//! search for the highest sustainable message rate, or presence fan-out to rosters it
+//! provisions itself.
 //!
 //! Code map:
 //! - `negotiate`: the client negotiation as a sans-IO state machine over `shoal-xmpp`
@@ -9,6 +10,8 @@
 //! - `schedule`: the open-loop send schedule and per-flow loss/duplicate/order
 //!   accounting, sans-IO.
 //! - `session`: reader and sender tasks of established sessions.
+//! - `roster`: the contact ring of the presence scenarios and its roster stanzas,
+//!   sans-IO.
 //! - `scenario`: the scenarios; `monitor`, `sysmon`, `stats`, `report`: measurement and
 //!   output; `cli`: the command line.
 //!
@@ -21,6 +24,7 @@ pub mod conn;
 pub mod monitor;
 pub mod negotiate;
 pub mod report;
+pub mod roster;
 pub mod scenario;
 pub mod schedule;
 pub mod session;
@@ -76,12 +80,15 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         epoch: tokio::time::Instant::now(),
         server_pid,
         metrics_url: c.metrics_url.clone(),
+        timeline: None,
     };
     let out = match &scenario {
         Scenario::Login(a) => run.login(a).await,
         Scenario::Chat(a) => run.chat(a).await,
         Scenario::Idle(a) => run.idle(a).await,
         Scenario::Step(a) => run.step(a).await,
+        Scenario::Rosters(a) => run.rosters(a).await,
+        Scenario::Presence(a) => run.presence(a).await,
     };
     let peaks = monitor.finish().await;
     let self_after = sysmon::sample("self")?;
@@ -99,6 +106,9 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         registration: out.registration,
         login: out.login,
         chat: out.chat,
+        presence: out.presence,
+        rosters: out.rosters,
+        settle: out.settle,
         step: out.step,
         idle: out.idle,
         late_messages: counters.late.load(Ordering::Relaxed),
