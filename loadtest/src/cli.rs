@@ -47,6 +47,10 @@ pub enum Scenario {
     /// each delivered to its --contacts contacts (provisioned by `rosters`); with
     /// --step, raise the rate until p99 or loss crosses a threshold.
     Presence(PresenceArgs),
+    /// A mixed "day": clients log in over a ramp, then for --duration some chat, some
+    /// change presence, some disconnect and reconnect (churn) and the rest stay idle;
+    /// counts and latencies per activity.
+    Day(DayArgs),
 }
 
 impl Scenario {
@@ -58,6 +62,7 @@ impl Scenario {
             Scenario::Step(a) => &a.chat.common,
             Scenario::Rosters(a) => &a.common,
             Scenario::Presence(a) => &a.traffic.common,
+            Scenario::Day(a) => &a.common,
         }
     }
 
@@ -69,6 +74,7 @@ impl Scenario {
             Scenario::Step(_) => "step",
             Scenario::Rosters(_) => "rosters",
             Scenario::Presence(_) => "presence",
+            Scenario::Day(_) => "day",
         }
     }
 }
@@ -262,6 +268,46 @@ pub struct PresenceArgs {
     pub limits: StepLimits,
 }
 
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DayArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 100)]
+    pub clients: usize,
+    /// Seconds of activity after the logins (which take --ramp, or a tenth of this
+    /// when neither --ramp nor --login-rate is given).
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Seconds to wait after the last send for stanzas in flight.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain: f64,
+    /// Chat body and presence status size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Share of clients that chat in pairs; the clients not given an activity stay idle.
+    #[arg(long, default_value_t = 0.3)]
+    pub chat_share: f64,
+    /// Share of clients that change presence.
+    #[arg(long, default_value_t = 0.2)]
+    pub presence_share: f64,
+    /// Share of clients that disconnect and reconnect.
+    #[arg(long, default_value_t = 0.1)]
+    pub churn_share: f64,
+    /// Messages per second each chatting client sends.
+    #[arg(long, default_value_t = 0.5)]
+    pub chat_rate: f64,
+    /// Presence updates per second each presence client sends.
+    #[arg(long, default_value_t = 0.1)]
+    pub presence_rate: f64,
+    /// Seconds each churning client stays connected between reconnects.
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_every: f64,
+    /// Contacts per client as provisioned by `rosters` (0: rosters are not assumed, and
+    /// presence updates are counted as sent only).
+    #[arg(long, default_value_t = 0)]
+    pub contacts: usize,
+}
+
 /// Upper bounds that keep every run finite and sized for one machine.
 pub const MAX_CLIENTS: usize = 1_000_000;
 pub const MAX_SECONDS: f64 = 24.0 * 3600.0;
@@ -327,6 +373,32 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
             let mut rates = vec![("rate", t.rate), ("max-rate", a.limits.max_rate)];
             rates.extend(a.step.map(|s| ("step", s)));
             (t.clients, rates)
+        }
+        Scenario::Day(a) => {
+            secs("duration", a.duration);
+            secs("drain", a.drain);
+            secs("churn-every", a.churn_every);
+            if a.contacts > 0 {
+                contacts(a.clients, a.contacts);
+            }
+            let shares = [a.chat_share, a.presence_share, a.churn_share];
+            if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 {
+                errors.borrow_mut().push(
+                    "the --*-share values must be between 0 and 1 and add up to at most 1".into(),
+                );
+            }
+            if a.churn_every <= 0.0 {
+                errors
+                    .borrow_mut()
+                    .push("--churn-every must be positive".into());
+            }
+            (
+                a.clients,
+                vec![
+                    ("chat-rate", a.chat_rate),
+                    ("presence-rate", a.presence_rate),
+                ],
+            )
         }
     };
     let mut errors = errors.into_inner();

@@ -1,7 +1,7 @@
 //! `shoal-load`: thousands of simulated XMPP clients in one process, for measuring Shoal
 //! (or any XMPP server) under a login storm, open-loop 1:1 chat, an idle soak, a stepped
 //! search for the highest sustainable message rate, or presence fan-out to rosters it
-//! provisions itself.
+//! provisions itself, or a mixed day of all of these.
 //!
 //! Code map:
 //! - `negotiate`: the client negotiation as a sans-IO state machine over `shoal-xmpp`
@@ -89,6 +89,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         Scenario::Step(a) => run.step(a).await,
         Scenario::Rosters(a) => run.rosters(a).await,
         Scenario::Presence(a) => run.presence(a).await,
+        Scenario::Day(a) => run.day(a).await,
     };
     let peaks = monitor.finish().await;
     let self_after = sysmon::sample("self")?;
@@ -109,6 +110,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         presence: out.presence,
         rosters: out.rosters,
         settle: out.settle,
+        day: out.day,
         step: out.step,
         idle: out.idle,
         late_messages: counters.late.load(Ordering::Relaxed),

@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::cli::Scenario;
 use crate::scenario::{
-    IdleReport, LoginReport, PhaseReport, RegisterReport, RostersReport, SettleReport, StepReport,
+    DayReport, IdleReport, LoginReport, PhaseReport, RegisterReport, RostersReport, SettleReport,
+    StepReport,
 };
 use crate::stats::{Failures, Percentiles, ms};
 use crate::sysmon::ProcReport;
@@ -30,6 +31,7 @@ pub struct Report {
     pub presence: Vec<PhaseReport>,
     pub rosters: Option<RostersReport>,
     pub settle: Option<SettleReport>,
+    pub day: Option<DayReport>,
     pub step: Option<StepReport>,
     pub idle: Option<IdleReport>,
     /// Probe messages that arrived after their phase had been counted.
@@ -151,6 +153,25 @@ impl Report {
                 "initial presence {} of {} contact presences in {:.1} s",
                 s.received, s.expected, s.secs
             );
+        }
+        if let Some(d) = &self.day {
+            let _ = writeln!(
+                o,
+                "day            {:.0} s: {} idle, {} chat, {} presence, {} churn clients",
+                d.duration_secs,
+                d.idle_clients,
+                d.chat_clients,
+                d.presence_clients,
+                d.churn_clients
+            );
+            let ch = &d.churn;
+            let _ = writeln!(
+                o,
+                "  churn        {} reconnects, {} failed",
+                ch.reconnects, ch.failed
+            );
+            failures(&mut o, &ch.failures);
+            row(&mut o, "reconnect", &ch.reconnect);
         }
         for c in &self.chat {
             phase(&mut o, "chat", "msg/s", c);

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::cli::{
-    IdleArgs, LoginArgs, PresenceArgs, RostersArgs, StepArgs, StepLimits, TrafficArgs,
+    DayArgs, IdleArgs, LoginArgs, PresenceArgs, RostersArgs, StepArgs, StepLimits, TrafficArgs,
 };
 use crate::conn::{Connector, Established};
 use crate::negotiate::Outcome;
@@ -142,6 +142,28 @@ pub struct SettleReport {
     pub secs: f64,
 }
 
+/// Results of `day` besides its chat and presence phases.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DayReport {
+    /// Clients given each activity.
+    pub idle_clients: u64,
+    pub chat_clients: u64,
+    pub presence_clients: u64,
+    pub churn_clients: u64,
+    pub duration_secs: f64,
+    pub churn: ChurnReport,
+}
+
+/// What the churning clients did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChurnReport {
+    pub reconnects: u64,
+    pub failed: u64,
+    pub failures: Failures,
+    /// Connect to initial presence of each reconnect.
+    pub reconnect: Percentiles,
+}
+
 /// Results of the step search.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StepReport {
@@ -161,6 +183,7 @@ pub struct Outcomes {
     pub step: Option<StepReport>,
     pub rosters: Option<RostersReport>,
     pub settle: Option<SettleReport>,
+    pub day: Option<DayReport>,
 }
 
 /// One sender of a traffic phase.
@@ -731,6 +754,131 @@ impl Run {
         out
     }
 
+    /// A mixed day: logins over a ramp, then chat, presence changes, churn and idle
+    /// sessions side by side for `--duration`.
+    pub async fn day(&self, a: &DayArgs) -> Outcomes {
+        let c = &a.common;
+        let mut out = Outcomes::default();
+        if c.register {
+            out.registration = Some(self.register_all(a.clients, c.concurrency).await);
+        }
+        let roles = day_roles(a);
+        let mut day = DayReport {
+            duration_secs: a.duration,
+            ..Default::default()
+        };
+        for r in &roles {
+            *match r {
+                Role::Idle => &mut day.idle_clients,
+                Role::Chat => &mut day.chat_clients,
+                Role::Presence => &mut day.presence_clients,
+                Role::Churn => &mut day.churn_clients,
+            } += 1;
+        }
+        let rate = if c.login_rate > 0.0 || c.ramp > 0.0 {
+            login_rate(c, a.clients)
+        } else {
+            a.clients as f64 / (a.duration / 10.0).max(1e-3)
+        };
+        let (sessions, login) = self.login_all(a.clients, rate, c.concurrency).await;
+        out.login = login;
+        let (churning, stable): (Vec<_>, Vec<_>) = sessions
+            .into_iter()
+            .partition(|s| roles[s.index] == Role::Churn);
+        let lives = self.start_sessions(stable, |_| Vec::new());
+        let role_at = |p: usize| roles[lives[p].index];
+        let pace = Pace::new(a.duration, a.drain, a.size);
+        let mut senders = Vec::new();
+        // Chat pairs among the chatting sessions, in order; an odd last one idles.
+        let chatting: Vec<usize> = (0..lives.len())
+            .filter(|&p| role_at(p) == Role::Chat)
+            .collect();
+        let pairs = if a.chat_rate > 0.0 {
+            chatting.len() / 2 * 2
+        } else {
+            0
+        };
+        for k in 0..pairs {
+            senders.push(Sender {
+                at: chatting[k],
+                carrier: Carrier::Chat,
+                to: vec![chatting[k ^ 1]],
+                schedule: Schedule::for_sender(k, pairs, a.chat_rate * pairs as f64, pace.duration),
+            });
+        }
+        let contacts = if a.contacts > 0 {
+            contact_positions(&lives, a.clients, a.contacts)
+        } else {
+            vec![Vec::new(); lives.len()]
+        };
+        let changing: Vec<usize> = (0..lives.len())
+            .filter(|&p| role_at(p) == Role::Presence && a.presence_rate > 0.0)
+            .collect();
+        for (k, &p) in changing.iter().enumerate() {
+            senders.push(Sender {
+                at: p,
+                carrier: Carrier::Presence,
+                to: contacts[p].clone(),
+                schedule: Schedule::for_sender(
+                    k,
+                    changing.len(),
+                    a.presence_rate * changing.len() as f64,
+                    pace.duration,
+                ),
+            });
+        }
+        let end = Instant::now() + pace.duration;
+        let every = Duration::from_secs_f64(a.churn_every);
+        let n = churning.len().max(1) as u32;
+        let churners: Vec<_> = churning
+            .into_iter()
+            .enumerate()
+            .map(|(j, est)| {
+                // Staggered, so reconnects are spread over each interval.
+                let first = every * (j as u32 + 1) / n;
+                tokio::spawn(churn(
+                    self.connector.clone(),
+                    self.context(),
+                    est,
+                    first,
+                    every,
+                    end,
+                ))
+            })
+            .collect();
+        let results = self
+            .traffic_phase(
+                &lives,
+                Phase {
+                    phase: 0,
+                    pace,
+                    senders,
+                },
+            )
+            .await;
+        let mut reconnect = Latency::default();
+        for t in churners {
+            if let Ok((stats, latency)) = t.await {
+                day.churn.reconnects += stats.reconnects;
+                day.churn.failed += stats.failed;
+                day.churn.failures.merge(&stats.failures);
+                reconnect.merge(&latency);
+            }
+        }
+        day.churn.reconnect = reconnect.summary();
+        if let Some(mut r) = results.chat {
+            r.target_rate = a.chat_rate * pairs as f64;
+            out.chat.push(r);
+        }
+        if let Some(mut r) = results.presence {
+            r.target_rate = a.presence_rate * changing.len() as f64;
+            out.presence.push(r);
+        }
+        out.day = Some(day);
+        close_all(lives).await;
+        out
+    }
+
     /// Waits until every session has seen the initial presence of each of its online
     /// contacts, nothing more has arrived for a second, or `bound` has passed.
     async fn settle(&self, contacts: &[Vec<usize>], bound: Duration) -> SettleReport {
@@ -844,6 +992,86 @@ fn login_rate(c: &crate::cli::Common, clients: usize) -> f64 {
     } else {
         0.0
     }
+}
+
+/// What a client does during `day`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Idle,
+    Chat,
+    Presence,
+    Churn,
+}
+
+/// Every client's role: the shares are exact (rounded), and the roles are interleaved
+/// over the indices (ordered by a golden-ratio sequence) so that ring contacts and
+/// login order mix all activities.
+fn day_roles(a: &DayArgs) -> Vec<Role> {
+    let n = a.clients;
+    let mut order: Vec<usize> = (0..n).collect();
+    let key = |i: usize| (i as f64 * 0.618_033_988_749_895).fract();
+    order.sort_by(|&x, &y| key(x).total_cmp(&key(y)));
+    let count = |share: f64| (share * n as f64).round() as usize;
+    let mut roles = vec![Role::Idle; n];
+    let mut next = order.into_iter();
+    for (role, share) in [
+        (Role::Chat, a.chat_share),
+        (Role::Presence, a.presence_share),
+        (Role::Churn, a.churn_share),
+    ] {
+        for i in next.by_ref().take(count(share)) {
+            roles[i] = role;
+        }
+    }
+    roles
+}
+
+/// What one churning client did.
+#[derive(Debug, Default)]
+struct ChurnStats {
+    reconnects: u64,
+    failed: u64,
+    failures: Failures,
+}
+
+/// One churning client until `end`: holds its session for `first`, then closes it and
+/// logs in again every `every`. A failed login is retried at the next interval.
+async fn churn(
+    connector: Arc<Connector>,
+    ctx: RunContext,
+    est: Established,
+    first: Duration,
+    every: Duration,
+    end: Instant,
+) -> (ChurnStats, Latency) {
+    let index = est.index;
+    let mut stats = ChurnStats::default();
+    let mut latency = Latency::default();
+    let mut live = Some(Live::start(est, &ctx, Vec::new()));
+    let mut next = Instant::now() + first;
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        if let Some(l) = live.take() {
+            l.close().await;
+        }
+        match connector.login(index).await {
+            Ok(est) => {
+                stats.reconnects += 1;
+                latency.record(est.timings.total);
+                live = Some(Live::start(est, &ctx, Vec::new()));
+            }
+            Err(e) => {
+                stats.failed += 1;
+                stats.failures.add(e.reason());
+            }
+        }
+        next += every;
+    }
+    tokio::time::sleep_until(end).await;
+    if let Some(l) = live {
+        l.close().await;
+    }
+    (stats, latency)
 }
 
 /// For each session, the positions of its ring contacts among the sessions that logged

@@ -238,6 +238,49 @@ async fn rosters_then_presence_fan_out_counts_every_delivery() {
     assert_eq!(c.latency.count, 240);
     assert_eq!(r.disconnected, 0);
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+
+    // A short day on the same rosters: 2 chat, 1 presence, 1 churn and 2 idle clients.
+    let day = [
+        "day",
+        "--clients",
+        "6",
+        "--contacts",
+        "2",
+        "--duration",
+        "3",
+        "--ramp",
+        "0.5",
+        "--drain",
+        "1",
+        "--chat-rate",
+        "4",
+        "--presence-rate",
+        "4",
+        "--churn-every",
+        "1",
+    ];
+    let r = run_with(&day, &common).await;
+    let d = r.day.as_ref().expect("day report");
+    let roles = (
+        d.idle_clients,
+        d.chat_clients,
+        d.presence_clients,
+        d.churn_clients,
+    );
+    assert_eq!(roles, (2, 2, 1, 1), "{}", r.human());
+    assert!(d.churn.reconnects >= 2, "{}", r.human());
+    assert_eq!(d.churn.failed, 0, "{}", r.human());
+    assert_eq!(d.churn.reconnect.count, d.churn.reconnects);
+    for (what, c) in [("chat", &r.chat[0]), ("presence", &r.presence[0])] {
+        assert!(c.sent >= 10, "{what}: {}", r.human());
+        assert!(c.received > 0, "{what}: {}", r.human());
+        assert_eq!(
+            (c.received, c.lost),
+            (c.expected, 0),
+            "{what}: {}",
+            r.human()
+        );
+    }
 }
 
 /// What the fake server did to the stanzas it routed.
