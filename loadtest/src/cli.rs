@@ -66,6 +66,17 @@ impl Scenario {
         }
     }
 
+    /// Where `--plot` asks the SVG to go, for the scenarios that have it.
+    pub fn plot(&self) -> Option<&std::path::Path> {
+        match self {
+            Scenario::Chat(a) => a.plot.as_deref(),
+            Scenario::Step(a) => a.chat.plot.as_deref(),
+            Scenario::Presence(a) => a.traffic.plot.as_deref(),
+            Scenario::Day(a) => a.plot.as_deref(),
+            Scenario::Login(_) | Scenario::Idle(_) | Scenario::Rosters(_) => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Scenario::Login(_) => "login",
@@ -183,6 +194,9 @@ pub struct TrafficArgs {
     /// Seconds to wait after the last send for stanzas in flight.
     #[arg(long, default_value_t = 5.0)]
     pub drain: f64,
+    /// Write an SVG of sent/received per second and p50/p99 latency per second.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -306,6 +320,9 @@ pub struct DayArgs {
     /// presence updates are counted as sent only).
     #[arg(long, default_value_t = 0)]
     pub contacts: usize,
+    /// Write an SVG of sent/received per second and p50/p99 latency per second.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Upper bounds that keep every run finite and sized for one machine.

@@ -13,7 +13,7 @@
 //! - `roster`: the contact ring of the presence scenarios and its roster stanzas,
 //!   sans-IO.
 //! - `scenario`: the scenarios; `monitor`, `sysmon`, `stats`, `report`: measurement and
-//!   output; `cli`: the command line.
+//!   output; `plot`: the `--plot` SVG; `cli`: the command line.
 //!
 //! The generator talks to servers only over sockets and never reaches into a server's
 //! internals; it reads a co-located server's `/proc` entries and `/metrics` page, nothing
@@ -23,6 +23,7 @@ pub mod cli;
 pub mod conn;
 pub mod monitor;
 pub mod negotiate;
+pub mod plot;
 pub mod report;
 pub mod roster;
 pub mod scenario;
@@ -72,15 +73,24 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let monitor =
-        monitor::Monitor::start(scenario.name(), counters.clone(), server_pid, c.progress);
+    let epoch = tokio::time::Instant::now();
+    let monitor = monitor::Monitor::start(
+        scenario.name(),
+        epoch,
+        counters.clone(),
+        server_pid,
+        c.progress,
+    );
+    let timeline = scenario
+        .plot()
+        .map(|_| Arc::new(stats::Timeline::default()));
     let run = Run {
         connector,
         counters: counters.clone(),
-        epoch: tokio::time::Instant::now(),
+        epoch,
         server_pid,
         metrics_url: c.metrics_url.clone(),
-        timeline: None,
+        timeline: timeline.clone(),
     };
     let out = match &scenario {
         Scenario::Login(a) => run.login(a).await,
@@ -91,7 +101,12 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         Scenario::Presence(a) => run.presence(a).await,
         Scenario::Day(a) => run.day(a).await,
     };
-    let peaks = monitor.finish().await;
+    let observed = monitor.finish().await;
+    let peaks = observed.peaks;
+    if let (Some(path), Some(timeline)) = (scenario.plot(), &timeline) {
+        let title = format!("shoal-load {}", scenario.name());
+        plot::write_svg(path, &title, &observed.ticks, &timeline.summary())?;
+    }
     let self_after = sysmon::sample("self")?;
     let server = match (server_pid, server_before) {
         (Some(pid), Some(before)) => sysmon::sample(&pid.to_string())

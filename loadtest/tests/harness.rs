@@ -47,6 +47,7 @@ async fn login_and_chat_against_a_real_node_lose_nothing() {
     assert_eq!(r.login.tls.expect("TLS timings").count, 10);
     assert!(r.login.total.p50_us >= r.login.auth.p50_us);
 
+    let plot = std::env::temp_dir().join(format!("shoal-load-{}.svg", std::process::id()));
     let chat = [
         "chat",
         "--clients",
@@ -54,20 +55,25 @@ async fn login_and_chat_against_a_real_node_lose_nothing() {
         "--rate",
         "100",
         "--duration",
-        "2",
+        "3",
         "--size",
         "100",
         "--mech",
         "scram-sha-1",
+        "--plot",
+        plot.to_str().unwrap(),
     ];
     let r = run_with(&chat, &common).await;
     let c = &r.chat[0];
-    assert_eq!(c.scheduled, 200, "{}", r.human());
-    assert_eq!(c.sent, 200, "{}", r.human());
-    assert_eq!(c.received, 200, "{}", r.human());
+    assert_eq!(c.scheduled, 300, "{}", r.human());
+    assert_eq!(c.sent, 300, "{}", r.human());
+    assert_eq!(c.received, 300, "{}", r.human());
     assert_eq!((c.lost, c.duplicated, c.out_of_order), (0, 0, 0));
-    assert_eq!(c.latency.count, 200);
+    assert_eq!(c.latency.count, 300);
     assert_eq!(r.disconnected, 0);
+    let svg = std::fs::read_to_string(&plot).expect("the plot was written");
+    let _ = std::fs::remove_file(&plot);
+    assert_plot(&svg);
 
     // Direct TLS (XEP-0368) on the other port.
     let direct = node.direct_tls.expect("direct TLS listener").to_string();
@@ -120,6 +126,52 @@ async fn login_and_chat_against_a_real_node_lose_nothing() {
         (3, 0, 0)
     );
     assert_eq!(r.login.succeeded, 3, "{}", r.human());
+}
+
+/// `svg` is well-formed XML rooted at `<svg>`, with the four series and their legends:
+/// sent/s and received/s, p50 and p99, each a line of one point a second.
+fn assert_plot(svg: &str) {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(svg);
+    let (mut root, mut depth) = (None, 0);
+    let mut texts = Vec::new();
+    // Points of each line drawn in a series colour (the plot's axes and ticks are black).
+    let mut series = Vec::new();
+    let colours = ["#1F77B4", "#2CA02C", "#D62728"];
+    loop {
+        match reader.read_event().expect("well-formed SVG") {
+            Event::Start(e) => {
+                root.get_or_insert_with(|| String::from_utf8_lossy(e.name().as_ref()).into_owned());
+                depth += 1;
+            }
+            Event::End(_) => depth -= 1,
+            Event::Empty(e) if e.name().as_ref() == b"polyline" => {
+                let attr = |name: &str| {
+                    e.try_get_attribute(name)
+                        .unwrap()
+                        .map(|a| a.unescape_value().unwrap().into_owned())
+                        .unwrap_or_default()
+                };
+                if colours.contains(&attr("stroke").as_str()) {
+                    series.push(attr("points").split_whitespace().count());
+                }
+            }
+            Event::Text(t) => texts.push(t.unescape().unwrap().trim().to_owned()),
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    assert_eq!(root.as_deref(), Some("svg"));
+    assert_eq!(depth, 0, "every element closed");
+    for label in ["sent/s", "received/s", "p50", "p99", "seconds", "ms"] {
+        assert!(
+            texts.iter().any(|t| t == label),
+            "no {label:?} in {texts:?}"
+        );
+    }
+    // Four data series of a point a second, and four 2-point legend samples.
+    assert_eq!(series.len(), 8, "{series:?}");
+    assert_eq!(series.iter().filter(|&&n| n >= 3).count(), 4, "{series:?}");
 }
 
 /// A TLS test node with users `load0..load{users-1}` (password `secret`), and the
