@@ -235,10 +235,10 @@ pub struct StepLimits {
     /// Stop when a step's p99 latency exceeds this many milliseconds.
     #[arg(long, default_value_t = 50.0)]
     pub p99_max_ms: f64,
-    /// Stop when a step loses more than this fraction of its messages.
+    /// Stop when a step loses more than this fraction of its expected deliveries.
     #[arg(long, default_value_t = 0.001)]
     pub max_loss: f64,
-    /// Never offer more than this many messages per second.
+    /// Never offer more than this many stanzas per second.
     #[arg(long, default_value_t = 1_000_000.0)]
     pub max_rate: f64,
     /// At most this many steps.

@@ -3,6 +3,23 @@
 //! search for the highest sustainable message rate, or presence fan-out to rosters it
 //! provisions itself, or a mixed day of all of these.
 //!
+//! Scenarios (`shoal-load SCENARIO --help` for every option):
+//! - `login`, `idle`: a login storm; sessions held idle for server memory per session.
+//! - `chat`, `step`: open-loop 1:1 messages between pairs, at one rate or stepped up
+//!   until p99 latency or loss crosses a threshold.
+//! - `rosters`: provisions, in band and idempotently, mutual rosters on a ring (each
+//!   client with its `--contacts` nearest clients); run once per server and data set.
+//! - `presence`: open-loop presence updates, each counted at every contact's session
+//!   (expected, received, lost, duplicated, reordered, latency); `--step` searches
+//!   the highest sustainable update rate like `step`.
+//! - `day`: ramped logins, then chat, presence changes, reconnect churn and idle
+//!   sessions side by side, reported per activity.
+//!
+//! `--plot FILE.svg` (chat, step, presence, day) draws sent/received per second and
+//! p50/p99 latency per second. A typical presence run on accounts `load0..load999`:
+//! `shoal-load rosters --clients 1000 --contacts 10`, then `shoal-load presence
+//! --clients 1000 --contacts 10 --rate 500 --step 500 --plot presence.svg`.
+//!
 //! Code map:
 //! - `negotiate`: the client negotiation as a sans-IO state machine over `shoal-xmpp`
 //!   (framer, stream headers, SCRAM/PLAIN client).
