@@ -15,7 +15,12 @@ use crate::negotiate::{Mech, TlsMode};
 #[command(
     name = "shoal-load",
     version,
-    about = "Simulated XMPP clients for load tests (login storm, open-loop chat, idle soak, step)"
+    about = "Simulated XMPP clients for load tests (login storm, open-loop chat, idle soak, step, presence fan-out)",
+    long_about = "Simulated XMPP clients for load tests of any XMPP server.\n\n\
+        Usernames are PREFIX0..PREFIX{N-1}, all with one password; create them with \
+        --register (XEP-0077) or `shoal user import`. For presence, first provision \
+        the rosters once with `shoal-load rosters --clients N --contacts K`, then run \
+        `shoal-load presence --clients N --contacts K` with the same N and K."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -29,11 +34,23 @@ pub enum Scenario {
     /// connect/TLS/auth/bind latency.
     Login(LoginArgs),
     /// 1:1 chat between paired sessions at a fixed open-loop message rate.
-    Chat(ChatArgs),
+    Chat(TrafficArgs),
     /// Idle soak: hold authenticated sessions, report server memory per session.
     Idle(IdleArgs),
     /// Raise the chat rate step by step until p99 or loss crosses a threshold.
     Step(StepArgs),
+    /// Provision mutual rosters in band, idempotently: each client gets its --contacts
+    /// nearest clients on a ring (i±1, i±2, …; when K is odd also i+N/2) with
+    /// subscription both. Run once before `presence`.
+    Rosters(RostersArgs),
+    /// Presence fan-out: every client sends presence updates on an open-loop schedule,
+    /// each delivered to its --contacts contacts (provisioned by `rosters`); with
+    /// --step, raise the rate until p99 or loss crosses a threshold.
+    Presence(PresenceArgs),
+    /// A mixed "day": clients log in over a ramp, then for --duration some chat, some
+    /// change presence, some disconnect and reconnect (churn) and the rest stay idle;
+    /// counts and latencies per activity.
+    Day(DayArgs),
 }
 
 impl Scenario {
@@ -43,6 +60,20 @@ impl Scenario {
             Scenario::Chat(a) => &a.common,
             Scenario::Idle(a) => &a.common,
             Scenario::Step(a) => &a.chat.common,
+            Scenario::Rosters(a) => &a.common,
+            Scenario::Presence(a) => &a.traffic.common,
+            Scenario::Day(a) => &a.common,
+        }
+    }
+
+    /// Where `--plot` asks the SVG to go, for the scenarios that have it.
+    pub fn plot(&self) -> Option<&std::path::Path> {
+        match self {
+            Scenario::Chat(a) => a.plot.as_deref(),
+            Scenario::Step(a) => a.chat.plot.as_deref(),
+            Scenario::Presence(a) => a.traffic.plot.as_deref(),
+            Scenario::Day(a) => a.plot.as_deref(),
+            Scenario::Login(_) | Scenario::Idle(_) | Scenario::Rosters(_) => None,
         }
     }
 
@@ -52,6 +83,9 @@ impl Scenario {
             Scenario::Chat(_) => "chat",
             Scenario::Idle(_) => "idle",
             Scenario::Step(_) => "step",
+            Scenario::Rosters(_) => "rosters",
+            Scenario::Presence(_) => "presence",
+            Scenario::Day(_) => "day",
         }
     }
 }
@@ -137,25 +171,32 @@ pub struct LoginArgs {
     pub hold: f64,
 }
 
+/// The open-loop traffic options of `chat`, `step` and `presence`.
 #[derive(Debug, Clone, Args, Serialize)]
-pub struct ChatArgs {
+pub struct TrafficArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Sessions, paired up (client 2k talks to 2k+1); an odd last one stays idle.
+    /// Sessions. Chat pairs them up (client 2k talks to 2k+1; an odd last one stays
+    /// idle); presence gives each its --contacts ring neighbours.
     #[arg(long, default_value_t = 100)]
     pub clients: usize,
-    /// Messages per second offered in total, on an open-loop schedule.
+    /// Stanzas per second offered in total (chat messages, or presence updates), on an
+    /// open-loop schedule.
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
-    /// Body size in bytes (at least the probe header, ~30 bytes).
+    /// Chat body or presence status size in bytes (at least the probe header, ~30
+    /// bytes).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Seconds of measured traffic.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
-    /// Seconds to wait after the last send for messages in flight.
+    /// Seconds to wait after the last send for stanzas in flight.
     #[arg(long, default_value_t = 5.0)]
     pub drain: f64,
+    /// Write an SVG of sent/received per second and p50/p99 latency per second.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -176,25 +217,112 @@ pub struct IdleArgs {
 pub struct StepArgs {
     /// --rate is the first step's rate, --duration is ignored (see --step-duration).
     #[command(flatten)]
-    pub chat: ChatArgs,
+    pub chat: TrafficArgs,
     /// Messages per second added at each step.
     #[arg(long, default_value_t = 1000.0)]
     pub step: f64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub limits: StepLimits,
+}
+
+/// When a step search stops.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct StepLimits {
     /// Seconds each step runs.
     #[arg(long, default_value_t = 10.0)]
     pub step_duration: f64,
     /// Stop when a step's p99 latency exceeds this many milliseconds.
     #[arg(long, default_value_t = 50.0)]
     pub p99_max_ms: f64,
-    /// Stop when a step loses more than this fraction of its messages.
+    /// Stop when a step loses more than this fraction of its expected deliveries.
     #[arg(long, default_value_t = 0.001)]
     pub max_loss: f64,
-    /// Never offer more than this many messages per second.
+    /// Never offer more than this many stanzas per second.
     #[arg(long, default_value_t = 1_000_000.0)]
     pub max_rate: f64,
     /// At most this many steps.
     #[arg(long, default_value_t = 50)]
     pub max_steps: u32,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct RostersArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long)]
+    pub clients: usize,
+    /// Contacts per client (an odd number needs an even --clients).
+    #[arg(long, default_value_t = 10)]
+    pub contacts: usize,
+    /// Seconds to wait for every roster to be complete before reporting what is missing.
+    #[arg(long, default_value_t = 60.0)]
+    pub wait: f64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct PresenceArgs {
+    /// --rate is presence updates per second from all clients together; each is
+    /// delivered to --contacts sessions.
+    #[command(flatten)]
+    pub traffic: TrafficArgs,
+    /// Contacts per client, as provisioned by `rosters`.
+    #[arg(long, default_value_t = 10)]
+    pub contacts: usize,
+    /// At most this many seconds to wait for the initial presence fan-out to settle
+    /// before the updates start.
+    #[arg(long, default_value_t = 10.0)]
+    pub settle: f64,
+    /// Step mode: add this many updates per second at each step (--rate is the first
+    /// step's, --duration is ignored: see --step-duration).
+    #[arg(long)]
+    pub step: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub limits: StepLimits,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DayArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 100)]
+    pub clients: usize,
+    /// Seconds of activity after the logins (which take --ramp, or a tenth of this
+    /// when neither --ramp nor --login-rate is given).
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Seconds to wait after the last send for stanzas in flight.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain: f64,
+    /// Chat body and presence status size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Share of clients that chat in pairs; the clients not given an activity stay idle.
+    #[arg(long, default_value_t = 0.3)]
+    pub chat_share: f64,
+    /// Share of clients that change presence.
+    #[arg(long, default_value_t = 0.2)]
+    pub presence_share: f64,
+    /// Share of clients that disconnect and reconnect.
+    #[arg(long, default_value_t = 0.1)]
+    pub churn_share: f64,
+    /// Messages per second each chatting client sends.
+    #[arg(long, default_value_t = 0.5)]
+    pub chat_rate: f64,
+    /// Presence updates per second each presence client sends.
+    #[arg(long, default_value_t = 0.1)]
+    pub presence_rate: f64,
+    /// Seconds each churning client stays connected between reconnects.
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_every: f64,
+    /// Contacts per client as provisioned by `rosters` (0: rosters are not assumed, and
+    /// presence updates are counted as sent only).
+    #[arg(long, default_value_t = 0)]
+    pub contacts: usize,
+    /// Write an SVG of sent/received per second and p50/p99 latency per second.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Upper bounds that keep every run finite and sized for one machine.
@@ -204,13 +332,18 @@ pub const MAX_RATE: f64 = 10_000_000.0;
 
 /// Checks the arguments; all problems are reported at once.
 pub fn validate(s: &Scenario) -> anyhow::Result<()> {
-    let mut errors = Vec::new();
+    let errors = std::cell::RefCell::new(Vec::new());
     let c = s.common();
-    let mut secs = |name: &str, v: f64| {
+    let secs = |name: &str, v: f64| {
         if !(0.0..=MAX_SECONDS).contains(&v) {
-            errors.push(format!(
+            errors.borrow_mut().push(format!(
                 "--{name} must be between 0 and {MAX_SECONDS} seconds"
             ));
+        }
+    };
+    let contacts = |clients: usize, k: usize| {
+        if let Err(e) = crate::roster::check(clients, k) {
+            errors.borrow_mut().push(e);
         }
     };
     secs("timeout", c.timeout);
@@ -231,31 +364,76 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
             (a.clients, vec![])
         }
         Scenario::Step(a) => {
-            secs("step-duration", a.step_duration);
+            secs("step-duration", a.limits.step_duration);
             secs("drain", a.chat.drain);
             (
                 a.chat.clients,
                 vec![
                     ("rate", a.chat.rate),
                     ("step", a.step),
-                    ("max-rate", a.max_rate),
+                    ("max-rate", a.limits.max_rate),
+                ],
+            )
+        }
+        Scenario::Rosters(a) => {
+            secs("wait", a.wait);
+            contacts(a.clients, a.contacts);
+            (a.clients, vec![])
+        }
+        Scenario::Presence(a) => {
+            let t = &a.traffic;
+            secs("duration", t.duration);
+            secs("drain", t.drain);
+            secs("settle", a.settle);
+            secs("step-duration", a.limits.step_duration);
+            contacts(t.clients, a.contacts);
+            let mut rates = vec![("rate", t.rate), ("max-rate", a.limits.max_rate)];
+            rates.extend(a.step.map(|s| ("step", s)));
+            (t.clients, rates)
+        }
+        Scenario::Day(a) => {
+            secs("duration", a.duration);
+            secs("drain", a.drain);
+            secs("churn-every", a.churn_every);
+            if a.contacts > 0 {
+                contacts(a.clients, a.contacts);
+            }
+            let shares = [a.chat_share, a.presence_share, a.churn_share];
+            if shares.iter().any(|s| !(0.0..=1.0).contains(s)) || shares.iter().sum::<f64>() > 1.0 {
+                errors.borrow_mut().push(
+                    "the --*-share values must be between 0 and 1 and add up to at most 1".into(),
+                );
+            }
+            if a.churn_every <= 0.0 {
+                errors
+                    .borrow_mut()
+                    .push("--churn-every must be positive".into());
+            }
+            (
+                a.clients,
+                vec![
+                    ("chat-rate", a.chat_rate),
+                    ("presence-rate", a.presence_rate),
                 ],
             )
         }
     };
+    let mut errors = errors.into_inner();
     if c.timeout <= 0.0 {
         errors.push("--timeout must be positive".into());
     }
     if !(1..=MAX_CLIENTS).contains(&clients) {
         errors.push(format!("--clients must be between 1 and {MAX_CLIENTS}"));
     }
-    if matches!(s, Scenario::Chat(_) | Scenario::Step(_)) {
-        if clients < 2 {
-            errors.push("chat needs at least 2 clients".into());
-        }
-        if rates[0].1 <= 0.0 {
-            errors.push("--rate must be positive for chat".into());
-        }
+    if matches!(s, Scenario::Chat(_) | Scenario::Step(_)) && clients < 2 {
+        errors.push("chat needs at least 2 clients".into());
+    }
+    if matches!(
+        s,
+        Scenario::Chat(_) | Scenario::Step(_) | Scenario::Presence(_)
+    ) && rates[0].1 <= 0.0
+    {
+        errors.push("--rate must be positive".into());
     }
     for (name, v) in rates.into_iter().chain([("login-rate", c.login_rate)]) {
         if !(0.0..=MAX_RATE).contains(&v) {
@@ -344,6 +522,30 @@ mod tests {
             "--insecure",
             "--step",
             "500",
+        ]);
+        validate(&s).unwrap();
+        let s = parse(&[
+            "presence",
+            "--clients",
+            "5",
+            "--contacts",
+            "3",
+            "--tls",
+            "none",
+            "--step",
+            "1e9",
+        ]);
+        let err = validate(&s).unwrap_err().to_string();
+        assert!(err.contains("odd --contacts"), "{err}");
+        assert!(err.contains("--step"), "{err}");
+        let s = parse(&[
+            "rosters",
+            "--clients",
+            "6",
+            "--contacts",
+            "3",
+            "--tls",
+            "none",
         ]);
         validate(&s).unwrap();
         let s = parse(&[

@@ -1,6 +1,24 @@
 //! `shoal-load`: thousands of simulated XMPP clients in one process, for measuring Shoal
-//! (or any XMPP server) under a login storm, open-loop 1:1 chat, an idle soak, or a
-//! stepped search for the highest sustainable message rate.
+//! (or any XMPP server) under a login storm, open-loop 1:1 chat, an idle soak, a stepped
+//! search for the highest sustainable message rate, or presence fan-out to rosters it
+//! provisions itself, or a mixed day of all of these.
+//!
+//! Scenarios (`shoal-load SCENARIO --help` for every option):
+//! - `login`, `idle`: a login storm; sessions held idle for server memory per session.
+//! - `chat`, `step`: open-loop 1:1 messages between pairs, at one rate or stepped up
+//!   until p99 latency or loss crosses a threshold.
+//! - `rosters`: provisions, in band and idempotently, mutual rosters on a ring (each
+//!   client with its `--contacts` nearest clients); run once per server and data set.
+//! - `presence`: open-loop presence updates, each counted at every contact's session
+//!   (expected, received, lost, duplicated, reordered, latency); `--step` searches
+//!   the highest sustainable update rate like `step`.
+//! - `day`: ramped logins, then chat, presence changes, reconnect churn and idle
+//!   sessions side by side, reported per activity.
+//!
+//! `--plot FILE.svg` (chat, step, presence, day) draws sent/received per second and
+//! p50/p99 latency per second. A typical presence run on accounts `load0..load999`:
+//! `shoal-load rosters --clients 1000 --contacts 10`, then `shoal-load presence
+//! --clients 1000 --contacts 10 --rate 500 --step 500 --plot presence.svg`.
 //!
 //! Code map:
 //! - `negotiate`: the client negotiation as a sans-IO state machine over `shoal-xmpp`
@@ -9,8 +27,10 @@
 //! - `schedule`: the open-loop send schedule and per-flow loss/duplicate/order
 //!   accounting, sans-IO.
 //! - `session`: reader and sender tasks of established sessions.
+//! - `roster`: the contact ring of the presence scenarios and its roster stanzas,
+//!   sans-IO.
 //! - `scenario`: the scenarios; `monitor`, `sysmon`, `stats`, `report`: measurement and
-//!   output; `cli`: the command line.
+//!   output; `plot`: the `--plot` SVG; `cli`: the command line.
 //!
 //! The generator talks to servers only over sockets and never reaches into a server's
 //! internals; it reads a co-located server's `/proc` entries and `/metrics` page, nothing
@@ -20,7 +40,9 @@ pub mod cli;
 pub mod conn;
 pub mod monitor;
 pub mod negotiate;
+pub mod plot;
 pub mod report;
+pub mod roster;
 pub mod scenario;
 pub mod schedule;
 pub mod session;
@@ -68,22 +90,40 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let monitor =
-        monitor::Monitor::start(scenario.name(), counters.clone(), server_pid, c.progress);
+    let epoch = tokio::time::Instant::now();
+    let monitor = monitor::Monitor::start(
+        scenario.name(),
+        epoch,
+        counters.clone(),
+        server_pid,
+        c.progress,
+    );
+    let timeline = scenario
+        .plot()
+        .map(|_| Arc::new(stats::Timeline::default()));
     let run = Run {
         connector,
         counters: counters.clone(),
-        epoch: tokio::time::Instant::now(),
+        epoch,
         server_pid,
         metrics_url: c.metrics_url.clone(),
+        timeline: timeline.clone(),
     };
     let out = match &scenario {
         Scenario::Login(a) => run.login(a).await,
         Scenario::Chat(a) => run.chat(a).await,
         Scenario::Idle(a) => run.idle(a).await,
         Scenario::Step(a) => run.step(a).await,
+        Scenario::Rosters(a) => run.rosters(a).await,
+        Scenario::Presence(a) => run.presence(a).await,
+        Scenario::Day(a) => run.day(a).await,
     };
-    let peaks = monitor.finish().await;
+    let observed = monitor.finish().await;
+    let peaks = observed.peaks;
+    if let (Some(path), Some(timeline)) = (scenario.plot(), &timeline) {
+        let title = format!("shoal-load {}", scenario.name());
+        plot::write_svg(path, &title, &observed.ticks, &timeline.summary())?;
+    }
     let self_after = sysmon::sample("self")?;
     let server = match (server_pid, server_before) {
         (Some(pid), Some(before)) => sysmon::sample(&pid.to_string())
@@ -99,6 +139,10 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         registration: out.registration,
         login: out.login,
         chat: out.chat,
+        presence: out.presence,
+        rosters: out.rosters,
+        settle: out.settle,
+        day: out.day,
         step: out.step,
         idle: out.idle,
         late_messages: counters.late.load(Ordering::Relaxed),

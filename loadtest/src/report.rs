@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cli::Scenario;
-use crate::scenario::{ChatPhaseReport, IdleReport, LoginReport, RegisterReport, StepReport};
+use crate::scenario::{
+    DayReport, IdleReport, LoginReport, PhaseReport, RegisterReport, RostersReport, SettleReport,
+    StepReport,
+};
 use crate::stats::{Failures, Percentiles, ms};
 use crate::sysmon::ProcReport;
 
@@ -23,7 +26,12 @@ pub struct Report {
     pub registration: Option<RegisterReport>,
     pub login: LoginReport,
     /// One entry for `chat`, one per step for `step`, none otherwise.
-    pub chat: Vec<ChatPhaseReport>,
+    pub chat: Vec<PhaseReport>,
+    /// One entry for `presence`, one per step with `presence --step`.
+    pub presence: Vec<PhaseReport>,
+    pub rosters: Option<RostersReport>,
+    pub settle: Option<SettleReport>,
+    pub day: Option<DayReport>,
     pub step: Option<StepReport>,
     pub idle: Option<IdleReport>,
     /// Probe messages that arrived after their phase had been counted.
@@ -57,7 +65,24 @@ impl Report {
                 self.disconnected
             ));
         }
-        for c in &self.chat {
+        if let Some(r) = &self.rosters
+            && !r.complete
+        {
+            self.warnings.push(format!(
+                "rosters incomplete: {} of {} items are not mutual ({} clients)",
+                r.items_missing, r.items_expected, r.clients_incomplete
+            ));
+        }
+        if let Some(s) = &self.settle
+            && s.received < s.expected
+        {
+            self.warnings.push(format!(
+                "initial presence: {} of {} contact presences arrived (are the rosters \
+                 provisioned with `shoal-load rosters` and the same --clients/--contacts?)",
+                s.received, s.expected
+            ));
+        }
+        for c in self.chat.iter().chain(&self.presence) {
             if c.generator_cpu_percent > GENERATOR_CPU_WARN_PERCENT {
                 self.warnings.push(format!(
                     "WARNING: phase {}: the generator used {:.0}% of a core: it may be the limit, not the server",
@@ -66,7 +91,7 @@ impl Report {
             }
             if c.scheduled > c.sent {
                 self.warnings.push(format!(
-                    "phase {}: only {} of {} scheduled messages were sent",
+                    "phase {}: only {} of {} scheduled stanzas were sent",
                     c.phase, c.sent, c.scheduled
                 ));
             }
@@ -104,43 +129,62 @@ impl Report {
         row(&mut o, "auth", &l.auth);
         row(&mut o, "bind", &l.bind);
         row(&mut o, "login total", &l.total);
+        if let Some(r) = &self.rosters {
+            let _ = writeln!(
+                o,
+                "rosters        {} clients x {} contacts: {} of {} items mutual{}, {:.1} s, {} checks",
+                r.clients,
+                r.contacts,
+                r.items_expected - r.items_missing,
+                r.items_expected,
+                if r.complete { "" } else { " (INCOMPLETE)" },
+                r.wall_secs,
+                r.rounds
+            );
+            let _ = writeln!(
+                o,
+                "  sent         subscribe {}  subscribed {}  requests approved {}  (mutual before: {})",
+                r.subscribe_sent, r.subscribed_sent, r.requests_approved, r.items_present_before
+            );
+        }
+        if let Some(s) = &self.settle {
+            let _ = writeln!(
+                o,
+                "initial presence {} of {} contact presences in {:.1} s",
+                s.received, s.expected, s.secs
+            );
+        }
+        if let Some(d) = &self.day {
+            let _ = writeln!(
+                o,
+                "day            {:.0} s: {} idle, {} chat, {} presence, {} churn clients",
+                d.duration_secs,
+                d.idle_clients,
+                d.chat_clients,
+                d.presence_clients,
+                d.churn_clients
+            );
+            let ch = &d.churn;
+            let _ = writeln!(
+                o,
+                "  churn        {} reconnects, {} failed",
+                ch.reconnects, ch.failed
+            );
+            failures(&mut o, &ch.failures);
+            row(&mut o, "reconnect", &ch.reconnect);
+        }
         for c in &self.chat {
-            let _ = writeln!(
-                o,
-                "chat phase {}  target {:.0} msg/s, {} senders, {} B bodies, {:.0} s",
-                c.phase, c.target_rate, c.senders, c.size, c.duration_secs
-            );
-            let _ = writeln!(
-                o,
-                "  messages     scheduled {}  sent {}  received {}  lost {}  dup {}  ooo {}  (loss {:.4}%)",
-                c.scheduled,
-                c.sent,
-                c.received,
-                c.lost,
-                c.duplicated,
-                c.out_of_order,
-                c.loss_fraction * 100.0
-            );
-            let _ = writeln!(
-                o,
-                "  rates        sent {:.0} msg/s  received {:.0} msg/s",
-                c.send_rate, c.receive_rate
-            );
-            row(&mut o, "end-to-end", &c.latency);
-            let _ = writeln!(
-                o,
-                "  cpu          generator {:.0}% of a core{}",
-                c.generator_cpu_percent,
-                c.server_cpu_percent
-                    .map_or(String::new(), |s| format!(", server {s:.0}%"))
-            );
+            phase(&mut o, "chat", "msg/s", c);
+        }
+        for c in &self.presence {
+            phase(&mut o, "presence", "updates/s", c);
         }
         if let Some(s) = &self.step {
             let _ = writeln!(
                 o,
                 "step           highest sustained rate: {}; stopped: {}",
                 s.highest_sustained_rate
-                    .map_or("none".into(), |r| format!("{r:.0} msg/s")),
+                    .map_or("none".into(), |r| format!("{r:.0}/s")),
                 s.stopped_because
             );
         }
@@ -185,6 +229,44 @@ impl Report {
         }
         o
     }
+}
+
+/// One traffic phase: what was sent, what arrived, latency and CPU.
+fn phase(o: &mut String, what: &str, unit: &str, c: &PhaseReport) {
+    let _ = writeln!(
+        o,
+        "{what} phase {}  target {:.0} {unit}, {} senders, {} B probes, {:.0} s",
+        c.phase, c.target_rate, c.senders, c.size, c.duration_secs
+    );
+    let _ = writeln!(
+        o,
+        "  stanzas      scheduled {}  sent {}",
+        c.scheduled, c.sent
+    );
+    let _ = writeln!(
+        o,
+        "  deliveries   expected {}  received {}  lost {}  dup {}  ooo {}  unexpected {}  (loss {:.4}%)",
+        c.expected,
+        c.received,
+        c.lost,
+        c.duplicated,
+        c.out_of_order,
+        c.unexpected,
+        c.loss_fraction * 100.0
+    );
+    let _ = writeln!(
+        o,
+        "  rates        sent {:.0} {unit}  received {:.0} deliveries/s",
+        c.send_rate, c.receive_rate
+    );
+    row(o, "end-to-end", &c.latency);
+    let _ = writeln!(
+        o,
+        "  cpu          generator {:.0}% of a core{}",
+        c.generator_cpu_percent,
+        c.server_cpu_percent
+            .map_or(String::new(), |s| format!(", server {s:.0}%"))
+    );
 }
 
 fn row(o: &mut String, name: &str, p: &Percentiles) {

@@ -1,9 +1,16 @@
-//! The scenarios: login storm, open-loop chat, idle soak and step, built from the
-//! connector (`conn`), live sessions (`session`) and the schedule.
+//! The scenarios: login storm, open-loop chat, idle soak, step, roster provisioning and
+//! presence fan-out, built from the connector (`conn`), live sessions (`session`), the
+//! schedule and the contact ring (`roster`).
+//!
+//! Chat and presence are the same machinery: a traffic phase is a set of senders, each
+//! with a schedule, a carrier (chat body or presence status) and the sessions each of its
+//! stanzas must reach; the accounting of expected, received, lost, duplicated and
+//! reordered deliveries is one function for both.
 //!
 //! Each scenario is bounded: a fixed number of clients, fixed durations, and every wait
 //! either has a deadline or ends when the work it waits for does.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -12,12 +19,15 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::cli::{ChatArgs, IdleArgs, LoginArgs, StepArgs};
+use crate::cli::{
+    DayArgs, IdleArgs, LoginArgs, PresenceArgs, RostersArgs, StepArgs, StepLimits, TrafficArgs,
+};
 use crate::conn::{Connector, Established};
 use crate::negotiate::Outcome;
+use crate::roster;
 use crate::schedule::Schedule;
-use crate::session::{Counters, Live, SendPlan, send_phase};
-use crate::stats::{Failures, Latency, Percentiles};
+use crate::session::{Carrier, Counters, Live, PhaseReceived, RunContext, SendPlan, send_phase};
+use crate::stats::{Failures, Latency, Percentiles, Timeline};
 use crate::sysmon;
 
 /// Results of the login phase of any scenario.
@@ -51,24 +61,34 @@ pub struct RegisterReport {
     pub wall_secs: f64,
 }
 
-/// Results of one chat phase (the whole `chat` run, or one step of `step`).
+/// Results of one traffic phase of one carrier: the whole `chat` or `presence` run, one
+/// step of a step search, or one activity of `day`.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct ChatPhaseReport {
+pub struct PhaseReport {
     pub phase: u32,
     pub target_rate: f64,
     pub duration_secs: f64,
     pub size: usize,
     pub senders: u64,
-    /// Messages scheduled in the phase (what the target rate asked for).
+    /// Stanzas scheduled in the phase (what the target rate asked for).
     pub scheduled: u64,
     pub sent: u64,
-    /// Distinct messages received.
+    /// Deliveries the sent stanzas call for: one per chat message, one per contact
+    /// session for a presence update.
+    pub expected: u64,
+    /// Distinct expected deliveries received.
     pub received: u64,
     pub lost: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
+    /// Distinct deliveries from a sender the receiver does not expect (none with a
+    /// correct server and rosters provisioned as asked).
+    pub unexpected: u64,
+    /// Lost deliveries over expected ones.
     pub loss_fraction: f64,
+    /// Stanzas sent per second.
     pub send_rate: f64,
+    /// Deliveries received per second.
     pub receive_rate: f64,
     /// End-to-end latency from each message's scheduled send time.
     pub latency: Percentiles,
@@ -91,6 +111,59 @@ pub struct IdleReport {
     pub bytes_per_session: Option<f64>,
 }
 
+/// Results of roster provisioning.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RostersReport {
+    pub clients: u64,
+    pub contacts: u64,
+    /// Roster items the ring calls for (clients × contacts).
+    pub items_expected: u64,
+    /// Items already mutual when the run started.
+    pub items_present_before: u64,
+    pub subscribe_sent: u64,
+    pub subscribed_sent: u64,
+    /// Subscription requests answered as they arrived.
+    pub requests_approved: u64,
+    /// Roster checks made (one roster get per session each).
+    pub rounds: u32,
+    /// Items not mutual at the end (a client that could not log in counts all of its).
+    pub items_missing: u64,
+    pub clients_incomplete: u64,
+    pub complete: bool,
+    pub wall_secs: f64,
+}
+
+/// How the initial presence fan-out of `presence` settled before the updates.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SettleReport {
+    /// One available presence per session and contact that is online.
+    pub expected: u64,
+    pub received: u64,
+    pub secs: f64,
+}
+
+/// Results of `day` besides its chat and presence phases.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DayReport {
+    /// Clients given each activity.
+    pub idle_clients: u64,
+    pub chat_clients: u64,
+    pub presence_clients: u64,
+    pub churn_clients: u64,
+    pub duration_secs: f64,
+    pub churn: ChurnReport,
+}
+
+/// What the churning clients did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChurnReport {
+    pub reconnects: u64,
+    pub failed: u64,
+    pub failures: Failures,
+    /// Connect to initial presence of each reconnect.
+    pub reconnect: Percentiles,
+}
+
 /// Results of the step search.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StepReport {
@@ -104,9 +177,58 @@ pub struct StepReport {
 pub struct Outcomes {
     pub registration: Option<RegisterReport>,
     pub login: LoginReport,
-    pub chat: Vec<ChatPhaseReport>,
+    pub chat: Vec<PhaseReport>,
+    pub presence: Vec<PhaseReport>,
     pub idle: Option<IdleReport>,
     pub step: Option<StepReport>,
+    pub rosters: Option<RostersReport>,
+    pub settle: Option<SettleReport>,
+    pub day: Option<DayReport>,
+}
+
+/// One sender of a traffic phase.
+pub struct Sender {
+    /// Its position among the phase's sessions.
+    pub at: usize,
+    pub carrier: Carrier,
+    /// Positions of the sessions each of its stanzas must reach (for chat, the one the
+    /// messages are addressed to).
+    pub to: Vec<usize>,
+    pub schedule: Schedule,
+}
+
+/// How long a phase sends, how long it then waits for deliveries in flight, and the
+/// probe size.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub duration: Duration,
+    pub drain: Duration,
+    pub size: usize,
+}
+
+impl Pace {
+    fn new(duration: f64, drain: f64, size: usize) -> Self {
+        Self {
+            duration: Duration::from_secs_f64(duration),
+            drain: Duration::from_secs_f64(drain),
+            size,
+        }
+    }
+}
+
+/// A traffic phase: senders of either carrier over the same sessions, measured
+/// together.
+pub struct Phase {
+    pub phase: u32,
+    pub pace: Pace,
+    pub senders: Vec<Sender>,
+}
+
+/// A phase's reports, one per carrier that had senders.
+#[derive(Debug, Default)]
+pub struct PhaseResults {
+    pub chat: Option<PhaseReport>,
+    pub presence: Option<PhaseReport>,
 }
 
 /// Shared state of a run.
@@ -117,9 +239,19 @@ pub struct Run {
     pub epoch: Instant,
     pub server_pid: Option<u32>,
     pub metrics_url: Option<String>,
+    /// Per-second latencies, kept when a plot is asked for.
+    pub timeline: Option<Arc<Timeline>>,
 }
 
 impl Run {
+    fn context(&self) -> RunContext {
+        RunContext {
+            epoch: self.epoch,
+            counters: self.counters.clone(),
+            timeline: self.timeline.clone(),
+        }
+    }
+
     /// Registers clients `0..count` by XEP-0077.
     pub async fn register_all(&self, count: usize, concurrency: usize) -> RegisterReport {
         let start = Instant::now();
@@ -238,11 +370,92 @@ impl Run {
         (sessions, report)
     }
 
-    fn start_sessions(&self, sessions: Vec<Established>) -> Vec<Live> {
+    /// Starts the readers; each approves subscription requests from `approve(index)`.
+    fn start_sessions(
+        &self,
+        sessions: Vec<Established>,
+        approve: impl Fn(usize) -> Vec<String>,
+    ) -> Vec<Live> {
+        let ctx = self.context();
         sessions
             .into_iter()
-            .map(|s| Live::start(s, self.epoch, self.counters.clone()))
+            .map(|s| {
+                let a = approve(s.index);
+                Live::start(s, &ctx, a)
+            })
             .collect()
+    }
+
+    /// Runs one traffic phase over `lives` and accounts for it per carrier.
+    pub async fn traffic_phase(&self, lives: &[Live], p: Phase) -> PhaseResults {
+        let Pace {
+            duration,
+            drain,
+            size,
+        } = p.pace;
+        let received_before = self.counters.received.load(Ordering::Relaxed);
+        let cpu_before = self.cpu_samples();
+        // A short lead so every sender task is waiting before the first stanza is due.
+        let phase_start = Instant::now() + Duration::from_millis(100);
+        let mut tasks = Vec::with_capacity(p.senders.len());
+        for s in &p.senders {
+            let plan = SendPlan {
+                writer: lives[s.at].writer(),
+                carrier: s.carrier,
+                to: s.to.first().map_or("", |&r| bare(&lives[r].jid)).to_owned(),
+                sender: lives[s.at].index as u32,
+                phase: p.phase,
+                schedule: s.schedule,
+                size,
+                phase_start,
+                epoch: self.epoch,
+            };
+            tasks.push(tokio::spawn(send_phase(plan, self.counters.clone())));
+        }
+        let mut sent = vec![0u64; p.senders.len()];
+        for (k, t) in tasks.into_iter().enumerate() {
+            sent[k] = t.await.unwrap_or(0);
+        }
+        let sending_done = Instant::now();
+        let expected: u64 = p
+            .senders
+            .iter()
+            .zip(&sent)
+            .map(|(s, n)| n * s.to.len() as u64)
+            .sum();
+        // Drain: wait for deliveries in flight, no longer than `drain`.
+        let drain_end = sending_done + drain;
+        while self.counters.received.load(Ordering::Relaxed) - received_before < expected
+            && Instant::now() < drain_end
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let receiving_secs = phase_start.elapsed().as_secs_f64().max(1e-9);
+        let cpu_after = self.cpu_samples();
+        let mut got = Vec::with_capacity(lives.len());
+        for live in lives {
+            got.push(live.collect(p.phase).await);
+        }
+        let ids: Vec<u32> = lives.iter().map(|l| l.index as u32).collect();
+        let report = |carrier| {
+            let mut r = account(carrier, &ids, &p.senders, &sent, &got)?;
+            r.phase = p.phase;
+            r.duration_secs = duration.as_secs_f64();
+            r.size = size;
+            r.send_rate = r.sent as f64 / duration.as_secs_f64().max(1e-9);
+            r.receive_rate = r.received as f64 / receiving_secs;
+            if let (Some(b), Some(a)) = (&cpu_before.0, &cpu_after.0) {
+                r.generator_cpu_percent = sysmon::cpu_percent(b, a);
+            }
+            if let (Some(b), Some(a)) = (&cpu_before.1, &cpu_after.1) {
+                r.server_cpu_percent = Some(sysmon::cpu_percent(b, a));
+            }
+            Some(r)
+        };
+        PhaseResults {
+            chat: report(Carrier::Chat),
+            presence: report(Carrier::Presence),
+        }
     }
 
     /// Runs one chat phase over `lives`, paired by position (0↔1, 2↔3, ...).
@@ -251,97 +464,104 @@ impl Run {
         lives: &[Live],
         phase: u32,
         rate: f64,
-        duration: Duration,
-        drain: Duration,
-        size: usize,
-    ) -> ChatPhaseReport {
-        let senders = lives.len() / 2 * 2;
-        let mut report = ChatPhaseReport {
+        pace: Pace,
+    ) -> PhaseReport {
+        let pairs: Vec<Vec<usize>> = (0..lives.len() / 2 * 2).map(|k| vec![k ^ 1]).collect();
+        self.carrier_phase(lives, Carrier::Chat, &pairs, phase, rate, pace)
+            .await
+    }
+
+    /// Runs one phase of one carrier: the first `targets.len()` sessions send, `rate`
+    /// in total, and sender `k`'s stanzas are expected at the sessions `targets[k]`.
+    pub async fn carrier_phase(
+        &self,
+        lives: &[Live],
+        carrier: Carrier,
+        targets: &[Vec<usize>],
+        phase: u32,
+        rate: f64,
+        pace: Pace,
+    ) -> PhaseReport {
+        let senders = targets
+            .iter()
+            .enumerate()
+            .map(|(k, to)| Sender {
+                at: k,
+                carrier,
+                to: to.clone(),
+                schedule: Schedule::for_sender(k, targets.len(), rate, pace.duration),
+            })
+            .collect();
+        let p = Phase {
             phase,
-            target_rate: rate,
-            duration_secs: duration.as_secs_f64(),
-            size,
-            senders: senders as u64,
-            ..Default::default()
+            pace,
+            senders,
         };
-        if senders == 0 {
-            return report;
-        }
-        let received_before = self.counters.received.load(Ordering::Relaxed);
-        let cpu_before = self.cpu_samples();
-        // A short lead so every sender task is waiting before the first message is due.
-        let phase_start = Instant::now() + Duration::from_millis(100);
-        let mut tasks = Vec::with_capacity(senders);
-        for (k, live) in lives[..senders].iter().enumerate() {
-            let schedule = Schedule::for_sender(k, senders, rate, duration);
-            report.scheduled += schedule.count();
-            let plan = SendPlan {
-                writer: live.writer(),
-                to: bare(&lives[k ^ 1].jid).to_owned(),
-                sender: k as u32,
-                phase,
-                schedule,
-                size,
-                phase_start,
-                epoch: self.epoch,
+        let results = self.traffic_phase(lives, p).await;
+        let report = match carrier {
+            Carrier::Chat => results.chat,
+            Carrier::Presence => results.presence,
+        };
+        let mut r = report.unwrap_or_else(|| PhaseReport {
+            phase,
+            duration_secs: pace.duration.as_secs_f64(),
+            size: pace.size,
+            ..Default::default()
+        });
+        r.target_rate = rate;
+        r
+    }
+
+    /// Raises the rate from `first` by `step` while `run(phase, rate)` stays within
+    /// `limits`; returns every step's report and the verdict.
+    async fn step_search(
+        &self,
+        first: f64,
+        step: f64,
+        limits: &StepLimits,
+        unit: &str,
+        sessions: usize,
+        mut run: impl AsyncFnMut(u32, f64) -> PhaseReport,
+    ) -> (Vec<PhaseReport>, StepReport) {
+        let mut reports = Vec::new();
+        let mut best = None;
+        let mut rate = first;
+        let mut stopped_because = format!("reached --max-steps {}", limits.max_steps);
+        for phase in 0..limits.max_steps {
+            let r = run(phase, rate).await;
+            let p99_ms = r.latency.p99_us as f64 / 1000.0;
+            let verdict = if p99_ms > limits.p99_max_ms {
+                Some(format!(
+                    "p99 {p99_ms:.1} ms > {} ms at {rate} {unit}",
+                    limits.p99_max_ms
+                ))
+            } else if r.loss_fraction > limits.max_loss {
+                Some(format!(
+                    "loss {:.4} > {} at {rate} {unit}",
+                    r.loss_fraction, limits.max_loss
+                ))
+            } else if self.counters.sessions_open.load(Ordering::Relaxed) < sessions as u64 {
+                Some(format!("sessions were disconnected at {rate} {unit}"))
+            } else {
+                None
             };
-            tasks.push(tokio::spawn(send_phase(plan, self.counters.clone())));
-        }
-        let mut sent = vec![0u64; senders];
-        for (k, t) in tasks.into_iter().enumerate() {
-            sent[k] = t.await.unwrap_or(0);
-        }
-        let sending_done = Instant::now();
-        report.sent = sent.iter().sum();
-        // Drain: wait for messages in flight, no longer than `drain`.
-        let drain_end = sending_done + drain;
-        while self.counters.received.load(Ordering::Relaxed) - received_before < report.sent
-            && Instant::now() < drain_end
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let receiving_done = Instant::now();
-        let cpu_after = self.cpu_samples();
-        if let (Some(b), Some(a)) = (cpu_before.0, cpu_after.0) {
-            report.generator_cpu_percent = sysmon::cpu_percent(&b, &a);
-        }
-        if let (Some(b), Some(a)) = (cpu_before.1, cpu_after.1) {
-            report.server_cpu_percent = Some(sysmon::cpu_percent(&b, &a));
-        }
-        let mut latency = Latency::default();
-        // Per sender, the messages no receiver has accounted for yet.
-        let mut unaccounted = sent.clone();
-        for (k, live) in lives.iter().enumerate() {
-            let got = live.collect(phase).await;
-            latency.merge(&got.latency);
-            for (sender, flow) in &got.flows {
-                let s = *sender as usize;
-                report.received += flow.unique();
-                report.duplicated += flow.duplicated();
-                report.out_of_order += flow.out_of_order();
-                // Only the partner's flow is expected here; a stray flow is counted as
-                // received but has nothing to lose.
-                if s < senders && s ^ 1 == k {
-                    report.lost += flow.lost(sent[s]);
-                    unaccounted[s] = 0;
-                }
+            reports.push(r);
+            if let Some(v) = verdict {
+                stopped_because = v;
+                break;
+            }
+            best = Some(rate);
+            rate += step;
+            if rate > limits.max_rate {
+                stopped_because = format!("reached --max-rate {}", limits.max_rate);
+                break;
             }
         }
-        // Senders whose partner recorded nothing lost everything they sent.
-        report.lost += unaccounted.iter().sum::<u64>();
-        report.loss_fraction = if report.sent > 0 {
-            report.lost as f64 / report.sent as f64
-        } else {
-            0.0
+        let verdict = StepReport {
+            highest_sustained_rate: best,
+            stopped_because,
         };
-        report.send_rate = report.sent as f64 / duration.as_secs_f64().max(1e-9);
-        report.receive_rate = report.received as f64
-            / receiving_done
-                .duration_since(phase_start)
-                .as_secs_f64()
-                .max(1e-9);
-        report.latency = latency.summary();
-        report
+        (reports, verdict)
     }
 
     pub async fn login(&self, a: &LoginArgs) -> Outcomes {
@@ -357,7 +577,7 @@ impl Run {
         };
         let (sessions, report) = self.login_all(a.clients, rate, c.concurrency).await;
         out.login = report;
-        let lives = self.start_sessions(sessions);
+        let lives = self.start_sessions(sessions, |_| Vec::new());
         if a.hold > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
         }
@@ -365,19 +585,11 @@ impl Run {
         out
     }
 
-    pub async fn chat(&self, a: &ChatArgs) -> Outcomes {
+    pub async fn chat(&self, a: &TrafficArgs) -> Outcomes {
         let mut out = Outcomes::default();
         let lives = self.prepare(a, &mut out).await;
-        let report = self
-            .chat_phase(
-                &lives,
-                0,
-                a.rate,
-                Duration::from_secs_f64(a.duration),
-                Duration::from_secs_f64(a.drain),
-                a.size,
-            )
-            .await;
+        let pace = Pace::new(a.duration, a.drain, a.size);
+        let report = self.chat_phase(&lives, 0, a.rate, pace).await;
         out.chat.push(report);
         close_all(lives).await;
         out
@@ -386,54 +598,308 @@ impl Run {
     pub async fn step(&self, a: &StepArgs) -> Outcomes {
         let mut out = Outcomes::default();
         let lives = self.prepare(&a.chat, &mut out).await;
-        let mut best = None;
-        let mut rate = a.chat.rate;
-        let mut stopped_because = format!("reached --max-steps {}", a.max_steps);
-        for phase in 0..a.max_steps {
-            let r = self
-                .chat_phase(
-                    &lives,
-                    phase,
-                    rate,
-                    Duration::from_secs_f64(a.step_duration),
-                    Duration::from_secs_f64(a.chat.drain),
-                    a.chat.size,
-                )
-                .await;
-            let p99_ms = r.latency.p99_us as f64 / 1000.0;
-            let verdict = if p99_ms > a.p99_max_ms {
-                Some(format!(
-                    "p99 {p99_ms:.1} ms > {} ms at {rate} msg/s",
-                    a.p99_max_ms
-                ))
-            } else if r.loss_fraction > a.max_loss {
-                Some(format!(
-                    "loss {:.4} > {} at {rate} msg/s",
-                    r.loss_fraction, a.max_loss
-                ))
-            } else if self.counters.sessions_open.load(Ordering::Relaxed) < lives.len() as u64 {
-                Some(format!("sessions were disconnected at {rate} msg/s"))
-            } else {
-                None
-            };
-            out.chat.push(r);
-            if let Some(v) = verdict {
-                stopped_because = v;
+        let pace = Pace::new(a.limits.step_duration, a.chat.drain, a.chat.size);
+        let (reports, verdict) = self
+            .step_search(
+                a.chat.rate,
+                a.step,
+                &a.limits,
+                "msg/s",
+                lives.len(),
+                async |phase, rate| self.chat_phase(&lives, phase, rate, pace).await,
+            )
+            .await;
+        out.chat = reports;
+        out.step = Some(verdict);
+        close_all(lives).await;
+        out
+    }
+
+    /// Makes every client's roster hold its ring contacts with subscription both.
+    pub async fn rosters(&self, a: &RostersArgs) -> Outcomes {
+        let c = &a.common;
+        let mut out = Outcomes::default();
+        if c.register {
+            out.registration = Some(self.register_all(a.clients, c.concurrency).await);
+        }
+        let start = Instant::now();
+        let (sessions, login) = self
+            .login_all(a.clients, login_rate(c, a.clients), c.concurrency)
+            .await;
+        out.login = login;
+        let cfg = self.connector.config();
+        let wanted = |i: usize| -> Vec<String> {
+            roster::contacts(i, a.clients, a.contacts)
+                .into_iter()
+                .map(|j| cfg.bare_jid(j))
+                .collect()
+        };
+        let lives = self.start_sessions(sessions, wanted);
+        let mut report = RostersReport {
+            clients: a.clients as u64,
+            contacts: a.contacts as u64,
+            items_expected: (a.clients * a.contacts) as u64,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs_f64(a.wait);
+        let not_logged_in = (a.clients - lives.len()) as u64 * a.contacts as u64;
+        let mut last_send = None;
+        loop {
+            // Every session's roster, asked of all before any answer is awaited. The
+            // first round also comes before any request is sent: some servers deliver
+            // subscription requests only to resources that have asked for the roster.
+            let id = format!("roster{}", report.rounds);
+            let mut answers = Vec::with_capacity(lives.len());
+            for l in &lives {
+                answers.push(l.ask(&id, roster::roster_get(&id)).await);
+            }
+            let mut todo = Vec::with_capacity(lives.len());
+            for answer in answers {
+                let items = match answer {
+                    Some(rx) => tokio::time::timeout_at(deadline, rx)
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok()),
+                    None => None,
+                };
+                todo.push(items.as_ref().and_then(roster::parse_roster));
+            }
+            report.rounds += 1;
+            let mut missing = not_logged_in;
+            let mut incomplete = a.clients - lives.len();
+            let mut sends = Vec::with_capacity(lives.len());
+            for (l, items) in lives.iter().zip(&todo) {
+                let m = roster::missing(items.as_deref().unwrap_or(&[]), &wanted(l.index));
+                if report.rounds == 1 {
+                    report.items_present_before += a.contacts as u64 - m.contacts;
+                }
+                missing += m.contacts;
+                incomplete += usize::from(m.contacts > 0);
+                sends.push(m);
+            }
+            report.items_missing = missing;
+            report.clients_incomplete = incomplete as u64;
+            if missing == 0 || Instant::now() >= deadline {
                 break;
             }
-            best = Some(rate);
-            rate += a.step;
-            if rate > a.max_rate {
-                stopped_because = format!("reached --max-rate {}", a.max_rate);
+            // Send what is missing on the first round and again every few seconds in
+            // case a server dropped a request; answers arriving meanwhile are approved
+            // by the readers.
+            if last_send.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(3)) {
+                for (l, m) in lives.iter().zip(&sends) {
+                    if !m.stanzas.is_empty() && l.send(m.stanzas.as_bytes()).await.is_ok() {
+                        report.subscribe_sent += m.subscribe;
+                        report.subscribed_sent += m.subscribed;
+                    }
+                }
+                last_send = Some(Instant::now());
+            }
+            let pause = if report.rounds == 1 { 200 } else { 1000 };
+            tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_millis(pause)))
+                .await;
+        }
+        report.requests_approved = self.counters.approved.load(Ordering::Relaxed);
+        report.complete = report.items_missing == 0;
+        report.wall_secs = start.elapsed().as_secs_f64();
+        out.rosters = Some(report);
+        close_all(lives).await;
+        out
+    }
+
+    /// Presence updates fanned out to each client's contacts, at one rate or stepped.
+    pub async fn presence(&self, a: &PresenceArgs) -> Outcomes {
+        let t = &a.traffic;
+        let mut out = Outcomes::default();
+        let lives = self.prepare(t, &mut out).await;
+        let contacts = contact_positions(&lives, t.clients, a.contacts);
+        out.settle = Some(
+            self.settle(&contacts, Duration::from_secs_f64(a.settle))
+                .await,
+        );
+        match a.step {
+            Some(step) => {
+                let pace = Pace::new(a.limits.step_duration, t.drain, t.size);
+                let (reports, verdict) = self
+                    .step_search(
+                        t.rate,
+                        step,
+                        &a.limits,
+                        "updates/s",
+                        lives.len(),
+                        async |phase, rate| {
+                            self.carrier_phase(
+                                &lives,
+                                Carrier::Presence,
+                                &contacts,
+                                phase,
+                                rate,
+                                pace,
+                            )
+                            .await
+                        },
+                    )
+                    .await;
+                out.presence = reports;
+                out.step = Some(verdict);
+            }
+            None => {
+                let pace = Pace::new(t.duration, t.drain, t.size);
+                let r = self
+                    .carrier_phase(&lives, Carrier::Presence, &contacts, 0, t.rate, pace)
+                    .await;
+                out.presence.push(r);
+            }
+        }
+        close_all(lives).await;
+        out
+    }
+
+    /// A mixed day: logins over a ramp, then chat, presence changes, churn and idle
+    /// sessions side by side for `--duration`.
+    pub async fn day(&self, a: &DayArgs) -> Outcomes {
+        let c = &a.common;
+        let mut out = Outcomes::default();
+        if c.register {
+            out.registration = Some(self.register_all(a.clients, c.concurrency).await);
+        }
+        let roles = day_roles(a);
+        let mut day = DayReport {
+            duration_secs: a.duration,
+            ..Default::default()
+        };
+        for r in &roles {
+            *match r {
+                Role::Idle => &mut day.idle_clients,
+                Role::Chat => &mut day.chat_clients,
+                Role::Presence => &mut day.presence_clients,
+                Role::Churn => &mut day.churn_clients,
+            } += 1;
+        }
+        let rate = if c.login_rate > 0.0 || c.ramp > 0.0 {
+            login_rate(c, a.clients)
+        } else {
+            a.clients as f64 / (a.duration / 10.0).max(1e-3)
+        };
+        let (sessions, login) = self.login_all(a.clients, rate, c.concurrency).await;
+        out.login = login;
+        let (churning, stable): (Vec<_>, Vec<_>) = sessions
+            .into_iter()
+            .partition(|s| roles[s.index] == Role::Churn);
+        let lives = self.start_sessions(stable, |_| Vec::new());
+        let role_at = |p: usize| roles[lives[p].index];
+        let pace = Pace::new(a.duration, a.drain, a.size);
+        let mut senders = Vec::new();
+        // Chat pairs among the chatting sessions, in order; an odd last one idles.
+        let chatting: Vec<usize> = (0..lives.len())
+            .filter(|&p| role_at(p) == Role::Chat)
+            .collect();
+        let pairs = if a.chat_rate > 0.0 {
+            chatting.len() / 2 * 2
+        } else {
+            0
+        };
+        for k in 0..pairs {
+            senders.push(Sender {
+                at: chatting[k],
+                carrier: Carrier::Chat,
+                to: vec![chatting[k ^ 1]],
+                schedule: Schedule::for_sender(k, pairs, a.chat_rate * pairs as f64, pace.duration),
+            });
+        }
+        let contacts = if a.contacts > 0 {
+            contact_positions(&lives, a.clients, a.contacts)
+        } else {
+            vec![Vec::new(); lives.len()]
+        };
+        let changing: Vec<usize> = (0..lives.len())
+            .filter(|&p| role_at(p) == Role::Presence && a.presence_rate > 0.0)
+            .collect();
+        for (k, &p) in changing.iter().enumerate() {
+            senders.push(Sender {
+                at: p,
+                carrier: Carrier::Presence,
+                to: contacts[p].clone(),
+                schedule: Schedule::for_sender(
+                    k,
+                    changing.len(),
+                    a.presence_rate * changing.len() as f64,
+                    pace.duration,
+                ),
+            });
+        }
+        let end = Instant::now() + pace.duration;
+        let every = Duration::from_secs_f64(a.churn_every);
+        let n = churning.len().max(1) as u32;
+        let churners: Vec<_> = churning
+            .into_iter()
+            .enumerate()
+            .map(|(j, est)| {
+                // Staggered, so reconnects are spread over each interval.
+                let first = every * (j as u32 + 1) / n;
+                tokio::spawn(churn(
+                    self.connector.clone(),
+                    self.context(),
+                    est,
+                    first,
+                    every,
+                    end,
+                ))
+            })
+            .collect();
+        let results = self
+            .traffic_phase(
+                &lives,
+                Phase {
+                    phase: 0,
+                    pace,
+                    senders,
+                },
+            )
+            .await;
+        let mut reconnect = Latency::default();
+        for t in churners {
+            if let Ok((stats, latency)) = t.await {
+                day.churn.reconnects += stats.reconnects;
+                day.churn.failed += stats.failed;
+                day.churn.failures.merge(&stats.failures);
+                reconnect.merge(&latency);
+            }
+        }
+        day.churn.reconnect = reconnect.summary();
+        if let Some(mut r) = results.chat {
+            r.target_rate = a.chat_rate * pairs as f64;
+            out.chat.push(r);
+        }
+        if let Some(mut r) = results.presence {
+            r.target_rate = a.presence_rate * changing.len() as f64;
+            out.presence.push(r);
+        }
+        out.day = Some(day);
+        close_all(lives).await;
+        out
+    }
+
+    /// Waits until every session has seen the initial presence of each of its online
+    /// contacts, nothing more has arrived for a second, or `bound` has passed.
+    async fn settle(&self, contacts: &[Vec<usize>], bound: Duration) -> SettleReport {
+        let start = Instant::now();
+        let expected: u64 = contacts.iter().map(|c| c.len() as u64).sum();
+        let seen = || self.counters.presence_plain.load(Ordering::Relaxed);
+        let (mut last, mut changed) = (seen(), start);
+        while seen() < expected && start.elapsed() < bound {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = seen();
+            if now != last {
+                (last, changed) = (now, Instant::now());
+            } else if changed.elapsed() >= Duration::from_secs(1) {
                 break;
             }
         }
-        out.step = Some(StepReport {
-            highest_sustained_rate: best,
-            stopped_because,
-        });
-        close_all(lives).await;
-        out
+        SettleReport {
+            expected,
+            received: seen(),
+            secs: start.elapsed().as_secs_f64(),
+        }
     }
 
     pub async fn idle(&self, a: &IdleArgs) -> Outcomes {
@@ -451,7 +917,7 @@ impl Run {
             .login_all(a.clients, login_rate(c, a.clients), c.concurrency)
             .await;
         out.login = report;
-        let lives = self.start_sessions(sessions);
+        let lives = self.start_sessions(sessions, |_| Vec::new());
         idle.sessions = lives.len() as u64;
         let held_from = Instant::now();
         let end = held_from + Duration::from_secs_f64(a.duration);
@@ -481,8 +947,8 @@ impl Run {
         out
     }
 
-    /// Registration (if asked) and logins for the chat scenarios, then the readers.
-    async fn prepare(&self, a: &ChatArgs, out: &mut Outcomes) -> Vec<Live> {
+    /// Registration (if asked) and logins for the traffic scenarios, then the readers.
+    async fn prepare(&self, a: &TrafficArgs, out: &mut Outcomes) -> Vec<Live> {
         let c = &a.common;
         if c.register {
             out.registration = Some(self.register_all(a.clients, c.concurrency).await);
@@ -493,7 +959,7 @@ impl Run {
         out.login = report;
         // Pairs are formed from the sessions that did log in, so a failed login costs
         // one pair rather than a partner that can never receive.
-        self.start_sessions(sessions)
+        self.start_sessions(sessions, |_| Vec::new())
     }
 
     /// This process's and the server's CPU readings, where available.
@@ -526,6 +992,169 @@ fn login_rate(c: &crate::cli::Common, clients: usize) -> f64 {
     } else {
         0.0
     }
+}
+
+/// What a client does during `day`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Idle,
+    Chat,
+    Presence,
+    Churn,
+}
+
+/// Every client's role: the shares are exact (rounded), and the roles are interleaved
+/// over the indices (ordered by a golden-ratio sequence) so that ring contacts and
+/// login order mix all activities.
+fn day_roles(a: &DayArgs) -> Vec<Role> {
+    let n = a.clients;
+    let mut order: Vec<usize> = (0..n).collect();
+    let key = |i: usize| (i as f64 * 0.618_033_988_749_895).fract();
+    order.sort_by(|&x, &y| key(x).total_cmp(&key(y)));
+    let count = |share: f64| (share * n as f64).round() as usize;
+    let mut roles = vec![Role::Idle; n];
+    let mut next = order.into_iter();
+    for (role, share) in [
+        (Role::Chat, a.chat_share),
+        (Role::Presence, a.presence_share),
+        (Role::Churn, a.churn_share),
+    ] {
+        for i in next.by_ref().take(count(share)) {
+            roles[i] = role;
+        }
+    }
+    roles
+}
+
+/// What one churning client did.
+#[derive(Debug, Default)]
+struct ChurnStats {
+    reconnects: u64,
+    failed: u64,
+    failures: Failures,
+}
+
+/// One churning client until `end`: holds its session for `first`, then closes it and
+/// logs in again every `every`. A failed login is retried at the next interval.
+async fn churn(
+    connector: Arc<Connector>,
+    ctx: RunContext,
+    est: Established,
+    first: Duration,
+    every: Duration,
+    end: Instant,
+) -> (ChurnStats, Latency) {
+    let index = est.index;
+    let mut stats = ChurnStats::default();
+    let mut latency = Latency::default();
+    let mut live = Some(Live::start(est, &ctx, Vec::new()));
+    let mut next = Instant::now() + first;
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        if let Some(l) = live.take() {
+            l.close().await;
+        }
+        match connector.login(index).await {
+            Ok(est) => {
+                stats.reconnects += 1;
+                latency.record(est.timings.total);
+                live = Some(Live::start(est, &ctx, Vec::new()));
+            }
+            Err(e) => {
+                stats.failed += 1;
+                stats.failures.add(e.reason());
+            }
+        }
+        next += every;
+    }
+    tokio::time::sleep_until(end).await;
+    if let Some(l) = live {
+        l.close().await;
+    }
+    (stats, latency)
+}
+
+/// For each session, the positions of its ring contacts among the sessions that logged
+/// in (a contact whose login failed cannot receive).
+fn contact_positions(lives: &[Live], clients: usize, k: usize) -> Vec<Vec<usize>> {
+    let position: HashMap<usize, usize> = lives
+        .iter()
+        .enumerate()
+        .map(|(p, l)| (l.index, p))
+        .collect();
+    lives
+        .iter()
+        .map(|l| {
+            roster::contacts(l.index, clients, k)
+                .iter()
+                .filter_map(|c| position.get(c).copied())
+                .collect()
+        })
+        .collect()
+}
+
+/// The report of `carrier`'s part of a phase, without its timing fields; `None` when
+/// it had no senders. `ids[position]` is the client index of each session, which is
+/// the flow key its probes carry; `sent[k]` is what `senders[k]` sent, `got[position]`
+/// what each session received.
+fn account(
+    carrier: Carrier,
+    ids: &[u32],
+    senders: &[Sender],
+    sent: &[u64],
+    got: &[PhaseReceived],
+) -> Option<PhaseReport> {
+    let mut r = PhaseReport::default();
+    // The senders each session expects, and each sender by flow key.
+    let mut expects: Vec<Vec<usize>> = vec![Vec::new(); ids.len()];
+    let mut by_id = HashMap::new();
+    for (k, s) in senders.iter().enumerate() {
+        if s.carrier != carrier {
+            continue;
+        }
+        by_id.insert(ids[s.at], k);
+        r.senders += 1;
+        r.scheduled += s.schedule.count();
+        r.sent += sent[k];
+        r.expected += sent[k] * s.to.len() as u64;
+        for &to in &s.to {
+            expects[to].push(k);
+        }
+    }
+    if r.senders == 0 {
+        return None;
+    }
+    let mut latency = Latency::default();
+    for (at, received) in got.iter().enumerate() {
+        let received = received.of(carrier);
+        latency.merge(&received.latency);
+        for (id, flow) in &received.flows {
+            match by_id.get(id) {
+                Some(k) if expects[at].contains(k) => {
+                    r.received += flow.unique();
+                    r.duplicated += flow.duplicated();
+                    r.out_of_order += flow.out_of_order();
+                }
+                _ => r.unexpected += flow.unique(),
+            }
+        }
+        // An expected sender with no flow here lost everything it sent.
+        for &k in &expects[at] {
+            let id = ids[senders[k].at];
+            r.lost += received
+                .flows
+                .iter()
+                .find(|(s, _)| *s == id)
+                .map_or(sent[k], |(_, f)| f.lost(sent[k]));
+        }
+    }
+    r.loss_fraction = if r.expected > 0 {
+        r.lost as f64 / r.expected as f64
+    } else {
+        0.0
+    };
+    r.latency = latency.summary();
+    Some(r)
 }
 
 fn bare(jid: &str) -> &str {

@@ -1,12 +1,15 @@
 //! Established sessions at run time: one reader task per session that accounts for
-//! every probe message it receives and answers server pings, and open-loop sender
-//! tasks that write a [`Schedule`] of probe messages.
+//! every probe it receives (in a chat message's body or a presence update's status),
+//! answers server pings, roster pushes and the subscription requests it was told to
+//! approve, and hands the controller the answers to its own iqs; and open-loop sender
+//! tasks that write a [`Schedule`] of probe stanzas.
 //!
 //! The reader owns the read half and its per-phase bookkeeping; the controller asks it
 //! for a phase's results over a channel, so no lock is taken per message. The write half
 //! is shared behind an async mutex by the sender of the current phase and the reader's
-//! ping answers (both rare contenders on one session).
+//! answers (both rare contenders on one session).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,7 +17,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use shoal_xmpp::framer::{Frame, Framer};
 use shoal_xmpp::ns;
-use shoal_xmpp::stanza::{IqType, Kind, MessageType, TopLevel, parse_top_level};
+use shoal_xmpp::stanza::{
+    IqType, Kind, MessageType, PresenceType, Stanza, TopLevel, parse_top_level,
+};
 use shoal_xmpp::xml::{NsContext, escape};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -22,8 +27,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::conn::{Established, Io};
+use crate::roster;
 use crate::schedule::{Arrival, FlowTracker, Probe, Schedule, latency};
-use crate::stats::Latency;
+use crate::stats::{Latency, Timeline};
 
 /// Run-wide counters, for the progress line and for early completion checks.
 #[derive(Debug, Default)]
@@ -39,17 +45,63 @@ pub struct Counters {
     pub duplicated: AtomicU64,
     /// Probe messages that arrived after their phase had been collected.
     pub late: AtomicU64,
+    /// Available presence without a probe from someone else: the initial presence
+    /// fan-out (a contact's broadcast or the answer to the server's probe).
+    pub presence_plain: AtomicU64,
+    /// Subscription requests the readers approved.
+    pub approved: AtomicU64,
+}
+
+/// What the readers of a run share: the time origin probe timestamps are relative to,
+/// the counters, and the per-second latency series when one is kept.
+#[derive(Clone)]
+pub struct RunContext {
+    pub epoch: Instant,
+    pub counters: Arc<Counters>,
+    pub timeline: Option<Arc<Timeline>>,
+}
+
+/// The stanza a probe travels in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// The body of a chat message to one contact.
+    Chat,
+    /// The status of a presence update, broadcast by the server to every contact.
+    Presence,
+}
+
+/// What one receiver saw of one carrier's probes in one phase.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// One tracker per sender (client index) that reached this receiver.
+    pub flows: Vec<(u32, FlowTracker)>,
+    pub latency: Latency,
 }
 
 /// What one receiver saw in one phase.
 #[derive(Debug, Default)]
 pub struct PhaseReceived {
-    /// One tracker per sender that reached this receiver.
-    pub flows: Vec<(u32, FlowTracker)>,
-    pub latency: Latency,
+    pub chat: Received,
+    pub presence: Received,
 }
 
 impl PhaseReceived {
+    pub fn of(&self, carrier: Carrier) -> &Received {
+        match carrier {
+            Carrier::Chat => &self.chat,
+            Carrier::Presence => &self.presence,
+        }
+    }
+
+    fn of_mut(&mut self, carrier: Carrier) -> &mut Received {
+        match carrier {
+            Carrier::Chat => &mut self.chat,
+            Carrier::Presence => &mut self.presence,
+        }
+    }
+}
+
+impl Received {
     fn flow(&mut self, sender: u32) -> &mut FlowTracker {
         let i = match self.flows.iter().position(|(s, _)| *s == sender) {
             Some(i) => i,
@@ -62,9 +114,19 @@ impl PhaseReceived {
     }
 }
 
-struct Collect {
-    phase: u32,
-    reply: oneshot::Sender<PhaseReceived>,
+/// What the controller asks of a reader.
+enum Control {
+    /// Hand over `phase`'s results and move on to the next phase.
+    Collect {
+        phase: u32,
+        reply: oneshot::Sender<PhaseReceived>,
+    },
+    /// Send the iq `xml` whose id is `id` and hand back the answer.
+    Iq {
+        id: String,
+        xml: String,
+        reply: oneshot::Sender<Stanza>,
+    },
 }
 
 type Writer = Arc<Mutex<WriteHalf<Box<dyn Io>>>>;
@@ -74,26 +136,35 @@ pub struct Live {
     pub index: usize,
     pub jid: String,
     writer: Writer,
-    control: mpsc::Sender<Collect>,
+    control: mpsc::Sender<Control>,
     reader: JoinHandle<()>,
 }
 
 impl Live {
-    /// Starts the reader task. `epoch` is the run's time origin that probe timestamps
-    /// are relative to.
-    pub fn start(est: Established, epoch: Instant, counters: Arc<Counters>) -> Live {
+    /// Starts the reader task. Subscription requests from the bare JIDs in `approve`
+    /// are approved; any other is left unanswered.
+    pub fn start(est: Established, ctx: &RunContext, approve: Vec<String>) -> Live {
         let (read, write) = tokio::io::split(est.io);
         let writer: Writer = Arc::new(Mutex::new(write));
         // One outstanding request at a time is all the controller ever makes.
         let (control, requests) = mpsc::channel(1);
+        let own_bare = est
+            .jid
+            .split_once('/')
+            .map_or(&*est.jid, |(b, _)| b)
+            .to_owned();
         let reader = tokio::spawn(read_loop(
             Reader {
                 read,
                 framer: est.framer,
                 buf: est.buf,
                 writer: writer.clone(),
-                epoch,
-                counters,
+                index: est.index as u32,
+                own_bare,
+                approve,
+                pending: HashMap::new(),
+                samples: Vec::new(),
+                ctx: ctx.clone(),
             },
             requests,
         ));
@@ -110,10 +181,28 @@ impl Live {
     /// empty if the reader is gone.
     pub async fn collect(&self, phase: u32) -> PhaseReceived {
         let (reply, answer) = oneshot::channel();
-        if self.control.send(Collect { phase, reply }).await.is_err() {
+        if self
+            .control
+            .send(Control::Collect { phase, reply })
+            .await
+            .is_err()
+        {
             return PhaseReceived::default();
         }
         answer.await.unwrap_or_default()
+    }
+
+    /// Sends the iq `xml` (whose id is `id`); its answer will come on the receiver.
+    /// `None` when the session is gone. Many sessions can be asked before any answer is
+    /// awaited.
+    pub async fn ask(&self, id: &str, xml: String) -> Option<oneshot::Receiver<Stanza>> {
+        let (reply, answer) = oneshot::channel();
+        let id = id.to_owned();
+        self.control
+            .send(Control::Iq { id, xml, reply })
+            .await
+            .ok()?;
+        Some(answer)
     }
 
     pub async fn send(&self, data: &[u8]) -> std::io::Result<()> {
@@ -145,20 +234,31 @@ async fn write(writer: &Writer, data: &[u8]) -> std::io::Result<()> {
     w.flush().await
 }
 
+/// Latency samples a reader gathers before handing them to the timeline in one lock.
+const TIMELINE_BATCH: usize = 512;
+
 struct Reader {
     read: ReadHalf<Box<dyn Io>>,
     framer: Framer,
     buf: BytesMut,
     writer: Writer,
-    epoch: Instant,
-    counters: Arc<Counters>,
+    /// This client's index: its own presence updates echoed back are not deliveries.
+    index: u32,
+    own_bare: String,
+    approve: Vec<String>,
+    /// The controller's iqs awaiting an answer, by id.
+    pending: HashMap<String, oneshot::Sender<Stanza>>,
+    /// (arrival second, latency) not yet handed to the timeline.
+    samples: Vec<(u64, Duration)>,
+    ctx: RunContext,
 }
 
-async fn read_loop(mut r: Reader, mut requests: mpsc::Receiver<Collect>) {
+async fn read_loop(mut r: Reader, mut requests: mpsc::Receiver<Control>) {
     let mut phase = 0u32;
     let mut current = PhaseReceived::default();
     let mut open = true;
-    r.counters.sessions_open.fetch_add(1, Ordering::Relaxed);
+    let counters = r.ctx.counters.clone();
+    counters.sessions_open.fetch_add(1, Ordering::Relaxed);
     loop {
         while open {
             match r.framer.next_frame(&mut r.buf) {
@@ -171,31 +271,40 @@ async fn read_loop(mut r: Reader, mut requests: mpsc::Receiver<Collect>) {
                 Err(_) => open = false,
             }
             if !open {
-                r.counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
-                r.counters.disconnected.fetch_add(1, Ordering::Relaxed);
+                counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
+                counters.disconnected.fetch_add(1, Ordering::Relaxed);
             }
         }
         r.buf.reserve(8192);
         tokio::select! {
             request = requests.recv() => match request {
-                Some(Collect { phase: p, reply }) => {
+                Some(Control::Collect { phase: p, reply }) => {
+                    r.flush_samples();
                     let done = if p == phase { std::mem::take(&mut current) } else { PhaseReceived::default() };
                     phase = p + 1;
                     let _ = reply.send(done);
+                }
+                Some(Control::Iq { id, xml, reply }) => {
+                    // Registered before it is sent, so the answer cannot overtake it.
+                    r.pending.insert(id, reply);
+                    if write(&r.writer, xml.as_bytes()).await.is_err() {
+                        r.pending.clear();
+                    }
                 }
                 None => break,
             },
             n = r.read.read_buf(&mut r.buf), if open => {
                 if !matches!(n, Ok(n) if n > 0) {
                     open = false;
-                    r.counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
-                    r.counters.disconnected.fetch_add(1, Ordering::Relaxed);
+                    counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
+                    counters.disconnected.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
     }
+    r.flush_samples();
     if open {
-        r.counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
+        counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -216,44 +325,68 @@ impl Reader {
         };
         match stanza.kind {
             Kind::Message(t) if t != MessageType::Error => {
-                let Some(probe) = body(&stanza.payload).and_then(Probe::decode) else {
+                if let Some(probe) = child_text(&stanza.payload, b"body").and_then(Probe::decode) {
+                    self.on_probe(Carrier::Chat, probe, phase, current);
+                }
+            }
+            Kind::Presence(PresenceType::Available) => {
+                match child_text(&stanza.payload, b"status").and_then(Probe::decode) {
+                    // The server echoes our own updates back to us (RFC 6121 §4.4.2).
+                    Some(probe) if probe.sender != self.index => {
+                        self.on_probe(Carrier::Presence, probe, phase, current);
+                    }
+                    Some(_) => {}
+                    None => {
+                        let from_self = stanza
+                            .from
+                            .as_ref()
+                            .is_some_and(|j| j.to_bare().as_str() == self.own_bare);
+                        if !from_self {
+                            (self.ctx.counters.presence_plain).fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Kind::Presence(PresenceType::Subscribe) => {
+                let Some(from) = stanza.from.as_ref().map(|j| j.to_bare().to_string()) else {
                     return true;
                 };
-                if probe.phase != phase {
-                    // An earlier phase was already collected (a later one cannot have
-                    // started before this phase was collected).
-                    self.counters.late.fetch_add(1, Ordering::Relaxed);
-                    return true;
+                if self.approve.contains(&from) {
+                    if write(&self.writer, roster::approve(&escape(&from)).as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                    self.ctx.counters.approved.fetch_add(1, Ordering::Relaxed);
                 }
-                let arrived = self.epoch.elapsed();
-                match current.flow(probe.sender).record(probe.seq) {
-                    Arrival::InOrder | Arrival::OutOfOrder => {
-                        current
-                            .latency
-                            .record(latency(Duration::from_micros(probe.scheduled_us), arrived));
-                        self.counters.received.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Arrival::Duplicate => {
-                        self.counters.duplicated.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Arrival::Bogus => {}
+            }
+            Kind::Iq(IqType::Result | IqType::Error)
+                if stanza
+                    .id
+                    .as_deref()
+                    .is_some_and(|id| self.pending.contains_key(id)) =>
+            {
+                let id = stanza.id.as_deref().unwrap_or_default();
+                if let Some(reply) = self.pending.remove(id) {
+                    let _ = reply.send(stanza);
                 }
             }
             Kind::Iq(IqType::Get | IqType::Set) => {
-                // Answer pings (servers use them to find dead clients); refuse the rest
-                // as a simple client would.
+                // Answer pings (servers use them to find dead clients) and roster pushes
+                // (RFC 6121 §2.1.6); refuse the rest as a simple client would.
                 let id = escape(stanza.id.as_deref().unwrap_or(""));
                 let to = stanza
                     .from
                     .as_ref()
                     .map(|j| format!(" to='{}'", escape(&j.to_string())))
                     .unwrap_or_default();
-                let is_ping = stanza
-                    .iq_payload()
-                    .ok()
-                    .flatten()
-                    .is_some_and(|p| p.is("ping", ns::PING));
-                let reply = if is_ping {
+                let payload = stanza.iq_payload().ok().flatten();
+                let acknowledged = payload.is_some_and(|p| {
+                    p.is("ping", ns::PING)
+                        || (stanza.kind == Kind::Iq(IqType::Set) && p.is("query", ns::ROSTER))
+                });
+                let reply = if acknowledged {
                     format!("<iq type='result' id='{id}'{to}/>")
                 } else {
                     format!(
@@ -269,18 +402,76 @@ impl Reader {
         }
         true
     }
+
+    /// Accounts for one probe of `carrier` that arrived in `phase`.
+    fn on_probe(
+        &mut self,
+        carrier: Carrier,
+        probe: Probe,
+        phase: u32,
+        current: &mut PhaseReceived,
+    ) {
+        let counters = &self.ctx.counters;
+        if probe.phase != phase {
+            // An earlier phase was already collected (a later one cannot have started
+            // before this phase was collected).
+            counters.late.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let arrived = self.ctx.epoch.elapsed();
+        let got = current.of_mut(carrier);
+        match got.flow(probe.sender).record(probe.seq) {
+            Arrival::InOrder | Arrival::OutOfOrder => {
+                let took = latency(Duration::from_micros(probe.scheduled_us), arrived);
+                got.latency.record(took);
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                if self.ctx.timeline.is_some() {
+                    self.samples.push((arrived.as_secs(), took));
+                    if self.samples.len() >= TIMELINE_BATCH {
+                        self.flush_samples();
+                    }
+                }
+            }
+            Arrival::Duplicate => {
+                counters.duplicated.fetch_add(1, Ordering::Relaxed);
+            }
+            Arrival::Bogus => {}
+        }
+    }
+
+    fn flush_samples(&mut self) {
+        if let Some(t) = &self.ctx.timeline {
+            t.record(&self.samples);
+        }
+        self.samples.clear();
+    }
 }
 
-/// The text of the first `<body>` in a message payload (probe bodies need no
-/// unescaping: digits, letters and spaces only).
-fn body(payload: &[u8]) -> Option<&[u8]> {
-    let start = find(payload, b"<body")?;
+/// The text of the first `<name>` child in a stanza payload (probes need no unescaping:
+/// digits, letters and spaces only).
+fn child_text<'a>(payload: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut open = Vec::with_capacity(name.len() + 1);
+    open.push(b'<');
+    open.extend_from_slice(name);
+    let mut from = 0;
+    // Skip elements whose name merely starts with `name` (`<bodyx>`).
+    let start = loop {
+        let at = from + find(&payload[from..], &open)?;
+        match payload.get(at + open.len()) {
+            Some(b'>' | b' ' | b'/' | b'\t' | b'\n' | b'\r') => break at,
+            _ => from = at + 1,
+        }
+    };
     let open_end = start + payload[start..].iter().position(|&b| b == b'>')?;
     if payload[open_end - 1] == b'/' {
         return None;
     }
     let text_start = open_end + 1;
-    let len = find(&payload[text_start..], b"</body>")?;
+    let mut close = Vec::with_capacity(name.len() + 3);
+    close.extend_from_slice(b"</");
+    close.extend_from_slice(name);
+    close.push(b'>');
+    let len = find(&payload[text_start..], &close)?;
     Some(&payload[text_start..text_start + len])
 }
 
@@ -288,11 +479,13 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// One sender's part of a chat phase.
+/// One sender's part of a traffic phase.
 pub struct SendPlan {
     pub writer: Writer,
-    /// The bare JID messages go to.
+    pub carrier: Carrier,
+    /// The bare JID chat messages go to (unused for presence).
     pub to: String,
+    /// The sender's client index, the probes' flow key.
     pub sender: u32,
     pub phase: u32,
     pub schedule: Schedule,
@@ -301,11 +494,17 @@ pub struct SendPlan {
     pub epoch: Instant,
 }
 
-/// Sends `plan`'s messages at their scheduled times; returns how many were written.
-/// Whatever is due when the task wakes goes out in one write, each message stamped with
-/// its own scheduled time, so a stall delays the messages without thinning them out.
+/// Sends `plan`'s probes at their scheduled times; returns how many were written.
+/// Whatever is due when the task wakes goes out in one write, each probe stamped with
+/// its own scheduled time, so a stall delays the stanzas without thinning them out.
 pub async fn send_phase(plan: SendPlan, counters: Arc<Counters>) -> u64 {
-    let to = escape(&plan.to);
+    let (open, close) = match plan.carrier {
+        Carrier::Chat => (
+            format!("<message to='{}' type='chat'><body>", escape(&plan.to)),
+            "</body></message>",
+        ),
+        Carrier::Presence => ("<presence><status>".to_owned(), "</status></presence>"),
+    };
     let base = plan.phase_start.duration_since(plan.epoch);
     let mut next = 0;
     let mut out = String::new();
@@ -314,9 +513,7 @@ pub async fn send_phase(plan: SendPlan, counters: Arc<Counters>) -> u64 {
         let batch = plan.schedule.due(next, plan.phase_start.elapsed());
         out.clear();
         for seq in batch.clone() {
-            out.push_str("<message to='");
-            out.push_str(&to);
-            out.push_str("' type='chat'><body>");
+            out.push_str(&open);
             Probe {
                 phase: plan.phase,
                 sender: plan.sender,
@@ -324,7 +521,7 @@ pub async fn send_phase(plan: SendPlan, counters: Arc<Counters>) -> u64 {
                 scheduled_us: (base + plan.schedule.due_at(seq)).as_micros() as u64,
             }
             .encode(plan.size, &mut out);
-            out.push_str("</body></message>");
+            out.push_str(close);
         }
         if write(&plan.writer, out.as_bytes()).await.is_err() {
             break;
@@ -340,7 +537,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_bodies() {
+    fn finds_bodies_and_statuses() {
+        let body = |p: &'static [u8]| child_text(p, b"body");
         assert_eq!(body(b"<body>abc</body>"), Some(&b"abc"[..]));
         assert_eq!(
             body(b"<thread>t</thread><body xml:lang='en'>x y</body><x/>"),
@@ -348,5 +546,17 @@ mod tests {
         );
         assert_eq!(body(b"<body/>"), None);
         assert_eq!(body(b"<subject>s</subject>"), None);
+        assert_eq!(
+            body(b"<bodyx>no</bodyx><body>yes</body>"),
+            Some(&b"yes"[..])
+        );
+        assert_eq!(
+            child_text(
+                b"<show>away</show><status>s 1</status><c xmlns='x'/>",
+                b"status"
+            ),
+            Some(&b"s 1"[..])
+        );
+        assert_eq!(child_text(b"<priority>1</priority>", b"status"), None);
     }
 }

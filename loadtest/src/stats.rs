@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use serde::Serialize;
 
 /// Highest recordable value: one hour in microseconds. Larger values saturate.
@@ -89,6 +90,61 @@ impl Failures {
     }
 }
 
+/// Per-second latency histograms of a run, by arrival second since the run's epoch,
+/// kept only when a plot is asked for. Readers hand samples over in batches, so the lock
+/// is taken once per batch, never per message, and never held across an await.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    seconds: Mutex<Vec<Latency>>,
+}
+
+/// The summary of one second of a [`Timeline`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SecondLatency {
+    pub second: u64,
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+impl Timeline {
+    /// Seconds past this are folded into the last one: a day-long run still fits.
+    pub const MAX_SECONDS: u64 = 24 * 3600;
+
+    /// Records `(arrival second, latency)` samples.
+    pub fn record(&self, samples: &[(u64, Duration)]) {
+        if samples.is_empty() {
+            return;
+        }
+        let mut seconds = self.seconds.lock();
+        for &(second, took) in samples {
+            let i = second.min(Self::MAX_SECONDS) as usize;
+            if i >= seconds.len() {
+                seconds.resize_with(i + 1, Latency::default);
+            }
+            seconds[i].record(took);
+        }
+    }
+
+    /// One entry per second from 0 to the last second with a sample.
+    pub fn summary(&self) -> Vec<SecondLatency> {
+        self.seconds
+            .lock()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let p = l.summary();
+                SecondLatency {
+                    second: i as u64,
+                    count: p.count,
+                    p50_us: p.p50_us,
+                    p99_us: p.p99_us,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Milliseconds with two decimals, for human tables.
 pub fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
@@ -114,5 +170,17 @@ mod tests {
         assert!((989..=991).contains(&s.p99_us), "{s:?}");
         assert!(s.max_us >= MAX_US - MAX_US / 1000, "{s:?}");
         assert_eq!(Latency::default().summary(), Percentiles::default());
+    }
+
+    #[test]
+    fn timeline_buckets_by_second() {
+        let t = Timeline::default();
+        t.record(&[(0, Duration::from_millis(1)), (2, Duration::from_millis(5))]);
+        t.record(&[(2, Duration::from_millis(7)), (2, Duration::from_millis(9))]);
+        let s = t.summary();
+        assert_eq!(s.len(), 3);
+        assert_eq!((s[0].count, s[1].count, s[2].count), (1, 0, 3));
+        assert!((6990..=7010).contains(&s[2].p50_us), "{s:?}");
+        assert!((8990..=9010).contains(&s[2].p99_us), "{s:?}");
     }
 }
