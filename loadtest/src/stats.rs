@@ -15,35 +15,40 @@ use serde::Serialize;
 const MAX_US: u64 = 3_600_000_000;
 
 /// A latency histogram in microseconds with 3 significant digits.
-#[derive(Debug, Clone)]
-pub struct Latency(Histogram<u64>);
-
-impl Default for Latency {
-    fn default() -> Self {
-        Self(Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds"))
-    }
-}
+///
+/// A histogram covering this range takes about 150 KiB, and every session's reader
+/// keeps some, most of which never record anything (idle and login runs): the histogram
+/// is allocated on the first value.
+#[derive(Debug, Clone, Default)]
+pub struct Latency(Option<Box<Histogram<u64>>>);
 
 impl Latency {
+    fn histogram(&mut self) -> &mut Histogram<u64> {
+        self.0.get_or_insert_with(|| {
+            Box::new(Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds"))
+        })
+    }
+
     pub fn record(&mut self, d: Duration) {
-        self.0
+        self.histogram()
             .saturating_record((d.as_micros() as u64).clamp(1, MAX_US));
     }
 
     pub fn merge(&mut self, other: &Latency) {
-        // Same bounds on both sides, so adding cannot fail.
-        let _ = self.0.add(&other.0);
+        if let Some(other) = &other.0 {
+            // Same bounds on both sides, so adding cannot fail.
+            let _ = self.histogram().add(other.as_ref());
+        }
     }
 
     pub fn count(&self) -> u64 {
-        self.0.len()
+        self.0.as_ref().map_or(0, |h| h.len())
     }
 
     pub fn summary(&self) -> Percentiles {
-        let h = &self.0;
-        if h.is_empty() {
+        let Some(h) = self.0.as_deref().filter(|h| !h.is_empty()) else {
             return Percentiles::default();
-        }
+        };
         Percentiles {
             count: h.len(),
             min_us: h.min(),
