@@ -7,18 +7,23 @@
 //! that arrive meanwhile wait in that user's queue and are then handled in order. The
 //! host turns messages into calls on the plain user structs and carries out the
 //! effects: delivering to session actors with `try_send`, routing, queueing writes and
-//! jobs. It never waits on another mailbox and never does I/O itself. A user with no
-//! session is unloaded after each message; storage order keeps the next load exact.
+//! jobs. It never waits on another mailbox and never does I/O itself.
+//!
+//! A user with no session stays loaded for [`IDLE_TTL`] after its last message (a
+//! login storm probes the same offline contacts over and over), up to [`IDLE_MAX`] such
+//! users per host; past that it is unloaded at once. Its state stays exact because
+//! every change to it goes through this host. Presence broadcasts to a user that is not
+//! loaded (so has no session) are ignored without loading it, as RFC 6121 §8.5 asks.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
 use jid::{BareJid, FullJid};
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
-use shoal_xmpp::stanza::Stanza;
+use shoal_xmpp::stanza::{Kind, PresenceType, Stanza};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
@@ -38,6 +43,15 @@ const SHARD_MAILBOX: usize = 16_384;
 /// Messages one user may have waiting while its data loads; beyond this stanzas are
 /// refused like a full mailbox (binds and unbinds never are).
 const USER_QUEUE: usize = 1_024;
+
+/// How long a user without sessions stays loaded after its last message.
+const IDLE_TTL: Duration = Duration::from_secs(60);
+
+/// How often idle users are looked for.
+const IDLE_SWEEP: Duration = Duration::from_secs(10);
+
+/// Most users without sessions one host keeps loaded.
+const IDLE_MAX: usize = 50_000;
 
 /// A session as the shard sees it: its actor's address.
 pub type SessionHandle = Addr<Session>;
@@ -130,6 +144,8 @@ pub struct ShardConfig {
 
 pub struct ShardHost {
     users: HashMap<BareJid, Slot>,
+    /// Loaded users without sessions, and since when.
+    idle: HashMap<BareJid, Instant>,
     router: Router,
     metrics: Metrics,
     queue: StorageQueue,
@@ -141,6 +157,7 @@ impl ShardHost {
         let metrics = router.metrics().clone();
         Self {
             users: HashMap::new(),
+            idle: HashMap::new(),
             router,
             metrics,
             queue: StorageQueue::start(storage),
@@ -279,12 +296,35 @@ impl ShardHost {
         self.apply(user, effects, since);
     }
 
+    /// Notes when a user is left without sessions; unloads it at once if this host
+    /// already keeps [`IDLE_MAX`] such users.
     fn unload_if_idle(&mut self, user: &BareJid) {
-        if let Some(Slot::Ready(state)) = self.users.get(user)
-            && state.is_idle()
-        {
+        let Some(Slot::Ready(state)) = self.users.get(user) else {
+            return;
+        };
+        if !state.is_idle() {
+            self.idle.remove(user);
+        } else if self.idle.len() < IDLE_MAX || self.idle.contains_key(user) {
+            self.idle.insert(user.clone(), Instant::now());
+        } else {
             self.users.remove(user);
         }
+    }
+
+    /// Unloads the users that have had no session and no message for [`IDLE_TTL`].
+    fn sweep_idle(&mut self, now: Instant) {
+        let users = &mut self.users;
+        self.idle.retain(|user, since| {
+            let idle = matches!(users.get(user), Some(Slot::Ready(s)) if s.is_idle());
+            if !idle {
+                return false;
+            }
+            if now.duration_since(*since) < IDLE_TTL {
+                return true;
+            }
+            users.remove(user);
+            false
+        });
     }
 
     fn apply(&mut self, user: &BareJid, effects: Vec<Effect<SessionHandle>>, since: Instant) {
@@ -383,6 +423,7 @@ impl Actor for ShardHost {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(SHARD_MAILBOX);
+        ctx.run_interval(IDLE_SWEEP, |act, _| act.sweep_idle(Instant::now()));
     }
 }
 
@@ -414,6 +455,16 @@ impl Handler<RouteToUser> for ShardHost {
         let Some(user) = msg.stanza.to.as_ref().map(|t| t.to_bare()) else {
             return;
         };
+        // A user that is not loaded has no session: available and unavailable presence
+        // for it is silently ignored (RFC 6121 §8.5.1, §8.5.2.2.1, §8.5.3.2.2), so
+        // there is nothing to load it for.
+        let broadcast = matches!(
+            msg.stanza.kind,
+            Kind::Presence(PresenceType::Available | PresenceType::Unavailable)
+        );
+        if broadcast && !self.users.contains_key(&user) {
+            return;
+        }
         self.dispatch(user, UserMsg::Route(msg), ctx);
     }
 }
@@ -454,5 +505,117 @@ impl Handler<DrainStorage> for ShardHost {
         self.queue.submit(async move {
             let _ = msg.done.send(());
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_xmpp::stanza::MessageType;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::roster::RosterLimits;
+    use crate::storage::MemoryStore;
+
+    /// How many users are loaded, and how many of them have no session.
+    #[derive(Message)]
+    #[rtype(result = "(usize, usize)")]
+    struct Inspect;
+
+    impl Handler<Inspect> for ShardHost {
+        type Result = MessageResult<Inspect>;
+
+        fn handle(&mut self, _: Inspect, _: &mut Self::Context) -> Self::Result {
+            MessageResult((self.users.len(), self.idle.len()))
+        }
+    }
+
+    /// Runs the idle sweep as if at `now`.
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct SweepAt(Instant);
+
+    impl Handler<SweepAt> for ShardHost {
+        type Result = ();
+
+        fn handle(&mut self, msg: SweepAt, _: &mut Self::Context) {
+            self.sweep_idle(msg.0);
+        }
+    }
+
+    async fn host() -> Addr<ShardHost> {
+        let storage = Storage::from_backend(Arc::new(MemoryStore::new()));
+        let creds = crate::storage::new_credentials("pw");
+        storage
+            .accounts
+            .create_account("juliet@localhost", &creds)
+            .await
+            .unwrap();
+        let router = Router::new("localhost".parse().unwrap(), 1, Metrics::new());
+        let config = ShardConfig {
+            limits: Arc::new(UserLimits {
+                max_resources: 10,
+                roster: RosterLimits {
+                    max_items: 100,
+                    max_name_len: 100,
+                    max_group_len: 100,
+                    max_groups: 10,
+                },
+                max_blocklist: 10,
+            }),
+            max_offline: 10,
+        };
+        let host = ShardHost::new(router.clone(), storage, config).start();
+        router.set_hosts(vec![host.clone()]);
+        host
+    }
+
+    fn to_juliet(kind: Kind) -> RouteToUser {
+        let mut stanza = Stanza::new(kind);
+        stanza.from = Some("romeo@example.net/a".parse().unwrap());
+        stanza.to = Some("juliet@localhost".parse().unwrap());
+        RouteToUser {
+            stanza,
+            since: Instant::now(),
+        }
+    }
+
+    /// Presence broadcasts to an account without sessions are dropped without loading
+    /// it; a message loads it, it stays loaded while idle, and the sweep unloads it
+    /// once it has been idle for the TTL.
+    #[actix_rt::test]
+    async fn idle_users_stay_loaded_for_a_while_and_presence_does_not_load() {
+        let host = host().await;
+        for t in [PresenceType::Available, PresenceType::Unavailable] {
+            host.send(to_juliet(Kind::Presence(t))).await.unwrap();
+        }
+        assert_eq!(host.send(Inspect).await.unwrap(), (0, 0));
+
+        host.send(to_juliet(Kind::Message(MessageType::Chat)))
+            .await
+            .unwrap();
+        // The load completes asynchronously; the user then stays, idle.
+        let mut state = (0, 0);
+        for _ in 0..100 {
+            state = host.send(Inspect).await.unwrap();
+            if state == (1, 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state, (1, 1));
+
+        host.send(SweepAt(Instant::now())).await.unwrap();
+        assert_eq!(
+            host.send(Inspect).await.unwrap(),
+            (1, 1),
+            "kept within the TTL"
+        );
+        host.send(SweepAt(Instant::now() + IDLE_TTL)).await.unwrap();
+        assert_eq!(
+            host.send(Inspect).await.unwrap(),
+            (0, 0),
+            "unloaded after it"
+        );
     }
 }
