@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Install what the interop tests need: a Python venv at .venv in the repo root
-# with tests/interop/requirements.txt in it.
+# Install what the tests need: redis-server from Debian (the Redis storage backend
+# and cluster tests start their own servers on free loopback ports), and a Python
+# venv at .venv in the repo root with tests/interop/requirements.txt in it.
 #
 # Idempotent and cheap on re-runs: pip is only invoked when requirements.txt
 # or the interpreter changed since the last successful install (a stamp file
 # inside .venv records both). Meant for CI on a fresh Debian machine as root;
-# reaches only PyPI and, if python3/venv are missing, Debian's archive.
+# reaches only PyPI and Debian's archive (redis-server; python3/venv if missing).
 #
 # env: PYTHON  interpreter to build the venv from (default: python3 on PATH,
 #              i.e. pyenv's CPython 3.11 on the project's machines, else Debian's)
@@ -27,6 +28,11 @@ apt_install() {
   apt-get update -qq
   apt-get install -y -qq "$@" >/dev/null
 }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  apt_install redis-server
+fi
+say "redis-server: $(redis-server --version | cut -d' ' -f3)"
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   if [ -n "$PYTHON_SET" ]; then

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod c2s;
+pub mod cluster;
 pub mod config;
 pub mod jobs;
 pub mod metrics;
@@ -15,5 +16,6 @@ pub mod server;
 pub mod server_iq;
 pub mod shard;
 pub mod storage;
+pub mod testing;
 pub mod tls;
 pub mod user;

@@ -1,0 +1,5 @@
+//! Cluster mode: several nodes acting as one server (DESIGN.md "Cluster coordination").
+//!
+//! Redis holds membership, shard leases and the session directory; nodes forward
+//! stanzas to each other over one ordered gRPC stream per peer pair. Nothing here is on
+//! a single node's path.
