@@ -2,12 +2,15 @@
 //! results become stanzas (offline delivery, vCard, private storage, last activity,
 //! password change, account removal).
 //!
-//! Each shard host owns one [`StorageQueue`]: a task that runs its operations one at a
-//! time in submission order, so a read always sees the writes submitted before it and
-//! a user's data is never read stale after an unload. Jobs reply by routing stanzas or
+//! Each shard host owns one [`StorageQueue`]. A user's operations run one at a time in
+//! submission order, so a read always sees the writes submitted before it and a user's
+//! data is never read stale after an unload; different users' operations run side by
+//! side (up to [`STORAGE_CONCURRENCY`]), so a slow disk sync for one user does not hold
+//! up the others and their writes share one group commit. Jobs reply by routing stanzas or
 //! delivering to session mailboxes with `try_send`; they never touch user state, which
 //! belongs to the shard actor.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{Kind, Stanza, TopLevel, parse_top_level};
 use shoal_xmpp::xml::{Element, NsContext};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::c2s::session::{Close, Deliver};
@@ -39,25 +43,30 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// would corrupt state.
 pub const STORAGE_QUEUE_SOFT_LIMIT: usize = 10_000;
 
-/// A shard host's ordered storage worker.
+/// Most users whose operations run at the same time on one queue.
+pub const STORAGE_CONCURRENCY: usize = 64;
+
+enum Op {
+    /// An operation on one user's data.
+    User(BareJid, Task),
+    /// Runs once everything submitted before it has finished; nothing submitted after
+    /// it starts until then.
+    Barrier(Task),
+}
+
+/// A shard host's storage worker: ordered per user, concurrent across users.
 #[derive(Clone)]
 pub struct StorageQueue {
-    tx: mpsc::UnboundedSender<Task>,
+    tx: mpsc::UnboundedSender<Op>,
     pending: Arc<AtomicUsize>,
     pub storage: Storage,
 }
 
 impl StorageQueue {
     pub fn start(storage: Storage) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Task>();
+        let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicUsize::new(0));
-        let count = pending.clone();
-        tokio::spawn(async move {
-            while let Some(task) = rx.recv().await {
-                task.await;
-                count.fetch_sub(1, Ordering::AcqRel);
-            }
-        });
+        tokio::spawn(run_queue(rx, pending.clone()));
         Self {
             tx,
             pending,
@@ -70,11 +79,82 @@ impl StorageQueue {
         self.pending.load(Ordering::Acquire) >= STORAGE_QUEUE_SOFT_LIMIT
     }
 
-    pub fn submit(&self, task: impl Future<Output = ()> + Send + 'static) {
+    /// Queues an operation on `user`'s data, after the ones already queued for `user`.
+    pub fn submit(&self, user: &BareJid, task: impl Future<Output = ()> + Send + 'static) {
+        self.send(Op::User(user.clone(), Box::pin(task)));
+    }
+
+    /// Queues `task` to run after every operation submitted before it.
+    pub fn barrier(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.send(Op::Barrier(Box::pin(task)));
+    }
+
+    fn send(&self, op: Op) {
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Box::pin(task)).is_err() {
+        if self.tx.send(op).is_err() {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             warn!("storage queue stopped; operation dropped");
+        }
+    }
+}
+
+/// The queue's scheduler. A user is in `queued` while it has an operation running or
+/// waiting; `ready` lists the users with a waiting operation and none running.
+async fn run_queue(mut rx: mpsc::UnboundedReceiver<Op>, pending: Arc<AtomicUsize>) {
+    let mut queued: HashMap<BareJid, VecDeque<Task>> = HashMap::new();
+    let mut ready: VecDeque<BareJid> = VecDeque::new();
+    let mut running: JoinSet<()> = JoinSet::new();
+    let mut running_users: HashMap<tokio::task::Id, BareJid> = HashMap::new();
+    let mut barrier: Option<Task> = None;
+    let mut open = true;
+    loop {
+        while running.len() < STORAGE_CONCURRENCY {
+            let Some(user) = ready.pop_front() else { break };
+            let Some(task) = queued.get_mut(&user).and_then(VecDeque::pop_front) else {
+                continue;
+            };
+            let id = running.spawn(task).id();
+            running_users.insert(id, user);
+        }
+        if running.is_empty()
+            && queued.is_empty()
+            && let Some(task) = barrier.take()
+        {
+            task.await;
+            pending.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        }
+        if !open && running.is_empty() && queued.is_empty() && barrier.is_none() {
+            return;
+        }
+        tokio::select! {
+            op = rx.recv(), if open && barrier.is_none() => match op {
+                Some(Op::User(user, task)) => match queued.get_mut(&user) {
+                    Some(waiting) => waiting.push_back(task),
+                    None => {
+                        queued.insert(user.clone(), VecDeque::from([task]));
+                        ready.push_back(user);
+                    }
+                },
+                Some(Op::Barrier(task)) => barrier = Some(task),
+                None => open = false,
+            },
+            Some(done) = running.join_next_with_id() => {
+                pending.fetch_sub(1, Ordering::AcqRel);
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => {
+                        warn!(error = %e, "storage operation failed to complete");
+                        e.id()
+                    }
+                };
+                let Some(user) = running_users.remove(&id) else { continue };
+                if queued.get(&user).is_some_and(VecDeque::is_empty) {
+                    queued.remove(&user);
+                } else {
+                    ready.push_back(user);
+                }
+            }
         }
     }
 }
@@ -348,7 +428,50 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+
     use super::*;
+    use crate::storage::MemoryStore;
+
+    /// One user's operations run in order, one at a time, while another user's run
+    /// alongside; a barrier waits for everything before it and holds back what follows.
+    #[tokio::test]
+    async fn queue_orders_per_user_and_runs_users_side_by_side() {
+        let queue = StorageQueue::start(Storage::from_backend(Arc::new(MemoryStore::new())));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (a, b): (BareJid, BareJid) = ("a@x".parse().unwrap(), "b@x".parse().unwrap());
+        let step = |name: &'static str, ms: u64| {
+            let log = log.clone();
+            async move {
+                log.lock().push(format!("start {name}"));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                log.lock().push(format!("end {name}"));
+            }
+        };
+        queue.submit(&a, step("a1", 200));
+        queue.submit(&a, step("a2", 0));
+        queue.submit(&b, step("b1", 10));
+        let (done, finished) = tokio::sync::oneshot::channel();
+        queue.barrier(async move {
+            let _ = done.send(());
+        });
+        queue.submit(&b, step("b2", 0));
+        finished.await.unwrap();
+        // The barrier ran after the first six entries; b2 may have started since.
+        let at_barrier = log.lock().clone();
+        assert_eq!(
+            at_barrier[..6],
+            [
+                "start a1", "start b1", "end b1", "end a1", "start a2", "end a2"
+            ],
+            "b1 runs during a1, a2 waits for a1, b2 waits for the barrier"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(log.lock()[6..], ["start b2", "end b2"]);
+        assert!(!queue.is_congested());
+    }
 
     #[test]
     fn timestamps_are_xep_0082() {

@@ -3,7 +3,7 @@
 //! invariant 2).
 //!
 //! A user's state is loaded on the first message that needs it (roster, blocklist,
-//! whether the account exists) through the host's ordered [`StorageQueue`]; messages
+//! whether the account exists) through the host's [`StorageQueue`], ordered per user; messages
 //! that arrive meanwhile wait in that user's queue and are then handled in order. The
 //! host turns messages into calls on the plain user structs and carries out the
 //! effects: delivering to session actors with `try_send`, routing, queueing writes and
@@ -193,7 +193,7 @@ impl ShardHost {
         let (tx, rx) = oneshot::channel();
         let storage = self.queue.storage.clone();
         let u = user.clone();
-        self.queue.submit(async move {
+        self.queue.submit(&user, async move {
             let _ = tx.send(storage.loader.load_user(u.as_str()).await);
         });
         ctx.spawn(rx.into_actor(self).map(move |result, act, _| {
@@ -341,7 +341,7 @@ impl ShardHost {
                     let storage = self.queue.storage.clone();
                     let u = user.clone();
                     self.queue
-                        .submit(async move { jobs::write(&storage, &u, w).await });
+                        .submit(user, async move { jobs::write(&storage, &u, w).await });
                 }
                 Effect::Job(job) => self.job(user, job, since),
             }
@@ -372,7 +372,7 @@ impl ShardHost {
             max_offline: self.config.max_offline,
         };
         let u = user.clone();
-        self.queue.submit(jobs::run(cx, u, job));
+        self.queue.submit(user, jobs::run(cx, u, job));
     }
 
     fn deliver(
@@ -501,8 +501,7 @@ impl Handler<DrainStorage> for ShardHost {
     type Result = ();
 
     fn handle(&mut self, msg: DrainStorage, _: &mut Self::Context) {
-        // The queue runs in order, so this marker completes after everything before it.
-        self.queue.submit(async move {
+        self.queue.barrier(async move {
             let _ = msg.done.send(());
         });
     }
