@@ -226,7 +226,8 @@ pub struct StepArgs {
     pub limits: StepLimits,
 }
 
-/// When a step search stops.
+/// When a step search stops. A step that crosses a limit is run once more at the same
+/// rate; the search stops when it crosses a limit again.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct StepLimits {
     /// Seconds each step runs.

@@ -527,6 +527,10 @@ impl Run {
         let mut best = None;
         let mut rate = first;
         let mut stopped_because = format!("reached --max-steps {}", limits.max_steps);
+        // A step that fails is run once more at the same rate before the search stops,
+        // so one hiccup (a server warming up right after the logins, a pause) does not
+        // end it; both runs are reported.
+        let mut retried = false;
         for phase in 0..limits.max_steps {
             let r = run(phase, rate).await;
             let p99_ms = r.latency.p99_us as f64 / 1000.0;
@@ -547,9 +551,14 @@ impl Run {
             };
             reports.push(r);
             if let Some(v) = verdict {
+                if !retried {
+                    retried = true;
+                    continue;
+                }
                 stopped_because = v;
                 break;
             }
+            retried = false;
             best = Some(rate);
             rate += step;
             if rate > limits.max_rate {
