@@ -48,21 +48,27 @@ pub struct Lease {
     pub valid_until: Instant,
 }
 
-/// Claims a free shard: returns its new epoch, or `None` if another node holds it.
-/// A lease this node already holds is kept with its epoch.
+/// Claims the free shards among KEYS (pairs: lease key, epoch counter key): returns a
+/// new epoch per pair, or 0 where another node holds the shard. A lease this node
+/// already holds is kept with its epoch.
 const CLAIM: &str = r"
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local owner, epoch = string.match(cur, '^(%S+) (%d+)$')
-  if owner == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(epoch)
+local out = {}
+for i = 1, #KEYS, 2 do
+  local cur = redis.call('GET', KEYS[i])
+  local got = 0
+  if cur then
+    local owner, epoch = string.match(cur, '^(%S+) (%d+)$')
+    if owner == ARGV[1] then
+      redis.call('PEXPIRE', KEYS[i], ARGV[2])
+      got = tonumber(epoch)
+    end
+  else
+    got = redis.call('INCR', KEYS[i + 1])
+    redis.call('SET', KEYS[i], ARGV[1] .. ' ' .. got, 'PX', ARGV[2])
   end
-  return false
+  out[#out + 1] = got
 end
-local epoch = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. epoch, 'PX', ARGV[2])
-return epoch
+return out
 ";
 
 /// Extends every lease in KEYS still held by ARGV[1]; returns 1/0 per key.
@@ -141,27 +147,48 @@ impl Leases {
         self.held.keys().copied()
     }
 
-    /// Tries to claim `shard`; `Ok(None)` if another node holds it.
-    pub async fn claim(&mut self, shard: ShardId) -> redis::RedisResult<Option<Lease>> {
+    /// Tries to claim `shards` in one call; the leases this node got (or already had).
+    pub async fn claim(&mut self, shards: &[ShardId]) -> redis::RedisResult<Vec<(ShardId, Lease)>> {
+        if shards.is_empty() {
+            return Ok(Vec::new());
+        }
         let sent = Instant::now();
+        let mut invocation = self.claim.prepare_invoke();
+        for &shard in shards {
+            invocation
+                .key(self.key(shard))
+                .key(format!("{}shard-epoch:{shard}", self.prefix));
+        }
+        invocation.arg(&self.node).arg(self.ttl.as_millis() as u64);
         let mut redis = self.redis.clone();
-        let epoch: Option<u64> = self
-            .claim
-            .key(self.key(shard))
-            .key(format!("{}shard-epoch:{shard}", self.prefix))
-            .arg(&self.node)
-            .arg(self.ttl.as_millis() as u64)
-            .invoke_async(&mut redis)
+        let epochs: Vec<u64> = invocation.invoke_async(&mut redis).await?;
+        let valid_until = self.valid_from(sent);
+        let mut got = Vec::new();
+        for (&shard, epoch) in shards.iter().zip(epochs) {
+            if epoch == 0 {
+                self.held.remove(&shard);
+            } else {
+                let lease = Lease { epoch, valid_until };
+                self.held.insert(shard, lease);
+                got.push((shard, lease));
+            }
+        }
+        Ok(got)
+    }
+
+    /// The current owner of every shard `0..count` as Redis has it (`None`: free), for
+    /// the routing cache.
+    pub async fn owners(&self, count: u32) -> redis::RedisResult<Vec<Option<String>>> {
+        let keys: Vec<String> = (0..count).map(|s| self.key(s)).collect();
+        let mut redis = self.redis.clone();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut redis)
             .await?;
-        let lease = epoch.map(|epoch| Lease {
-            epoch,
-            valid_until: self.valid_from(sent),
-        });
-        match lease {
-            Some(l) => self.held.insert(shard, l),
-            None => self.held.remove(&shard),
-        };
-        Ok(lease)
+        Ok(values
+            .into_iter()
+            .map(|v| v.and_then(|v| v.split_once(' ').map(|(node, _)| node.to_owned())))
+            .collect())
     }
 
     /// Renews every held lease in one call. Returns the shards lost (taken over after
@@ -258,6 +285,11 @@ mod tests {
         Leases::new(conn, "t:", node, Duration::from_millis(ttl_ms))
     }
 
+    async fn claim_one(leases: &mut Leases, shard: ShardId) -> Option<Lease> {
+        let got = leases.claim(&[shard]).await.unwrap();
+        got.first().map(|&(_, lease)| lease)
+    }
+
     /// A held shard cannot be claimed by another node; after a release it can at once,
     /// after an expiry once the TTL has passed, each time with a higher epoch. The old
     /// owner's renewal then reports the shard lost.
@@ -267,27 +299,27 @@ mod tests {
         let mut a = leases(&redis, "a", 400).await;
         let mut b = leases(&redis, "b", 400).await;
 
-        let first = a.claim(5).await.unwrap().expect("free shard");
+        let first = claim_one(&mut a, 5).await.expect("free shard");
         assert_eq!(
-            a.claim(5).await.unwrap().map(|l| l.epoch),
+            claim_one(&mut a, 5).await.map(|l| l.epoch),
             Some(first.epoch)
         );
-        assert_eq!(b.claim(5).await.unwrap(), None);
+        assert_eq!(claim_one(&mut b, 5).await, None);
         assert!(a.valid(5, Instant::now()).is_some());
         assert!(b.valid(5, Instant::now()).is_none());
 
         a.release(&[5]).await.unwrap();
-        let second = b.claim(5).await.unwrap().expect("released shard");
+        let second = claim_one(&mut b, 5).await.expect("released shard");
         assert!(second.epoch > first.epoch);
 
         // b stops renewing; a may take the shard once the lease has expired in Redis.
-        assert_eq!(a.claim(5).await.unwrap(), None);
+        assert_eq!(claim_one(&mut a, 5).await, None);
         tokio::time::sleep(Duration::from_millis(450)).await;
         assert!(
             b.valid(5, Instant::now()).is_none(),
             "b stopped serving before the expiry"
         );
-        let third = a.claim(5).await.unwrap().expect("expired lease");
+        let third = claim_one(&mut a, 5).await.expect("expired lease");
         assert!(third.epoch > second.epoch);
         assert_eq!(b.renew().await.unwrap(), vec![5]);
         assert_eq!(b.held().count(), 0);
@@ -300,9 +332,8 @@ mod tests {
     async fn a_node_cut_off_from_redis_stops_serving_in_time() {
         let mut redis = RedisServer::start();
         let mut a = leases(&redis, "a", 1000).await;
-        for shard in 0..8 {
-            a.claim(shard).await.unwrap().expect("free shard");
-        }
+        let shards: Vec<ShardId> = (0..8).collect();
+        assert_eq!(a.claim(&shards).await.unwrap().len(), 8);
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(400)).await;
             assert_eq!(a.renew().await.unwrap(), Vec::<ShardId>::new());
