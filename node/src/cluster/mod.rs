@@ -4,5 +4,6 @@
 //! stanzas to each other over one ordered gRPC stream per peer pair. Nothing here is on
 //! a single node's path.
 pub mod coordinator;
+pub mod directory;
 pub mod membership;
 pub mod shards;
