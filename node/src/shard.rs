@@ -513,7 +513,6 @@ mod tests {
 
     use super::*;
     use crate::metrics::Metrics;
-    use crate::roster::RosterLimits;
     use crate::storage::MemoryStore;
 
     /// How many users are loaded, and how many of them have no session.
@@ -552,16 +551,7 @@ mod tests {
             .unwrap();
         let router = Router::new("localhost".parse().unwrap(), 1, Metrics::new());
         let config = ShardConfig {
-            limits: Arc::new(UserLimits {
-                max_resources: 10,
-                roster: RosterLimits {
-                    max_items: 100,
-                    max_name_len: 100,
-                    max_group_len: 100,
-                    max_groups: 10,
-                },
-                max_blocklist: 10,
-            }),
+            limits: crate::user::tests::limits(),
             max_offline: 10,
         };
         let host = ShardHost::new(router.clone(), storage, config).start();

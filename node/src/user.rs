@@ -1193,4 +1193,4 @@ fn wrap_carbon(direction: &str, stanza: &Stanza, bare: &BareJid, to: &FullJid) -
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

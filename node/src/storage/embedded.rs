@@ -114,6 +114,24 @@ impl EmbeddedStore {
         self.committer.write(write).await
     }
 
+    /// Reads and decodes `user`'s record from `def` on the blocking pool.
+    async fn user_record<T, D>(
+        &self,
+        def: UserTable,
+        user: &str,
+        decode: D,
+    ) -> Result<Option<T>, StorageError>
+    where
+        T: Send + 'static,
+        D: FnOnce(&str, &[u8]) -> Result<T, StorageError> + Send + 'static,
+    {
+        let user = user.to_owned();
+        self.blocking(move |db| {
+            read_user_record(&db.begin_read().map_err(backend)?, def, &user, decode)
+        })
+        .await
+    }
+
     /// Runs `f` against the database on the blocking pool.
     async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
     where
@@ -557,16 +575,7 @@ impl OfflineStore for EmbeddedStore {
 #[async_trait]
 impl UserDataStore for EmbeddedStore {
     async fn vcard(&self, user: &str) -> Result<Option<String>, StorageError> {
-        let user = user.to_owned();
-        self.blocking(move |db| {
-            read_user_record(
-                &db.begin_read().map_err(backend)?,
-                VCARDS,
-                &user,
-                decode_text,
-            )
-        })
-        .await
+        self.user_record(VCARDS, user, decode_text).await
     }
 
     async fn set_vcard(&self, user: &str, xml: &str) -> Result<(), StorageError> {
@@ -606,17 +615,9 @@ impl UserDataStore for EmbeddedStore {
     }
 
     async fn blocklist(&self, user: &str) -> Result<Vec<String>, StorageError> {
-        let user = user.to_owned();
-        self.blocking(move |db| {
-            read_user_record(
-                &db.begin_read().map_err(backend)?,
-                BLOCKLISTS,
-                &user,
-                decode_blocklist,
-            )
-        })
-        .await
-        .map(Option::unwrap_or_default)
+        self.user_record(BLOCKLISTS, user, decode_blocklist)
+            .await
+            .map(Option::unwrap_or_default)
     }
 
     async fn set_blocklist(&self, user: &str, jids: &[String]) -> Result<(), StorageError> {
@@ -635,16 +636,8 @@ impl UserDataStore for EmbeddedStore {
     }
 
     async fn last_activity(&self, user: &str) -> Result<Option<(u64, String)>, StorageError> {
-        let user = user.to_owned();
-        self.blocking(move |db| {
-            read_user_record(
-                &db.begin_read().map_err(backend)?,
-                LAST_ACTIVITY,
-                &user,
-                decode_last_activity,
-            )
-        })
-        .await
+        self.user_record(LAST_ACTIVITY, user, decode_last_activity)
+            .await
     }
 
     async fn set_last_activity(

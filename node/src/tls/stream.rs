@@ -461,9 +461,8 @@ mod tests {
         server.await.unwrap();
     }
 
-    /// A peer speaking plaintext instead of TLS fails the handshake with a fatal alert.
-    #[tokio::test]
-    async fn plaintext_instead_of_a_client_hello_is_refused() {
+    /// Sends `first` to a TLS server, then (unless `stay`) closes; the server's error.
+    async fn failed_handshake(first: &[u8], stay: bool) -> (io::Error, TcpStream) {
         let dir = tempfile::tempdir().unwrap();
         let (config, _) = pair(dir.path(), "example.org");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -473,10 +472,21 @@ mod tests {
             accept(config, tcp).await.map(drop)
         });
         let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"<?xml version='1.0'?><stream:stream to='example.org'>")
-            .await
-            .unwrap();
-        let err = server.await.unwrap().unwrap_err();
+        tcp.write_all(first).await.unwrap();
+        if !stay {
+            tcp.shutdown().await.unwrap();
+        }
+        (server.await.unwrap().unwrap_err(), tcp)
+    }
+
+    /// A peer speaking plaintext instead of TLS fails the handshake with a fatal alert.
+    #[tokio::test]
+    async fn plaintext_instead_of_a_client_hello_is_refused() {
+        let (err, mut tcp) = failed_handshake(
+            b"<?xml version='1.0'?><stream:stream to='example.org'>",
+            true,
+        )
+        .await;
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         let mut reply = Vec::new();
         tcp.read_to_end(&mut reply).await.unwrap();
@@ -487,19 +497,8 @@ mod tests {
     /// A handshake cut short by the peer is an error, not a stream.
     #[tokio::test]
     async fn a_peer_leaving_mid_handshake_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let (config, _) = pair(dir.path(), "example.org");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(config, tcp).await.map(drop)
-        });
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
         // The first bytes of a TLS handshake record, then nothing.
-        tcp.write_all(&[22, 3, 1, 0, 200, 1]).await.unwrap();
-        drop(tcp);
-        let err = server.await.unwrap().unwrap_err();
+        let (err, _) = failed_handshake(&[22, 3, 1, 0, 200, 1], false).await;
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
 }

@@ -17,7 +17,8 @@ fn full(s: &str) -> FullJid {
     FullJid::new(s).unwrap()
 }
 
-fn limits() -> Arc<UserLimits> {
+/// Limits for tests, generous enough not to get in the way.
+pub(crate) fn limits() -> Arc<UserLimits> {
     Arc::new(UserLimits {
         max_resources: 10,
         roster: RosterLimits {
