@@ -6,4 +6,5 @@
 pub mod coordinator;
 pub mod directory;
 pub mod membership;
+pub mod runtime;
 pub mod shards;

@@ -1,0 +1,225 @@
+//! The cluster side of a running node: joins, runs the coordinator's rounds in the
+//! background and publishes the shard view the router reads.
+//!
+//! Rounds run every third of the lease TTL, and at once when a membership event
+//! arrives on the events channel. Each round's outcome becomes a new [`ShardView`] on a
+//! watch channel: which shards this node serves (and until when) and, for routing, the
+//! owner of every shard as Redis has it. A round that fails (Redis unreachable) leaves
+//! the view as it was, and the leases lapse locally at their `valid_until`, which
+//! [`ShardView::serves`] checks: a node cut off from Redis stops serving in time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::coordinator::Coordinator;
+use super::membership::{Membership, Node};
+use super::shards::{Leases, ShardId};
+
+/// How a node takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: Node,
+    pub redis_url: String,
+    /// Prefix of every key and channel, so several clusters can share a Redis.
+    pub prefix: String,
+    pub shards: u32,
+    pub lease_ttl: Duration,
+}
+
+/// What the node knows of shard ownership after the last round.
+#[derive(Debug, Clone, Default)]
+pub struct ShardView {
+    /// Shards this node holds, with the instant its lease stops being valid.
+    pub mine: BTreeMap<ShardId, Instant>,
+    /// The owner of every shard (`None`: unowned right now).
+    pub owners: Vec<Option<String>>,
+    /// Live node ids, sorted.
+    pub live: Vec<String>,
+}
+
+impl ShardView {
+    /// Whether this node may serve `shard` at `now`.
+    pub fn serves(&self, shard: ShardId, now: Instant) -> bool {
+        self.mine.get(&shard).is_some_and(|&until| now < until)
+    }
+}
+
+/// A running cluster membership.
+pub struct Cluster {
+    coordinator: Arc<Mutex<Coordinator>>,
+    view: watch::Receiver<ShardView>,
+    task: JoinHandle<()>,
+}
+
+impl Cluster {
+    /// Connects to Redis, joins, runs a first round and starts the background rounds.
+    pub async fn start(settings: Settings) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(settings.redis_url.as_str())?;
+        let redis = ConnectionManager::new(client.clone()).await?;
+        let membership = Membership::new(
+            redis.clone(),
+            &settings.prefix,
+            settings.node.clone(),
+            settings.lease_ttl,
+        );
+        let events = membership.events_channel();
+        let leases = Leases::new(
+            redis,
+            &settings.prefix,
+            &settings.node.id,
+            settings.lease_ttl,
+        );
+        let coordinator = Coordinator::new(membership, leases, settings.shards);
+        coordinator.join().await?;
+        let coordinator = Arc::new(Mutex::new(coordinator));
+        let first = round(&coordinator, settings.shards).await?;
+        let (tx, view) = watch::channel(first);
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&events).await?;
+        let task = tokio::spawn(run(
+            coordinator.clone(),
+            tx,
+            pubsub,
+            settings.shards,
+            settings.lease_ttl / 3,
+        ));
+        info!(node = %settings.node.id, "joined the cluster");
+        Ok(Self {
+            coordinator,
+            view,
+            task,
+        })
+    }
+
+    /// The shard view, updated after every round.
+    pub fn view(&self) -> watch::Receiver<ShardView> {
+        self.view.clone()
+    }
+
+    /// Graceful leave: stops the rounds, releases every shard and leaves. The caller
+    /// has drained the shards first.
+    pub async fn leave(self) -> redis::RedisResult<()> {
+        self.task.abort();
+        self.coordinator.lock().await.leave().await
+    }
+}
+
+/// Runs a round and reads the resulting ownership. Shards that move elsewhere are
+/// released at once here: drains of shard state are the router's to add before this
+/// hands them off.
+async fn round(coordinator: &Mutex<Coordinator>, shards: u32) -> redis::RedisResult<ShardView> {
+    let mut c = coordinator.lock().await;
+    let round = c.round().await?;
+    if !round.moving.is_empty() {
+        c.hand_off(&round.moving).await?;
+    }
+    if !round.lost.is_empty() {
+        warn!(shards = ?round.lost, "shard leases were taken over by other nodes");
+    }
+    let now = Instant::now();
+    let mine = c
+        .leases()
+        .held()
+        .filter_map(|s| c.leases().valid(s, now).map(|l| (s, l.valid_until)))
+        .collect();
+    Ok(ShardView {
+        mine,
+        owners: c.leases().owners(shards).await?,
+        live: round.live,
+    })
+}
+
+async fn run(
+    coordinator: Arc<Mutex<Coordinator>>,
+    tx: watch::Sender<ShardView>,
+    mut pubsub: redis::aio::PubSub,
+    shards: u32,
+    period: Duration,
+) {
+    let mut events = pubsub.on_message().boxed();
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            event = events.next() => {
+                if event.is_none() {
+                    // The subscription connection closed; periodic rounds go on.
+                    warn!("cluster events subscription closed; relying on periodic rounds");
+                    events = futures_util::stream::pending().boxed();
+                }
+            }
+        }
+        match round(&coordinator, shards).await {
+            Ok(view) => {
+                let _ = tx.send(view);
+            }
+            Err(e) => warn!(error = %e, "cluster round failed; leases lapse unless renewed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::RedisServer;
+
+    fn settings(redis: &RedisServer, id: &str) -> Settings {
+        Settings {
+            node: Node {
+                id: id.into(),
+                endpoint: format!("{id}:7070"),
+            },
+            redis_url: redis.url(),
+            prefix: "t:".into(),
+            shards: 32,
+            lease_ttl: Duration::from_millis(900),
+        }
+    }
+
+    /// Waits until `view` satisfies `ok` (5 s at most).
+    async fn until(view: &mut watch::Receiver<ShardView>, ok: impl Fn(&ShardView) -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), view.wait_for(|v| ok(v)))
+            .await
+            .expect("view reached within 5 s")
+            .unwrap();
+    }
+
+    /// A second node joining is noticed through the events channel and both views
+    /// converge on a split with every shard served exactly once; when one leaves, the
+    /// other serves everything.
+    #[tokio::test]
+    async fn two_nodes_split_the_shards_and_one_takes_all_after_a_leave() {
+        let redis = RedisServer::start();
+        let a = Cluster::start(settings(&redis, "a")).await.unwrap();
+        let mut va = a.view();
+        until(&mut va, |v| v.mine.len() == 32).await;
+
+        let b = Cluster::start(settings(&redis, "b")).await.unwrap();
+        let mut vb = b.view();
+        let split = |v: &ShardView| {
+            v.live == ["a", "b"]
+                && v.owners.iter().all(Option::is_some)
+                && v.owners.iter().any(|o| o.as_deref() == Some("b"))
+        };
+        until(&mut va, split).await;
+        until(&mut vb, split).await;
+        let now = Instant::now();
+        let (a_view, b_view) = (va.borrow().clone(), vb.borrow().clone());
+        for s in 0..32 {
+            assert!(
+                !(a_view.serves(s, now) && b_view.serves(s, now)),
+                "shard {s} served twice"
+            );
+        }
+
+        b.leave().await.unwrap();
+        until(&mut va, |v| v.live == ["a"] && v.mine.len() == 32).await;
+    }
+}
