@@ -833,10 +833,13 @@ impl<H: Clone + PartialEq> UserState<H> {
         if let Some(from) = &stanza.from
             && self.shared.is_blocked(from)
         {
-            // XEP-0191 §3.4: nothing from a blocked entity reaches the user; iqs get
-            // an error so the sender is not left waiting.
+            // XEP-0191 §3.4: nothing from a blocked entity reaches the user. Presence
+            // gets no answer; messages SHOULD and iqs MUST get <service-unavailable/>.
             return match stanza.kind {
                 Kind::Iq(IqType::Get | IqType::Set) => {
+                    reply_error(&stanza, StanzaErrorCondition::ServiceUnavailable)
+                }
+                Kind::Message(t) if t != MessageType::Error => {
                     reply_error(&stanza, StanzaErrorCondition::ServiceUnavailable)
                 }
                 _ => Vec::new(),

@@ -1027,11 +1027,17 @@ async fn blocking_command() {
         )
     );
 
-    // Romeo's message vanishes without an error; his iq, which travels the same way
-    // after it, is refused as if she were not there.
+    // Romeo's message and his iq are refused as if she were not there (XEP-0191 §3.4).
     r.send("<message to='juliet@localhost' id='m1' type='chat'><body>Hear me!</body></message>")
         .await
         .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        format!(
+            "<message to='romeo@localhost/orchard' from='juliet@localhost' id='m1' type='error'>{}</message>",
+            error("cancel", "service-unavailable")
+        )
+    );
     assert_eq!(
         ask(
             &mut r,
@@ -1120,12 +1126,13 @@ async fn blocking_command() {
         next(&mut r).await,
         "<message to='romeo@localhost/orchard' from='juliet@localhost/balcony' id='m4' type='chat'><body>Yes</body></message>"
     );
-    // The nurse's messages still vanish.
+    // The nurse's messages are still refused.
     n.send(
         "<message to='juliet@localhost/balcony' id='m5' type='chat'><body>Madam!</body></message>",
     )
     .await
     .unwrap();
+    assert!(next(&mut n).await.contains("<service-unavailable"));
     expect_nothing(&mut j).await;
 }
 

@@ -576,8 +576,21 @@ fn blocking_hides_and_refuses() {
         u.shared()
             .is_blocked(&Jid::new("tybalt@example.org/sword").unwrap())
     );
-    // Messages from a blocked entity vanish; iqs get an error.
-    assert!(u.deliver(stanza("<message from='tybalt@example.org/sword' to='juliet@localhost'><body>duel</body></message>")).is_empty());
+    // Messages and iqs from a blocked entity get <service-unavailable/>; presence and
+    // errors get nothing.
+    assert!(bounced(&u.deliver(stanza("<message from='tybalt@example.org/sword' to='juliet@localhost'><body>duel</body></message>"))).contains("service-unavailable"));
+    assert!(
+        u.deliver(stanza(
+            "<message from='tybalt@example.org/sword' to='juliet@localhost' type='error'/>"
+        ))
+        .is_empty()
+    );
+    assert!(
+        u.deliver(stanza(
+            "<presence from='tybalt@example.org/sword' to='juliet@localhost' type='probe'/>"
+        ))
+        .is_empty()
+    );
     assert!(bounced(&u.deliver(stanza("<iq from='tybalt@example.org/sword' to='juliet@localhost' id='q' type='get'><query xmlns='jabber:iq:last'/></iq>"))).contains("service-unavailable"));
     let e = u.account_iq(
         &a,
