@@ -66,6 +66,8 @@ struct SessionEntry<H> {
     priority: i8,
     /// Requested the roster, so it receives roster pushes (RFC 6121 §2.1.6).
     interested: bool,
+    /// Requested the blocklist, so it receives blocklist pushes (XEP-0191 §3.3).
+    blocklist_requested: bool,
     carbons: bool,
 }
 
@@ -229,6 +231,7 @@ impl<H: Clone + PartialEq> UserState<H> {
             presence: None,
             priority: 0,
             interested: false,
+            blocklist_requested: false,
             carbons: false,
         });
         Ok((jid, effects))
@@ -548,6 +551,7 @@ impl<H: Clone + PartialEq> UserState<H> {
             }
             (ns::ROSTER, "query", true) => self.roster_set(from, &iq, &payload),
             (ns::BLOCKING, "blocklist", false) => {
+                self.sessions[pos].blocklist_requested = true;
                 let mut list = Element::new("blocklist", ns::BLOCKING);
                 for j in &self.data.blocklist {
                     list = list.child(Element::new("item", ns::BLOCKING).attr("jid", j.as_str()));
@@ -693,13 +697,12 @@ impl<H: Clone + PartialEq> UserState<H> {
             Effect::Route(result_to(iq, from, None)),
             Effect::Persist(Write::Blocklist(list)),
         ];
-        // XEP-0191 §3.3: push the change to every resource that asked for the list
-        // (here: every bound resource).
+        // XEP-0191 §3.3: push the change to every resource that asked for the list.
         let mut push = Element::new(payload.name.clone(), ns::BLOCKING);
         for j in &jids {
             push = push.child(Element::new("item", ns::BLOCKING).attr("jid", j.as_str()));
         }
-        for s in &self.sessions {
+        for s in self.sessions.iter().filter(|s| s.blocklist_requested) {
             let mut p = Stanza::new(Kind::Iq(IqType::Set));
             p.to = Some(Jid::from(s.jid.clone()));
             p.id = Some("block-push".into());

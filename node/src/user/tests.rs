@@ -556,8 +556,28 @@ fn blocking_hides_and_refuses() {
         limits(),
     );
     let (a, _) = u.bind("a", 1, 1u32).unwrap();
+    let (b, _) = u.bind("b", 2, 2u32).unwrap();
     u.own_presence(&a, stanza("<presence/>"));
+    // Only b asks for the blocklist, so only b gets the pushes (XEP-0191 §3.3).
+    u.account_iq(
+        &b,
+        stanza("<iq type='get' id='l'><blocklist xmlns='urn:xmpp:blocking'/></iq>"),
+    );
     let e = u.account_iq(&a, stanza("<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='tybalt@example.org'/><item jid='nurse@localhost'/></block></iq>"));
+    let pushed: Vec<(Vec<u32>, String)> = e
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Deliver(to, s) => Some((to.clone(), s.to_xml())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        pushed,
+        [(
+            vec![2],
+            "<iq to='juliet@localhost/b' id='block-push' type='set'><block xmlns='urn:xmpp:blocking'><item jid='tybalt@example.org'/><item jid='nurse@localhost'/></block></iq>".to_owned()
+        )]
+    );
     assert_eq!(
         routed(&e)[0],
         "<iq to='juliet@localhost/a' id='b1' type='result'/>"
