@@ -162,6 +162,9 @@ pub struct UserState<H> {
     sessions: Vec<SessionEntry<H>>,
     shared: Arc<UserShared>,
     limits: Arc<UserLimits>,
+    /// The status of the last unavailable presence, stored with the last activity when
+    /// the last session ends (XEP-0012 §4 answers it for an offline account).
+    last_status: String,
 }
 
 impl<H: Clone + PartialEq> UserState<H> {
@@ -174,6 +177,7 @@ impl<H: Clone + PartialEq> UserState<H> {
             sessions: Vec::new(),
             shared,
             limits,
+            last_status: String::new(),
         }
     }
 
@@ -255,7 +259,7 @@ impl<H: Clone + PartialEq> UserState<H> {
         if self.sessions.is_empty() && self.data.exists {
             effects.push(Effect::Persist(Write::LastActivity {
                 unix_secs: now_unix,
-                status: String::new(),
+                status: std::mem::take(&mut self.last_status),
             }));
         }
         effects
@@ -325,6 +329,7 @@ impl<H: Clone + PartialEq> UserState<H> {
                     return Vec::new();
                 }
                 self.sessions[pos].presence = None;
+                self.last_status = stanza.status().unwrap_or_default();
                 self.went_unavailable(from, Some(stanza))
             }
             _ => Vec::new(),

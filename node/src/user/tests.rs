@@ -264,6 +264,30 @@ fn last_unbind_records_last_activity() {
     assert!(u.is_idle());
 }
 
+/// The status of the unavailable presence a client sent before leaving is kept with
+/// the last activity (XEP-0012 §4), once; a later plain disconnect stores none.
+#[test]
+fn last_activity_keeps_the_unavailable_status() {
+    let mut u = empty_user();
+    let (a, _) = u.bind("a", 1, 1u32).unwrap();
+    u.own_presence(&a, stanza("<presence/>"));
+    u.own_presence(
+        &a,
+        stanza("<presence type='unavailable'><status>Gone fishing</status></presence>"),
+    );
+    let last = |e: Vec<Effect<u32>>| {
+        e.into_iter()
+            .find_map(|e| match e {
+                Effect::Persist(Write::LastActivity { status, .. }) => Some(status),
+                _ => None,
+            })
+            .expect("a last-activity write")
+    };
+    assert_eq!(last(u.unbind(&a, 1, 10)), "Gone fishing");
+    let (a, _) = u.bind("a", 2, 2u32).unwrap();
+    assert_eq!(last(u.unbind(&a, 2, 20)), "");
+}
+
 #[test]
 fn initial_presence_broadcasts_probes_and_flushes_offline() {
     let mut u = UserState::new(

@@ -356,14 +356,23 @@ impl Stanza {
 
     /// Presence priority (RFC 6121 §4.7.2.3): 0 when absent or invalid.
     pub fn priority(&self) -> i8 {
-        self.payload_elements()
-            .ok()
-            .and_then(|els| {
-                els.iter()
-                    .find(|e| e.is("priority", ns::CLIENT))
-                    .and_then(|p| p.text_content().trim().parse::<i8>().ok())
-            })
+        self.child_text("priority")
+            .and_then(|p| p.trim().parse::<i8>().ok())
             .unwrap_or(0)
+    }
+
+    /// The text of a presence's `<status/>` (the first one), if any.
+    pub fn status(&self) -> Option<String> {
+        self.child_text("status")
+    }
+
+    /// The text content of the first payload child `name` in the client namespace.
+    fn child_text(&self, name: &str) -> Option<String> {
+        self.payload_elements()
+            .ok()?
+            .iter()
+            .find(|e| e.is(name, ns::CLIENT))
+            .map(|e| e.text_content())
     }
 
     /// The error stanza answering this one: addresses swapped, same id, type `error`.
