@@ -135,10 +135,13 @@ async fn shutdown_signal() {
 }
 
 fn user(config: Config, action: UserAction) -> anyhow::Result<()> {
-    let store = storage::open(&config.storage).context("cannot open storage")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Opened inside the runtime: the Redis backend's connection runs on it.
+    let store = rt
+        .block_on(storage::open(&config.storage))
+        .context("cannot open storage")?;
     let accounts = store.accounts;
     let jid = |u: &str| -> anyhow::Result<String> {
         let full = if u.contains('@') {
