@@ -338,7 +338,25 @@ impl RedisStore {
         let _: String = store
             .exec("ping", Replay::Safe, &redis::cmd("PING"))
             .await?;
+        store.warn_without_aof().await;
         Ok(store)
+    }
+
+    /// Logs a warning when the server says its append-only file is off: then a Redis
+    /// crash loses whatever was written since the last snapshot. Managed services
+    /// often refuse `CONFIG`; that is not worth a warning.
+    async fn warn_without_aof(&self) {
+        let cmd = redis::cmd("CONFIG").arg("GET").arg("appendonly").to_owned();
+        let answer: Result<Vec<String>, _> = self.exec("config get", Replay::Safe, &cmd).await;
+        if let Ok(answer) = answer
+            && answer.get(1).is_some_and(|v| v == "no")
+        {
+            tracing::warn!(
+                server = %self.server,
+                "Redis runs without the append-only file (appendonly no): a Redis crash \
+                 will lose recent writes"
+            );
+        }
     }
 
     /// Sends `request`, once more after a dropped connection when `replay` allows.
@@ -545,12 +563,13 @@ impl AccountStore for RedisStore {
     }
 }
 
-/// Loading a user is one pipeline: account existence, roster and blocklist in one
-/// round trip.
+/// Loading a user is one `MULTI`/`EXEC` pipeline: account existence, roster and
+/// blocklist in one round trip, read together so no script runs between the reads.
 #[async_trait]
 impl UserLoader for RedisStore {
     async fn load_user(&self, user: &str) -> Result<UserData, StorageError> {
         let mut pipe = redis::pipe();
+        pipe.atomic();
         pipe.cmd("HEXISTS").arg(&self.keys.accounts).arg(user);
         self.queue_roster_reads(&mut pipe, user);
         pipe.cmd("GET").arg(self.user_key(user, UserKey::Blocklist));
@@ -579,6 +598,7 @@ impl UserLoader for RedisStore {
 impl RosterStore for RedisStore {
     async fn roster(&self, user: &str) -> Result<Roster, StorageError> {
         let mut pipe = redis::pipe();
+        pipe.atomic();
         self.queue_roster_reads(&mut pipe, user);
         let (version, items, pending) = self.exec("read roster", Replay::Safe, &pipe).await?;
         self.decode_roster(user, version, items, pending)
