@@ -15,7 +15,9 @@
 //! `}`, but with the length in front the JID's end is known without looking at its
 //! bytes, so no two users' keys can collide. The braces make the JID part a Redis
 //! Cluster hash tag: all of one user's keys share their text up to the first `}` after
-//! the first `{`, so they hash to one slot and a script may touch them together.
+//! the first `{`, so they would hash to one slot and a script may touch them together.
+//! (The store talks to one Redis server or its failover endpoint; it does not speak
+//! the Redis Cluster protocol.)
 //!
 //! | key                 | type   | contents                                              |
 //! |---------------------|--------|-------------------------------------------------------|
@@ -43,9 +45,11 @@
 //! so no other client's command interleaves with it and one round trip suffices;
 //! WATCH/MULTI would need a round trip per step and a retry loop under contention
 //! (concurrent pushes to one user's queue are exactly that case). Creating an account
-//! is a single `HSETNX`. Counters are codec counter records (version byte 1, u64
-//! big-endian), which the scripts read and write with Redis's `struct` library; Lua
-//! numbers are doubles, exact up to 2^53, which no roster version or seq reaches.
+//! is a single `HSETNX`. Reads that span keys (a roster, loading a user) are one
+//! `MULTI`/`EXEC` pipeline, so no write lands between their reads. Counters are codec
+//! counter records (version byte 1, u64 big-endian), which the scripts read and write
+//! with Redis's `struct` library; Lua numbers are doubles, exact up to 2^53, which no
+//! roster version or seq reaches.
 //!
 //! # Connection loss
 //!
