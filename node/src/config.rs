@@ -46,6 +46,9 @@ pub enum StorageBackend {
     Embedded,
     /// Process memory: everything is lost on exit. For tests and throwaway nodes.
     Memory,
+    /// A Redis server shared by every node of a cluster; durable when Redis runs with
+    /// the append-only file on.
+    Redis,
 }
 
 /// `[storage]`
@@ -55,8 +58,19 @@ pub struct StorageConfig {
     /// across restarts without running anything else.
     pub backend: StorageBackend,
     /// `storage.path`, default `<data_dir>/shoal.redb`: the embedded store's file. Unused
-    /// by the memory backend.
+    /// by the other backends.
     pub path: PathBuf,
+    /// `storage.redis_url`, default `redis://127.0.0.1:6379/`: the Redis server of the
+    /// redis backend: `redis://[[user]:password@]host[:port][/db]` or
+    /// `redis+unix:///path`. TLS (`rediss://`) is not built in; reach a remote Redis
+    /// over a private network or a TLS tunnel. The default is where a local Redis
+    /// listens out of the box. Unused by the other backends, but checked whenever it
+    /// is given.
+    pub redis_url: String,
+    /// `storage.redis_key_prefix`, default `shoal:`, must not be empty: the start of
+    /// every key Shoal writes, so that several deployments (or other applications) can
+    /// share one Redis without their keys meeting.
+    pub redis_key_prefix: String,
 }
 
 /// `[tls]`
@@ -255,7 +269,20 @@ fn read_config(r: &mut Reader) -> Config {
     let storage = StorageConfig {
         backend: r.get("storage.backend", StorageBackend::Embedded),
         path: r.get("storage.path", data_dir.join("shoal.redb")),
+        redis_url: r.get("storage.redis_url", "redis://127.0.0.1:6379/".to_owned()),
+        redis_key_prefix: r.get("storage.redis_key_prefix", "shoal:".to_owned()),
     };
+    if !r.failed("storage.redis_url")
+        && let Err(reason) = validate_redis_url(&storage.redis_url)
+    {
+        r.invalid("storage.redis_url", reason);
+    }
+    if !r.failed("storage.redis_key_prefix") && storage.redis_key_prefix.is_empty() {
+        r.invalid(
+            "storage.redis_key_prefix",
+            "must not be empty, so Shoal's keys stay apart from anything else in Redis".to_owned(),
+        );
+    }
 
     let cert: Option<PathBuf> = r.get("tls.cert", None);
     let key: Option<PathBuf> = r.get("tls.key", None);
@@ -398,6 +425,27 @@ fn validate_domain(domain: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Whether the redis crate can connect with `url` (scheme, host, port, database).
+/// Parsing only: nothing is contacted here. The message repeats the URL only when it
+/// carries no password.
+fn validate_redis_url(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo;
+    match url.into_connection_info() {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let shown = if url.contains('@') {
+                "the URL".to_owned()
+            } else {
+                format!("{url:?}")
+            };
+            Err(format!(
+                "is not a usable Redis URL: {shown}: {e}; expected \
+                 redis://[[user]:password@]host[:port][/db] or redis+unix:///path"
+            ))
+        }
+    }
 }
 
 /// Where a value came from, for error messages.
@@ -564,7 +612,7 @@ impl ConfigValue for Option<SocketAddr> {
 }
 
 impl ConfigValue for StorageBackend {
-    const EXPECTED: &'static str = "\"embedded\" or \"memory\"";
+    const EXPECTED: &'static str = "\"embedded\", \"memory\" or \"redis\"";
     fn from_toml(value: &toml::Value) -> Option<Self> {
         value.as_str().and_then(Self::from_env)
     }
@@ -572,6 +620,7 @@ impl ConfigValue for StorageBackend {
         match text.trim() {
             "embedded" => Some(Self::Embedded),
             "memory" => Some(Self::Memory),
+            "redis" => Some(Self::Redis),
             _ => None,
         }
     }
@@ -755,6 +804,8 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.storage.backend, StorageBackend::Embedded);
         assert_eq!(c.storage.path, PathBuf::from("./data/shoal.redb"));
+        assert_eq!(c.storage.redis_url, "redis://127.0.0.1:6379/");
+        assert_eq!(c.storage.redis_key_prefix, "shoal:");
         assert!(c.tls.self_signed);
         assert_eq!(c.tls.cert, PathBuf::from("./data/tls/cert.pem"));
         assert_eq!(c.tls.key, PathBuf::from("./data/tls/key.pem"));
@@ -903,6 +954,84 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(text.lines().count(), 4, "{text}");
+    }
+
+    #[test]
+    fn redis_storage_keys() {
+        let f = file(
+            r#"
+            [storage]
+            backend = "redis"
+            redis_url = "redis://:pw@redis.internal:6380/2"
+            redis_key_prefix = "xmpp:"
+            "#,
+        );
+        let c = Config::load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Redis);
+        assert_eq!(c.storage.redis_url, "redis://:pw@redis.internal:6380/2");
+        assert_eq!(c.storage.redis_key_prefix, "xmpp:");
+
+        let c = Config::load(
+            Some(f.path()),
+            env(&[
+                ("SHOAL_STORAGE_REDIS_URL", "redis://cache.example/"),
+                ("SHOAL_STORAGE_REDIS_KEY_PREFIX", "other:"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.storage.redis_url, "redis://cache.example/");
+        assert_eq!(c.storage.redis_key_prefix, "other:");
+        let c = Config::load(None, env(&[("SHOAL_STORAGE_BACKEND", "redis")])).unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Redis);
+        let c = Config::load(
+            None,
+            env(&[("SHOAL_STORAGE_REDIS_URL", "redis+unix:///run/redis.sock")]),
+        );
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn redis_storage_errors_are_reported_with_the_rest() {
+        let f = file(
+            r#"
+            [storage]
+            backend = "valkey"
+            redis_url = "http://:hunter2@127.0.0.1:6379/"
+            redis_key_prefix = ""
+            [c2s]
+            max_depth = 1
+            "#,
+        );
+        let errors = load_err(Some(f.path()), &[]);
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(matches!(&errors[0],
+            ConfigError::WrongType { key, expected, .. }
+                if key == "storage.backend" && expected.contains("\"redis\"")));
+        let ConfigError::Invalid { key, reason } = &errors[1] else {
+            panic!("{errors:#?}");
+        };
+        assert_eq!(key, "storage.redis_url");
+        assert!(reason.contains("not a usable Redis URL"), "{reason}");
+        // A password in a rejected URL is not repeated in the message.
+        assert!(!reason.contains("hunter2"), "{reason}");
+        assert!(matches!(&errors[2],
+            ConfigError::Invalid { key, .. } if key == "storage.redis_key_prefix"));
+        assert!(matches!(&errors[3],
+            ConfigError::Invalid { key, .. } if key == "c2s.max_depth"));
+
+        // Without a password the URL is shown, which makes a typo easy to spot.
+        let errors = load_err(None, &[("SHOAL_STORAGE_REDIS_URL", "redis//localhost")]);
+        let [ConfigError::Invalid { key, reason }] = &errors[..] else {
+            panic!("{errors:#?}");
+        };
+        assert_eq!(key, "storage.redis_url");
+        assert!(reason.contains("\"redis//localhost\""), "{reason}");
+        // TLS is not compiled in, which is said at start rather than at first connect.
+        let errors = load_err(None, &[("SHOAL_STORAGE_REDIS_URL", "rediss://x/")]);
+        let [ConfigError::Invalid { reason, .. }] = &errors[..] else {
+            panic!("{errors:#?}");
+        };
+        assert!(reason.contains("TLS"), "{reason}");
     }
 
     #[test]

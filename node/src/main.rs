@@ -135,10 +135,13 @@ async fn shutdown_signal() {
 }
 
 fn user(config: Config, action: UserAction) -> anyhow::Result<()> {
-    let store = storage::open(&config.storage).context("cannot open storage")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Opened inside the runtime: the Redis backend's connection runs on it.
+    let store = rt
+        .block_on(storage::open(&config.storage))
+        .context("cannot open storage")?;
     let accounts = store.accounts;
     let jid = |u: &str| -> anyhow::Result<String> {
         let full = if u.contains('@') {
@@ -324,6 +327,66 @@ mod tests {
         std::fs::write(&path, "alice:pw1\ncarol\n").unwrap();
         let err = read_import_file(&path).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    /// `shoal user …` against the Redis backend: every action, checked through a store
+    /// of its own.
+    #[test]
+    fn user_commands_work_on_redis() {
+        let server = shoal_node::testing::RedisServer::start();
+        let config = Config::load(
+            None,
+            [
+                ("SHOAL_STORAGE_BACKEND", "redis".to_owned()),
+                ("SHOAL_STORAGE_REDIS_URL", server.url()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        )
+        .unwrap();
+        let run = |action| user(config.clone(), action);
+        let password = |p: &str| Some(p.to_owned());
+        run(UserAction::Add {
+            user: "alice".into(),
+            password: password("pw1"),
+        })
+        .unwrap();
+        let err = run(UserAction::Add {
+            user: "alice".into(),
+            password: password("pw1"),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err:#}");
+        run(UserAction::Passwd {
+            user: "alice@localhost".into(),
+            password: password("pw2"),
+        })
+        .unwrap();
+        run(UserAction::Import {
+            file: None,
+            count: Some(3),
+            prefix: "u".into(),
+            password: password("x"),
+            threads: Some(2),
+        })
+        .unwrap();
+        run(UserAction::List).unwrap();
+        run(UserAction::Del { user: "u1".into() }).unwrap();
+        assert!(run(UserAction::Del { user: "u1".into() }).is_err());
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = storage::open(&config.storage).await.unwrap();
+            let accounts = store.accounts.list_accounts().await.unwrap();
+            assert_eq!(
+                accounts,
+                ["alice@localhost", "u0@localhost", "u2@localhost"]
+            );
+            let alice = store.accounts.credentials("alice@localhost").await;
+            assert!(alice.unwrap().unwrap().verify_password("pw2"));
+        });
     }
 
     #[test]

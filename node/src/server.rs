@@ -78,7 +78,9 @@ pub async fn run(
     let metrics = Metrics::new();
     let prometheus = metrics::install_recorder();
     let health = Health::requiring([ReadyComponent::Listeners, ReadyComponent::Storage]);
-    let storage = storage::open(&config.storage).context("cannot open storage")?;
+    let storage = storage::open(&config.storage)
+        .await
+        .context("cannot open storage")?;
     health.set_ready(ReadyComponent::Storage, true);
     let server_tls = tls::load_or_generate(
         &config.tls.cert,

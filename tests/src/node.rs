@@ -117,12 +117,12 @@ fn provision(config: &Config, users: &[(String, String)]) {
 }
 
 fn provision_blocking(config: &Config, users: &[(String, String)]) {
-    let store = storage::open(&config.storage).expect("open store");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
+        let store = storage::open(&config.storage).await.expect("open store");
         for (name, password) in users {
             let jid = format!("{name}@{}", config.domain);
             let creds = storage::new_credentials(password);

@@ -3,7 +3,7 @@
 //! blocking (XEP-0191), carbons (XEP-0280), vCard (XEP-0054), private XML storage
 //! (XEP-0049), last activity (XEP-0012), version (XEP-0092), time (XEP-0202), account
 //! disco (XEP-0030), in-band password change and account removal (XEP-0077), and what
-//! of it survives a restart.
+//! of it survives a restart, on the embedded store and on Redis.
 //!
 //! Stanzas are compared as whole XML strings. Where the server sends several stanzas to
 //! one client whose relative order no specification fixes (a roster push and the iq
@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use shoal_node::testing::RedisServer;
 use shoal_tests::{Client, TestNode, TestNodeBuilder};
 
 const PW: &str = "pencil";
@@ -1599,6 +1600,32 @@ async fn account_removal() {
 #[tokio::test]
 async fn user_data_survives_restart() {
     let first = node();
+    let dir = first.data_dir();
+    user_data_survives(first, || TestNode::builder().data_dir(dir).start()).await;
+}
+
+/// The same with the Redis backend. The second node gets a fresh data directory, so
+/// all it serves comes from Redis, and Redis itself is killed and restarted in
+/// between (its append-only file is what keeps the data).
+#[tokio::test]
+async fn user_data_survives_restart_on_redis() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let on_redis = |b: TestNodeBuilder| {
+        b.set("storage.backend", "redis")
+            .set("storage.redis_url", &url)
+    };
+    let first = users(on_redis(TestNode::builder())).start();
+    user_data_survives(first, || {
+        redis.restart();
+        on_redis(TestNode::builder()).start()
+    })
+    .await;
+}
+
+/// Stores one of everything through `first`, stops it, and checks that the node
+/// `restart` starts serves all of it.
+async fn user_data_survives(first: TestNode, restart: impl FnOnce() -> TestNode) {
     {
         let mut r = online(&first, "romeo", "orchard").await;
         let mut j = online(&first, "juliet", "balcony").await;
@@ -1678,10 +1705,9 @@ async fn user_data_survives_restart() {
             "<iq to='romeo@localhost/orchard' from='nurse@localhost' id='vn' type='result'><vCard xmlns='vcard-temp'/></iq>"
         );
     }
-    let dir = first.data_dir();
     first.stop();
 
-    let second = TestNode::builder().data_dir(dir).start();
+    let second = restart();
     let mut j = login(&second, "juliet", "balcony").await;
     let me = "juliet@localhost/balcony";
     // The cached version is still current...

@@ -198,6 +198,18 @@ pub(crate) fn encode_blocklist(jids: &[String]) -> Result<Vec<u8>, StorageError>
     Ok(out)
 }
 
+/// The stored form of a blocklist: sorted by byte order without duplicates, and no
+/// record at all (`None`) when empty, so clearing a list leaves nothing behind.
+pub(crate) fn encode_blocklist_record(jids: &[String]) -> Result<Option<Vec<u8>>, StorageError> {
+    let mut jids = jids.to_vec();
+    jids.sort_unstable();
+    jids.dedup();
+    if jids.is_empty() {
+        return Ok(None);
+    }
+    encode_blocklist(&jids).map(Some)
+}
+
 pub(crate) fn decode_blocklist(record: &str, bytes: &[u8]) -> Result<Vec<String>, StorageError> {
     decode(record, bytes, "blocklist", BLOCKLIST_V1, |r| {
         let count = r.u32()?;

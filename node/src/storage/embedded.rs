@@ -25,7 +25,7 @@ use shoal_xmpp::sasl::StoredCredentials;
 
 use super::codec::{
     decode_blocklist, decode_counter, decode_credentials, decode_last_activity, decode_offline,
-    decode_roster_item, decode_text, encode_blocklist, encode_counter, encode_credentials,
+    decode_roster_item, decode_text, encode_blocklist_record, encode_counter, encode_credentials,
     encode_last_activity, encode_offline, encode_roster_item, encode_text,
 };
 use super::committer::Committer;
@@ -621,15 +621,7 @@ impl UserDataStore for EmbeddedStore {
     }
 
     async fn set_blocklist(&self, user: &str, jids: &[String]) -> Result<(), StorageError> {
-        let mut jids = jids.to_vec();
-        jids.sort_unstable();
-        jids.dedup();
-        // An empty list is no record at all, so clearing it leaves nothing behind.
-        let bytes = if jids.is_empty() {
-            None
-        } else {
-            Some(encode_blocklist(&jids)?)
-        };
+        let bytes = encode_blocklist_record(jids)?;
         let user = user.to_owned();
         self.write(move |txn| write_user_record(txn, BLOCKLISTS, &user, bytes.as_deref()))
             .await
@@ -693,68 +685,9 @@ mod tests {
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shoal.redb");
-        let (m2_seq, drained_seq) = {
-            let store = EmbeddedStore::open(&path).unwrap();
-            store
-                .create_account("alice@example.org", &conformance::creds("a"))
-                .await
-                .unwrap();
-            store
-                .create_account("bob@example.org", &conformance::creds("b"))
-                .await
-                .unwrap();
-            assert!(store.delete_account("bob@example.org").await.unwrap());
-
-            let storage = Storage::from_backend(Arc::new(store));
-            conformance::fill(&storage, "fred@example.org").await;
-            // A drained queue must still remember its last seq after the restart.
-            let offline = &storage.offline;
-            assert!(
-                offline
-                    .push("gil@example.org", "<m/>", 1, 10)
-                    .await
-                    .unwrap()
-            );
-            let drained_seq = offline.fetch("gil@example.org").await.unwrap()[0].seq;
-            offline
-                .remove_through("gil@example.org", drained_seq)
-                .await
-                .unwrap();
-            let m2_seq = offline.fetch("fred@example.org").await.unwrap()[1].seq;
-            (m2_seq, drained_seq)
-        };
-
+        let written = conformance::before_restart(&storage(&path)).await;
         let storage = storage(&path);
-        assert_eq!(
-            storage.accounts.list_accounts().await.unwrap(),
-            ["alice@example.org", "fred@example.org"]
-        );
-        let creds = storage.accounts.credentials("alice@example.org").await;
-        assert_eq!(creds.unwrap(), Some(conformance::creds("a")));
-        conformance::check_filled(&storage, "fred@example.org").await;
-
-        // Counters carry on from where they were, not from zero.
-        let item = RosterItem {
-            jid: "new@example.org".to_owned(),
-            ..RosterItem::default()
-        };
-        let version = storage.rosters.put_item("fred@example.org", &item).await;
-        assert_eq!(version.unwrap(), 4);
-        let offline = &storage.offline;
-        assert!(
-            offline
-                .push("fred@example.org", "<m3/>", 3, 10)
-                .await
-                .unwrap()
-        );
-        assert!(offline.fetch("fred@example.org").await.unwrap()[2].seq > m2_seq);
-        assert!(
-            offline
-                .push("gil@example.org", "<n/>", 2, 10)
-                .await
-                .unwrap()
-        );
-        assert!(offline.fetch("gil@example.org").await.unwrap()[0].seq > drained_seq);
+        conformance::after_restart(&storage, written).await;
 
         assert!(storage.delete_user("fred@example.org").await.unwrap());
         drop(storage);

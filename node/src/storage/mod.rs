@@ -1,18 +1,20 @@
 //! Persistent state behind one trait family, with interchangeable backends: in-memory
-//! (tests, throwaway nodes) and an embedded redb file (the single-node default).
+//! (tests, throwaway nodes), an embedded redb file (the single-node default) and Redis
+//! (shared by the nodes of a cluster).
 //!
 //! This module owns the storage traits, their error type, the on-disk record encoding
 //! and the choice of backend from [`StorageConfig`]. It must never store a password:
 //! accounts hold salted SCRAM keys only. It knows nothing of sessions, routing or the
 //! wire protocol; callers pass bare JIDs as plain strings and get typed records back.
 //!
-//! Every trait is object-safe and used as `Arc<dyn …>`, so a node, a test and a future
-//! Redis backend all hand the same shapes to the rest of the server.
+//! Every trait is object-safe and used as `Arc<dyn …>`, so every backend hands the same
+//! shapes to the rest of the server.
 
 mod codec;
 mod committer;
 mod embedded;
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ use shoal_xmpp::sasl::StoredCredentials;
 use crate::config::{StorageBackend, StorageConfig};
 use crate::model::{OfflineMessage, Roster, RosterItem, UserData};
 
+pub use self::redis::RedisStore;
 pub use embedded::EmbeddedStore;
 pub use memory::MemoryStore;
 
@@ -217,12 +220,18 @@ impl Storage {
 }
 
 /// Opens the backend `cfg` selects. The embedded backend creates its file (and parent
-/// directories) on first use; this blocks briefly, so call it at startup.
-pub fn open(cfg: &StorageConfig) -> Result<Storage, StorageError> {
+/// directories) on first use, blocking briefly; the Redis backend connects and checks
+/// the server answers, failing within a few seconds when it does not. Call it at
+/// startup, inside a tokio runtime (the Redis connection's task runs on it).
+pub async fn open(cfg: &StorageConfig) -> Result<Storage, StorageError> {
     match cfg.backend {
         StorageBackend::Memory => Ok(Storage::from_backend(Arc::new(MemoryStore::new()))),
         StorageBackend::Embedded => {
             let store = EmbeddedStore::open(&cfg.path)?;
+            Ok(Storage::from_backend(Arc::new(store)))
+        }
+        StorageBackend::Redis => {
+            let store = RedisStore::connect(&cfg.redis_url, &cfg.redis_key_prefix).await?;
             Ok(Storage::from_backend(Arc::new(store)))
         }
     }
@@ -721,6 +730,76 @@ pub(crate) mod conformance {
         assert_eq!(loaded.roster, Roster::default());
     }
 
+    /// What [`before_restart`] wrote that [`after_restart`] needs to know.
+    pub(crate) struct Written {
+        m2_seq: u64,
+        drained_seq: u64,
+    }
+
+    /// Writes what a durable backend must still hold after a restart (of the process
+    /// or of the server behind it): accounts, one deleted, a [`fill`]ed user, and a
+    /// drained offline queue whose last seq must not be forgotten.
+    pub(crate) async fn before_restart(storage: &Storage) -> Written {
+        let accounts = &storage.accounts;
+        for user in ["alice@example.org", "bob@example.org"] {
+            accounts.create_account(user, &creds(user)).await.unwrap();
+        }
+        assert!(accounts.delete_account("bob@example.org").await.unwrap());
+        fill(storage, "fred@example.org").await;
+        let offline = &storage.offline;
+        assert!(
+            offline
+                .push("gil@example.org", "<m/>", 1, 10)
+                .await
+                .unwrap()
+        );
+        let drained_seq = offline.fetch("gil@example.org").await.unwrap()[0].seq;
+        offline
+            .remove_through("gil@example.org", drained_seq)
+            .await
+            .unwrap();
+        let m2_seq = offline.fetch("fred@example.org").await.unwrap()[1].seq;
+        Written {
+            m2_seq,
+            drained_seq,
+        }
+    }
+
+    /// Checks what [`before_restart`] wrote is all there, and that counters carry on
+    /// from where they were, not from zero.
+    pub(crate) async fn after_restart(storage: &Storage, written: Written) {
+        assert_eq!(
+            storage.accounts.list_accounts().await.unwrap(),
+            ["alice@example.org", "fred@example.org"]
+        );
+        let got = storage.accounts.credentials("alice@example.org").await;
+        assert_eq!(got.unwrap(), Some(creds("alice@example.org")));
+        check_filled(storage, "fred@example.org").await;
+
+        let item = RosterItem {
+            jid: "new@example.org".to_owned(),
+            ..RosterItem::default()
+        };
+        let version = storage.rosters.put_item("fred@example.org", &item).await;
+        assert_eq!(version.unwrap(), 4);
+        let offline = &storage.offline;
+        assert!(
+            offline
+                .push("fred@example.org", "<m3/>", 3, 10)
+                .await
+                .unwrap()
+        );
+        assert!(offline.fetch("fred@example.org").await.unwrap()[2].seq > written.m2_seq);
+        assert!(
+            offline
+                .push("gil@example.org", "<n/>", 2, 10)
+                .await
+                .unwrap()
+        );
+        let gil = offline.fetch("gil@example.org").await.unwrap();
+        assert!(gil[0].seq > written.drained_seq);
+    }
+
     pub(crate) async fn delete_user(storage: &Storage) {
         let user = "dora@example.org";
         // Neighbours in key order must survive the range deletes.
@@ -766,23 +845,69 @@ mod tests {
         assert_ne!(a.sha256.salt, b.sha256.salt);
     }
 
+    fn config(backend: StorageBackend, path: PathBuf, redis_url: String) -> StorageConfig {
+        StorageConfig {
+            backend,
+            path,
+            redis_url,
+            redis_key_prefix: "test:".to_owned(),
+        }
+    }
+
     #[tokio::test]
     async fn open_selects_backend() {
-        let storage = open(&StorageConfig {
-            backend: StorageBackend::Memory,
-            path: PathBuf::from("/nonexistent/unused.redb"),
-        })
-        .unwrap();
-        conformance::all(&storage).await;
+        let unused_url = "redis://127.0.0.1:1/".to_owned();
+        let unused_path = PathBuf::from("/nonexistent/unused.redb");
+        let cfg = config(
+            StorageBackend::Memory,
+            unused_path.clone(),
+            unused_url.clone(),
+        );
+        conformance::all(&open(&cfg).await.unwrap()).await;
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/dir/shoal.redb");
-        let storage = open(&StorageConfig {
-            backend: StorageBackend::Embedded,
-            path: path.clone(),
-        })
-        .unwrap();
-        conformance::all(&storage).await;
+        let cfg = config(StorageBackend::Embedded, path.clone(), unused_url);
+        conformance::all(&open(&cfg).await.unwrap()).await;
         assert!(path.exists());
+
+        let server = crate::testing::RedisServer::start();
+        let cfg = config(StorageBackend::Redis, unused_path, server.url());
+        let storage = open(&cfg).await.unwrap();
+        conformance::all(&storage).await;
+        // The configured prefix is the one used.
+        let client = ::redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let accounts: usize = ::redis::cmd("HLEN")
+            .arg("test:accounts")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let listed = storage.accounts.list_accounts().await.unwrap();
+        assert!(!listed.is_empty());
+        assert_eq!(accounts, listed.len());
+    }
+
+    #[tokio::test]
+    async fn unreachable_redis_is_a_clear_error() {
+        // A port that was free a moment ago: nothing answers there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let url = format!("redis://:secret@127.0.0.1:{port}/");
+        let cfg = config(StorageBackend::Redis, PathBuf::new(), url);
+        let started = std::time::Instant::now();
+        let err = open(&cfg).await.err().expect("no server there").to_string();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            err.contains(&format!("redis connect on 127.0.0.1:{port}")),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
     }
 }
