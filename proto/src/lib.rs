@@ -6,6 +6,10 @@
 //! written in the header of the `.proto` file; [`negotiate`] is the one place that
 //! applies the version rule, so both ends of a stream decide the same way.
 
+/// Re-exported so users of the generated messages (`Message::encoded_len`, decoding)
+/// build against the same prost as the generated code.
+pub use prost;
+
 /// Generated code for package `shoal.cluster.v1`.
 pub mod v1 {
     #![allow(

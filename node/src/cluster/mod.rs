@@ -3,3 +3,5 @@
 //! Redis holds membership, shard leases and the session directory; nodes forward
 //! stanzas to each other over one ordered gRPC stream per peer pair. Nothing here is on
 //! a single node's path.
+
+pub mod forward;
