@@ -47,6 +47,11 @@ use crate::metrics::{ForwardDropReason, Metrics, PeerMetrics, PeerState};
 /// room for those and still bounds what one peer can make us allocate.
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+/// How many distinct sending nodes a receiver remembers (for resuming their streams).
+/// Far above any real cluster; it only stops a peer that says hello under ever new
+/// names from growing the map without bound.
+const MAX_SENDERS: usize = 1024;
+
 // ---------------------------------------------------------------------------------
 // Receiving side
 // ---------------------------------------------------------------------------------
@@ -179,7 +184,16 @@ impl Cluster for Receiver {
                     Status::failed_precondition(e.to_string())
                 })?;
 
-        let sender = self.senders.lock().entry(from.clone()).or_default().clone();
+        let sender = {
+            let mut senders = self.senders.lock();
+            // Bounded: one entry per sending node name, and a cluster has a handful.
+            // Names past the bound are refused rather than remembered.
+            if senders.len() >= MAX_SENDERS && !senders.contains_key(&from) {
+                warn!(peer = %from, "refused a cluster stream: too many sending nodes");
+                return Err(Status::resource_exhausted("too many sending nodes"));
+            }
+            senders.entry(from.clone()).or_default().clone()
+        };
         let (generation, resume_after) = {
             let mut state = sender.lock();
             if state.incarnation != hello.incarnation {
@@ -338,7 +352,8 @@ impl GrpcForwarder {
         }
     }
 
-    /// Starts (or keeps) the link to `peer` at `addr`. A known peer at a new address
+    /// Starts (or keeps) the link to `peer` at `addr` (must be called on a tokio
+    /// runtime: the link is a task). A known peer at a new address
     /// gets a new link; what the old one still held is counted as dropped.
     pub fn add_peer(&self, peer: NodeId, addr: SocketAddr) {
         let side = &self.inner;
