@@ -629,3 +629,39 @@ async fn grpc_full_queue_is_reported_while_the_peer_is_down() {
     assert!(a.peer_status(&node("b")).is_none());
     a.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_newer_stream_from_a_sender_supersedes_the_old_one() {
+    // A sender reconnects while its old connection still lingers (a half-open TCP
+    // connection, say): the old stream must stop delivering, so no seq is handed over
+    // twice or out of order.
+    let (b_end, b_got) = endpoint(loopback(), "b", &fast_config()).await;
+    let addr = b_end.local_addr();
+    let frame = |i| stamp(mixed(i));
+
+    let (old_tx, old_inbound) = raw_stream(addr, hello("a", 1, 1, 7)).await;
+    let mut old_inbound = old_inbound.unwrap();
+    assert!(matches!(
+        next(&mut old_inbound).await,
+        receiver_message::Kind::Welcome(_)
+    ));
+    old_tx.send(batch(1, vec![frame(0)])).await.unwrap();
+    b_got.wait_for(1, WAIT).await;
+
+    let (new_tx, new_inbound) = raw_stream(addr, hello("a", 1, 1, 7)).await;
+    let receiver_message::Kind::Welcome(welcome) = next(&mut new_inbound.unwrap()).await else {
+        panic!("expected a welcome");
+    };
+    assert_eq!(welcome.resume_after, 1);
+    // The old stream's next batch is not delivered, and the old stream ends.
+    old_tx.send(batch(2, vec![frame(100)])).await.unwrap();
+    let ended = tokio::time::timeout(WAIT, async {
+        // Acks may still come; the stream's end (or failure) is what counts.
+        while let Ok(Some(_)) = old_inbound.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the superseded stream did not end");
+    new_tx.send(batch(2, vec![frame(1)])).await.unwrap();
+    b_got.wait_for(2, WAIT).await;
+    assert_eq!(b_got.indices_from(&node("a")), vec![0, 1]);
+}
