@@ -8,9 +8,9 @@
 //! one batch, keeps at most a window of unacknowledged batches, and when the stream
 //! breaks reconnects with exponential backoff and resends the batches the receiver has
 //! not acknowledged (the receiver skips any it had already handed over), so a
-//! reconnect neither loses nor reorders frames. Only a receiver that restarted may see
-//! a batch twice: it lost the memory of what it handed over along with everything
-//! else.
+//! reconnect neither loses nor reorders frames. Only across a restart of the receiver
+//! can a batch be handed over twice (by the old process, whose ack was lost, and again
+//! by the new one): the new process has no memory of what the old one handed over.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -64,8 +64,10 @@ pub struct ClusterEndpoint {
 }
 
 impl ClusterEndpoint {
-    /// Binds `addr` (configuration key `cluster.listen`, default `0.0.0.0:7070`) and
-    /// serves the `Cluster` service, handing received frames to `handler`.
+    /// Binds `addr` and serves the `Cluster` service, handing received frames to
+    /// `handler`. `addr` is for the configuration to supply once this is wired into
+    /// `server::run` (intended key `cluster.listen`, default `0.0.0.0:7070`, see
+    /// [`DEFAULT_PORT`](super::DEFAULT_PORT)).
     pub async fn bind(
         addr: SocketAddr,
         node: NodeId,
