@@ -6,12 +6,21 @@
 //! compile time. This module must never accept a JID, domain, IP address or any other
 //! peer-supplied string as a label value, and no other module may call the `metrics`
 //! macros directly.
+//!
+//! The one label that is not an enum is `peer` on the cluster forwarding metrics: a
+//! node id, which is a cluster member's name, validated by
+//! [`NodeId`](crate::cluster::forward::NodeId) (short, `[A-Za-z0-9._-]`). Cluster size
+//! bounds those series, and [`MAX_PEER_LABELS`] caps them in case a misconfigured or
+//! hostile peer keeps saying hello under new names: past the cap, peers share the
+//! `peer="other"` series.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use parking_lot::Mutex;
 
 const C2S_CONNECTIONS: &str = "shoal_c2s_connections";
 const C2S_ACCEPTED: &str = "shoal_c2s_connections_accepted_total";
@@ -26,6 +35,22 @@ const SLOW_CONSUMER_DISCONNECTS: &str = "shoal_slow_consumer_disconnects_total";
 const STREAM_ERRORS: &str = "shoal_stream_errors_total";
 const SESSIONS: &str = "shoal_sessions";
 const REGISTRATIONS: &str = "shoal_registrations_total";
+const FORWARDS_SENT: &str = "shoal_cluster_forwards_sent_total";
+const FORWARDS_RECEIVED: &str = "shoal_cluster_forwards_received_total";
+const FORWARDS_DROPPED: &str = "shoal_cluster_forwards_dropped_total";
+const FORWARDS_UNKNOWN_KIND: &str = "shoal_cluster_forwards_unknown_kind_total";
+const FORWARD_BATCH_FRAMES: &str = "shoal_cluster_forward_batch_frames";
+const FORWARD_LATENCY: &str = "shoal_cluster_forward_latency_seconds";
+const PEER_STATE: &str = "shoal_cluster_peer_state";
+
+/// How many distinct `peer` label values the forwarding metrics take before further
+/// peers share `peer="other"`. Far above any real cluster; only there so that peer
+/// names arriving in hellos cannot grow the registry without bound.
+pub const MAX_PEER_LABELS: usize = 256;
+
+/// The `peer` value shared by peers past [`MAX_PEER_LABELS`] and by frames for a node
+/// that is not a known peer.
+const OTHER_PEER: &str = "other";
 
 /// Routing latency buckets, 50µs to 5s. A local hop is tens of microseconds and a
 /// cross-node hop about a millisecond; anything past a second means a stuck mailbox, so
@@ -34,6 +59,11 @@ const ROUTING_LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0,
 ];
+
+/// Frames per forward batch: powers of two up to the writer's default bound of 256 and
+/// one past it, so both "one frame per write" (idle) and "full batches" (saturated)
+/// stand out.
+const FORWARD_BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 /// Declares a label enum with its wire spelling and the list of all variants, so every
 /// combination can be registered (and exported as zero) before it first happens.
@@ -104,6 +134,36 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why a frame for another node was not delivered (`reason` label).
+    ForwardDropReason {
+        /// The per-peer queue was full; the caller was told and bounces the stanza.
+        QueueFull => "queue_full",
+        /// The frame named a node that is not a known peer.
+        UnknownPeer => "unknown_peer",
+        /// The forwarder or the peer link shut down with the frame still queued.
+        Shutdown => "shutdown",
+        /// Dropped on purpose by a test fault filter (in-memory forwarder only).
+        Injected => "injected",
+    }
+}
+
+label_enum! {
+    /// State of the outgoing stream to a peer (`state` label of `shoal_cluster_peer_state`,
+    /// exactly one of which is 1 per peer).
+    PeerState {
+        /// Dialling, or waiting for the peer's welcome.
+        Connecting => "connecting",
+        /// The stream is open and frames flow.
+        Connected => "connected",
+        /// The last attempt failed; waiting out the backoff before the next.
+        Backoff => "backoff",
+        /// The peer refused our protocol version (or we refused its); retried slowly,
+        /// since only an upgrade of one side fixes it.
+        Refused => "refused",
+    }
+}
+
+label_enum! {
     /// Stream error condition sent to a peer (`condition` label, RFC 6120 §4.9.3).
     /// Conditions that Shoal sends rarely enough not to need their own series are
     /// reported as `Other`.
@@ -160,7 +220,17 @@ pub fn install_recorder() -> PrometheusHandle {
                     ROUTING_LATENCY_BUCKETS,
                 )
                 // Only fails for an empty bucket list, which the constant is not.
-                .expect("routing latency buckets are non-empty");
+                .expect("routing latency buckets are non-empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(FORWARD_LATENCY.to_owned()),
+                    ROUTING_LATENCY_BUCKETS,
+                )
+                .expect("forward latency buckets are non-empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(FORWARD_BATCH_FRAMES.to_owned()),
+                    FORWARD_BATCH_BUCKETS,
+                )
+                .expect("forward batch buckets are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if let Err(error) = metrics::set_global_recorder(recorder) {
@@ -213,6 +283,36 @@ fn describe() {
         REGISTRATIONS,
         "In-band account registrations (XEP-0077), by result."
     );
+    describe_counter!(
+        FORWARDS_SENT,
+        "Frames written to the stream to another node, by peer."
+    );
+    describe_counter!(
+        FORWARDS_RECEIVED,
+        "Frames received from another node and handed to the router, by peer."
+    );
+    describe_counter!(
+        FORWARDS_DROPPED,
+        "Frames for another node that were not delivered, by peer and reason."
+    );
+    describe_counter!(
+        FORWARDS_UNKNOWN_KIND,
+        "Frames of a kind this node does not know (sent by a newer node), skipped, by peer."
+    );
+    describe_histogram!(
+        FORWARD_BATCH_FRAMES,
+        Unit::Count,
+        "Frames per batch written to another node."
+    );
+    describe_histogram!(
+        FORWARD_LATENCY,
+        Unit::Seconds,
+        "Time from a frame being queued for another node to that node receiving it (clocks of both nodes)."
+    );
+    describe_gauge!(
+        PEER_STATE,
+        "State of the outgoing stream to each peer: 1 for the current state, 0 for the others."
+    );
 }
 
 /// Pre-registered handles for every metric. Build once with [`Metrics::new`] and clone
@@ -237,6 +337,10 @@ struct Inner {
     stream_errors: Vec<Counter>,
     sessions: Gauge,
     registrations: Vec<Counter>,
+    forward_batch_frames: Histogram,
+    forward_latency: Histogram,
+    /// Per-peer handles, registered on a peer's first use and kept for the process.
+    peers: Mutex<HashMap<String, PeerMetrics>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -304,6 +408,9 @@ impl Metrics {
                     RegistrationResult::ALL,
                     |r| metrics::counter!(REGISTRATIONS, "result" => r.as_str()),
                 ),
+                forward_batch_frames: metrics::histogram!(FORWARD_BATCH_FRAMES),
+                forward_latency: metrics::histogram!(FORWARD_LATENCY),
+                peers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -361,12 +468,114 @@ impl Metrics {
         self.inner.registrations[result as usize].increment(1);
     }
 
+    /// The forwarding metrics of one peer, registered on first use. `node` must be a
+    /// validated node id (see the module comment); callers look this up once per peer
+    /// link or stream, not per frame.
+    pub fn cluster_peer(&self, node: &str) -> PeerMetrics {
+        let mut peers = self.inner.peers.lock();
+        if let Some(peer) = peers.get(node) {
+            return peer.clone();
+        }
+        let label = if peers.len() < MAX_PEER_LABELS {
+            node
+        } else {
+            OTHER_PEER
+        };
+        let peer = PeerMetrics::register(label);
+        peers.insert(label.to_owned(), peer.clone());
+        peer
+    }
+
+    /// The series for frames addressed to a node that is not a known peer.
+    pub fn cluster_unknown_peer(&self) -> PeerMetrics {
+        self.cluster_peer(OTHER_PEER)
+    }
+
+    /// Records how many frames one write to a peer carried.
+    pub fn forward_batch(&self, frames: usize) {
+        self.inner.forward_batch_frames.record(frames as f64);
+    }
+
+    /// Records the time from a frame being queued on the sending node to it arriving
+    /// here. The two timestamps come from two clocks; a negative difference (skew) is
+    /// recorded as zero rather than dropped, so the count stays the received count.
+    pub fn forward_latency(&self, elapsed: Duration) {
+        self.inner.forward_latency.record(elapsed.as_secs_f64());
+    }
+
     /// Counts a bound resource until the returned guard is dropped.
     #[must_use = "the session is counted only while the guard lives"]
     pub fn session_bound(&self) -> SessionGuard {
         let gauge = self.inner.sessions.clone();
         gauge.increment(1.0);
         SessionGuard { gauge }
+    }
+}
+
+/// The forwarding metrics of one peer. Cheap to clone; every handle is registered.
+#[derive(Clone)]
+pub struct PeerMetrics {
+    inner: Arc<PeerInner>,
+}
+
+struct PeerInner {
+    sent: Counter,
+    received: Counter,
+    unknown_kind: Counter,
+    dropped: Vec<Counter>,
+    state: Vec<Gauge>,
+}
+
+impl std::fmt::Debug for PeerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerMetrics").finish_non_exhaustive()
+    }
+}
+
+impl PeerMetrics {
+    fn register(peer: &str) -> Self {
+        let peer = peer.to_owned();
+        Self {
+            inner: Arc::new(PeerInner {
+                sent: metrics::counter!(FORWARDS_SENT, "peer" => peer.clone()),
+                received: metrics::counter!(FORWARDS_RECEIVED, "peer" => peer.clone()),
+                unknown_kind: metrics::counter!(FORWARDS_UNKNOWN_KIND, "peer" => peer.clone()),
+                dropped: per_label(
+                    ForwardDropReason::ALL,
+                    |r| metrics::counter!(FORWARDS_DROPPED, "peer" => peer.clone(), "reason" => r.as_str()),
+                ),
+                state: per_label(
+                    PeerState::ALL,
+                    |s| metrics::gauge!(PEER_STATE, "peer" => peer.clone(), "state" => s.as_str()),
+                ),
+            }),
+        }
+    }
+
+    /// Frames written to the peer (each frame once, not again when resent).
+    pub fn sent(&self, frames: usize) {
+        self.inner.sent.increment(frames as u64);
+    }
+
+    /// Frames received from the peer and handed over.
+    pub fn received(&self, frames: usize) {
+        self.inner.received.increment(frames as u64);
+    }
+
+    /// A received frame of a kind this build does not know, skipped.
+    pub fn unknown_kind(&self) {
+        self.inner.unknown_kind.increment(1);
+    }
+
+    pub fn dropped(&self, reason: ForwardDropReason, frames: usize) {
+        self.inner.dropped[reason as usize].increment(frames as u64);
+    }
+
+    /// Sets the one-hot state gauge: 1 for `state`, 0 for the others.
+    pub fn state(&self, state: PeerState) {
+        for (i, gauge) in self.inner.state.iter().enumerate() {
+            gauge.set(if i == state as usize { 1.0 } else { 0.0 });
+        }
     }
 }
 
@@ -422,6 +631,20 @@ mod tests {
     }
 
     #[test]
+    fn peer_labels_are_capped() {
+        let metrics = Metrics::new();
+        for i in 0..MAX_PEER_LABELS + 10 {
+            metrics.cluster_peer(&format!("cap-test-{i}"));
+        }
+        // The first MAX_PEER_LABELS names got their own series, the rest share one.
+        assert_eq!(metrics.inner.peers.lock().len(), MAX_PEER_LABELS + 1);
+        assert!(metrics.inner.peers.lock().contains_key(OTHER_PEER));
+        // A name seen before keeps its handles.
+        metrics.cluster_peer("cap-test-0");
+        assert_eq!(metrics.inner.peers.lock().len(), MAX_PEER_LABELS + 1);
+    }
+
+    #[test]
     fn render_contains_names_and_labels() {
         let handle = install_recorder();
         let metrics = Metrics::new();
@@ -445,6 +668,14 @@ mod tests {
         metrics.stream_error(StreamErrorCondition::NotWellFormed);
         metrics.registration(RegistrationResult::Conflict);
         let session = metrics.clone().session_bound();
+        let peer = metrics.cluster_peer("node-b");
+        peer.sent(3);
+        peer.received(2);
+        peer.unknown_kind();
+        peer.dropped(ForwardDropReason::QueueFull, 1);
+        peer.state(PeerState::Connected);
+        metrics.forward_batch(3);
+        metrics.forward_latency(Duration::from_micros(900));
 
         let rendered = again.render();
         for expected in [
@@ -469,6 +700,15 @@ mod tests {
             "shoal_routing_latency_seconds_count",
             "# HELP shoal_stream_errors_total Stream errors sent, by condition.",
             "# TYPE shoal_routing_latency_seconds histogram",
+            r#"shoal_cluster_forwards_sent_total{peer="node-b"}"#,
+            r#"shoal_cluster_forwards_received_total{peer="node-b"}"#,
+            r#"shoal_cluster_forwards_unknown_kind_total{peer="node-b"}"#,
+            r#"shoal_cluster_forwards_dropped_total{peer="node-b",reason="queue_full"}"#,
+            r#"shoal_cluster_forwards_dropped_total{peer="node-b",reason="shutdown"}"#,
+            r#"shoal_cluster_peer_state{peer="node-b",state="connected"} 1"#,
+            r#"shoal_cluster_peer_state{peer="node-b",state="backoff"} 0"#,
+            r#"shoal_cluster_forward_batch_frames_bucket{le="4"}"#,
+            r#"shoal_cluster_forward_latency_seconds_bucket{le="0.001"}"#,
         ] {
             assert!(
                 rendered.contains(expected),
