@@ -468,7 +468,12 @@ mod tests {
             ],
             "b1 runs during a1, a2 waits for a1, b2 waits for the barrier"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        for _ in 0..200 {
+            if log.lock().len() == 8 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(log.lock()[6..], ["start b2", "end b2"]);
         assert!(!queue.is_congested());
     }

@@ -55,15 +55,7 @@ impl Collector {
 
     /// Waits until at least `n` frames arrived; fails the test after `within`.
     async fn wait_for(&self, n: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {n} frames, have {}",
-                self.len()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(&format!("{n} frames"), within, || self.len() >= n).await;
     }
 }
 
