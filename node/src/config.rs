@@ -187,6 +187,27 @@ pub struct ClusterConfig {
     /// `cluster.shard_hosts`, default 0 = one per CPU core: how many shard-host tasks run
     /// the shards on this node. Use [`ClusterConfig::effective_shard_hosts`].
     pub shard_hosts: usize,
+    /// `cluster.enabled`, default `false`: run as one node of a cluster. Off by default
+    /// so a single node needs nothing but itself; on, it needs `storage.backend =
+    /// "redis"` (every node must see the same data) and coordinates through that same
+    /// Redis server (`storage.redis_url`, keys under `storage.redis_key_prefix`).
+    pub enabled: bool,
+    /// `cluster.node_id`, required when the cluster is enabled: this node's stable name,
+    /// 1 to 64 characters from `A-Z a-z 0-9 . _ -` (a StatefulSet pod name fits). Stable
+    /// across restarts, so a restarted node is recognised and its old sessions purged.
+    pub node_id: String,
+    /// `cluster.listen`, default `0.0.0.0:7070`: where the node-to-node gRPC endpoint
+    /// listens.
+    pub listen: SocketAddr,
+    /// `cluster.endpoint`, default: `cluster.listen` when it names a specific address,
+    /// else required: `host:port` the other nodes dial to reach this one (a pod's
+    /// headless-service name, for example), announced through Redis.
+    pub endpoint: String,
+    /// `cluster.lease_ttl_ms`, default 6000 ms, allowed 300..=60000: how long a shard
+    /// lease lasts without renewal (renewed every third of it). It is how long the
+    /// shards of a node that died stay unserved, against how many Redis round trips a
+    /// healthy node spends renewing: 6 s fails over well inside client reconnect times.
+    pub lease_ttl: Duration,
 }
 
 /// `[shutdown]`
@@ -380,10 +401,18 @@ fn read_config(r: &mut Reader) -> Config {
         bind: r.get("admin.bind", Some(SocketAddr::from(([127, 0, 0, 1], 9090)))),
     };
 
-    let cluster = ClusterConfig {
+    let mut cluster = ClusterConfig {
         shards: r.get_in("cluster.shards", 1024, 16..=65_536),
         shard_hosts: r.get("cluster.shard_hosts", 0),
+        enabled: r.get("cluster.enabled", false),
+        node_id: r.get("cluster.node_id", String::new()),
+        listen: r.get("cluster.listen", SocketAddr::from(([0, 0, 0, 0], 7070))),
+        endpoint: r.get("cluster.endpoint", String::new()),
+        lease_ttl: Duration::from_millis(r.get_in("cluster.lease_ttl_ms", 6000, 300..=60_000)),
     };
+    if cluster.enabled {
+        check_cluster(r, &mut cluster, storage.backend);
+    }
     if !r.failed("cluster.shards") && !cluster.shards.is_power_of_two() {
         r.invalid(
             "cluster.shards",
@@ -406,6 +435,51 @@ fn read_config(r: &mut Reader) -> Config {
         cluster,
         shutdown,
     }
+}
+
+/// What cluster mode needs: Redis storage, a valid node id, an endpoint others can
+/// dial. Fills the endpoint from `cluster.listen` when that names a specific address.
+fn check_cluster(r: &mut Reader, cluster: &mut ClusterConfig, backend: StorageBackend) {
+    if backend != StorageBackend::Redis && !r.failed("storage.backend") {
+        r.invalid(
+            "cluster.enabled",
+            "requires storage.backend = \"redis\": every node must read and write the \
+             same data"
+                .to_owned(),
+        );
+    }
+    if cluster.node_id.is_empty() {
+        r.invalid(
+            "cluster.node_id",
+            "must be set when cluster.enabled is true".to_owned(),
+        );
+    } else if let Err(e) = crate::cluster::forward::NodeId::new(&cluster.node_id) {
+        r.invalid("cluster.node_id", e.to_string());
+    }
+    if cluster.endpoint.is_empty() {
+        if cluster.listen.ip().is_unspecified() {
+            r.invalid(
+                "cluster.endpoint",
+                format!(
+                    "must be set when cluster.listen ({}) does not name one address: \
+                     give the host:port other nodes dial",
+                    cluster.listen
+                ),
+            );
+        } else {
+            cluster.endpoint = cluster.listen.to_string();
+        }
+    } else if !valid_endpoint(&cluster.endpoint) {
+        let reason = format!("{:?} is not host:port", cluster.endpoint);
+        r.invalid("cluster.endpoint", reason);
+    }
+}
+
+/// `host:port` with a non-empty host without spaces and a port number.
+fn valid_endpoint(endpoint: &str) -> bool {
+    endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    })
 }
 
 /// The checks a served domain must pass (RFC 7622 §3.2, without IDNA processing).
@@ -988,6 +1062,85 @@ mod tests {
             env(&[("SHOAL_STORAGE_REDIS_URL", "redis+unix:///run/redis.sock")]),
         );
         assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn cluster_keys() {
+        let c = Config::default();
+        assert!(!c.cluster.enabled);
+        assert_eq!(c.cluster.lease_ttl, Duration::from_secs(6));
+        let c = Config::load(
+            None,
+            env(&[
+                ("SHOAL_STORAGE_BACKEND", "redis"),
+                ("SHOAL_CLUSTER_ENABLED", "true"),
+                ("SHOAL_CLUSTER_NODE_ID", "shoal-0"),
+                ("SHOAL_CLUSTER_LISTEN", "127.0.0.2:7071"),
+                ("SHOAL_CLUSTER_LEASE_TTL_MS", "900"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.cluster.enabled);
+        assert_eq!(c.cluster.node_id, "shoal-0");
+        assert_eq!(c.cluster.endpoint, "127.0.0.2:7071", "defaults to listen");
+        assert_eq!(c.cluster.lease_ttl, Duration::from_millis(900));
+        let c = Config::load(
+            None,
+            env(&[
+                ("SHOAL_STORAGE_BACKEND", "redis"),
+                ("SHOAL_CLUSTER_ENABLED", "true"),
+                ("SHOAL_CLUSTER_NODE_ID", "shoal-1"),
+                ("SHOAL_CLUSTER_ENDPOINT", "shoal-1.shoal:7070"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.cluster.endpoint, "shoal-1.shoal:7070");
+        assert_eq!(c.cluster.listen, SocketAddr::from(([0, 0, 0, 0], 7070)));
+    }
+
+    #[test]
+    fn cluster_mode_errors_are_reported_together() {
+        let errors = load_err(
+            None,
+            &[
+                ("SHOAL_CLUSTER_ENABLED", "true"),
+                ("SHOAL_CLUSTER_NODE_ID", "node one"),
+                ("SHOAL_CLUSTER_LEASE_TTL_MS", "10"),
+            ],
+        );
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| match e {
+                ConfigError::Invalid { key, .. } => key.as_str(),
+                other => panic!("unexpected {other}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "cluster.lease_ttl_ms",
+                "cluster.enabled",
+                "cluster.node_id",
+                "cluster.endpoint"
+            ]
+        );
+        let text = ConfigErrors(errors).to_string();
+        assert!(
+            text.contains("requires storage.backend = \"redis\""),
+            "{text}"
+        );
+        assert!(text.contains("invalid node id"), "{text}");
+        let errors = load_err(
+            None,
+            &[
+                ("SHOAL_STORAGE_BACKEND", "redis"),
+                ("SHOAL_CLUSTER_ENABLED", "true"),
+                ("SHOAL_CLUSTER_NODE_ID", "a"),
+                ("SHOAL_CLUSTER_ENDPOINT", "no-port"),
+            ],
+        );
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("is not host:port"));
     }
 
     #[test]
