@@ -31,16 +31,22 @@ pub enum ReadyComponent {
     Listeners,
     /// The account/roster store is open.
     Storage,
+    /// Cluster mode: this node is a member and every shard has a live owner.
+    Cluster,
 }
 
 impl ReadyComponent {
-    pub const ALL: &'static [ReadyComponent] =
-        &[ReadyComponent::Listeners, ReadyComponent::Storage];
+    pub const ALL: &'static [ReadyComponent] = &[
+        ReadyComponent::Listeners,
+        ReadyComponent::Storage,
+        ReadyComponent::Cluster,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             ReadyComponent::Listeners => "listeners",
             ReadyComponent::Storage => "storage",
+            ReadyComponent::Cluster => "cluster",
         }
     }
 
@@ -64,18 +70,7 @@ struct HealthInner {
     ready: AtomicU8,
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Health {
-    /// Readiness requires every [`ReadyComponent`].
-    pub fn new() -> Self {
-        Self::requiring(ReadyComponent::ALL.iter().copied())
-    }
-
     /// Readiness requires only the given components (e.g. no Redis in single-node mode).
     pub fn requiring(components: impl IntoIterator<Item = ReadyComponent>) -> Self {
         let required = components.into_iter().fold(0, |bits, c| bits | c.bit());
@@ -218,7 +213,7 @@ mod tests {
 
     #[test]
     fn readiness_requires_every_required_component() {
-        let health = Health::new();
+        let health = Health::requiring([ReadyComponent::Listeners, ReadyComponent::Storage]);
         assert!(!health.is_ready());
         health.set_ready(ReadyComponent::Storage, true);
         assert_eq!(
@@ -240,7 +235,7 @@ mod tests {
         let metrics = crate::metrics::Metrics::new();
         metrics.stanza_in(crate::metrics::StanzaKind::Presence);
         let handle = crate::metrics::install_recorder();
-        let health = Health::new();
+        let health = Health::requiring([ReadyComponent::Listeners, ReadyComponent::Storage]);
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

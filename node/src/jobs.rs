@@ -27,7 +27,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::c2s::session::{Close, Deliver};
 use crate::metrics::Mailbox;
 use crate::router::Router;
 use crate::shard::SessionHandle;
@@ -301,12 +300,12 @@ pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
                 let (Some(reply), Some(session)) = (reply, &requester) else {
                     return;
                 };
-                let msg = Deliver {
-                    xml: Bytes::from(reply.to_xml()),
-                    kind: reply.kind,
-                    since,
-                };
-                if session.try_send(msg).is_err() {
+                let xml = Bytes::from(reply.to_xml());
+                if cx
+                    .router
+                    .send_to_session(session, &xml, reply.kind, since)
+                    .is_err()
+                {
                     cx.router.metrics().mailbox_drop(Mailbox::Connection);
                 }
             };
@@ -317,7 +316,8 @@ pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
                     // XEP-0077 §3.2: the server closes the streams of the removed
                     // account, after the answer to the one that asked.
                     for s in sessions {
-                        let _ = s.try_send(Close(StreamErrorCondition::NotAuthorized));
+                        cx.router
+                            .close_session(&s, StreamErrorCondition::NotAuthorized);
                     }
                 }
                 Err(e) => {
@@ -350,12 +350,12 @@ async fn deliver_offline(cx: &JobContext, user: &BareJid, session: &SessionHandl
             delivered = Some(m.seq);
             continue;
         };
-        let msg = Deliver {
-            xml: Bytes::from(stanza.to_xml()),
-            kind: stanza.kind,
-            since,
-        };
-        if session.try_send(msg).is_err() {
+        let xml = Bytes::from(stanza.to_xml());
+        if cx
+            .router
+            .send_to_session(session, &xml, stanza.kind, since)
+            .is_err()
+        {
             cx.router.metrics().mailbox_drop(Mailbox::Connection);
             break;
         }

@@ -10,14 +10,20 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use actix::Addr;
-use jid::{BareJid, Jid};
-use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
-use shoal_xmpp::stanza::Stanza;
+use bytes::Bytes;
+use jid::{BareJid, FullJid, Jid};
+use shoal_proto::v1;
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
+use shoal_xmpp::stanza::{Kind, Stanza};
 use tracing::debug;
 
+use crate::c2s::session::{Close, Deliver};
+use crate::cluster::forward::{ForwardError, FrameKind, NodeId};
+use crate::cluster::link::{self, ClusterLink, MAX_HOPS, Owner, ToOwner};
 use crate::metrics::{Mailbox, Metrics};
 use crate::server_iq::{self, ServerInfo};
-use crate::shard::{RouteToUser, ShardHost};
+use crate::shard::{Attached, Bind, BindReplyTo, RouteToUser, SessionHandle, ShardHost};
+use crate::user::{SessionId, UserShared};
 
 /// Which shard owns a bare JID. A stable hash (not std's, whose algorithm may change
 /// between Rust releases) so every node of a cluster computes the same owner.
@@ -32,6 +38,17 @@ struct Inner {
     hosts: OnceLock<Vec<Addr<ShardHost>>>,
     metrics: Metrics,
     info: ServerInfo,
+    /// Cluster mode: shard owners, peers, remote sessions.
+    cluster: Option<Arc<ClusterLink>>,
+}
+
+/// Why a stanza did not reach a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFail {
+    /// Its mailbox or its node's queue is full: bounce with `<resource-constraint/>`.
+    Full,
+    /// It is gone: forget it.
+    Gone,
 }
 
 /// Cheap to clone; one per node, shared by every actor.
@@ -42,6 +59,15 @@ pub struct Router {
 
 impl Router {
     pub fn new(domain: BareJid, shard_count: u32, metrics: Metrics) -> Self {
+        Self::with_cluster(domain, shard_count, metrics, None)
+    }
+
+    pub fn with_cluster(
+        domain: BareJid,
+        shard_count: u32,
+        metrics: Metrics,
+        cluster: Option<Arc<ClusterLink>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 domain,
@@ -51,8 +77,13 @@ impl Router {
                 info: ServerInfo {
                     started: Instant::now(),
                 },
+                cluster,
             }),
         }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
+        self.inner.cluster.as_ref()
     }
 
     /// Installs the shard hosts; called once at start.
@@ -79,11 +110,338 @@ impl Router {
             .unwrap_or_default()
     }
 
-    /// The shard host actor that owns `bare`.
+    /// The shard host actor on this node for `bare`'s shard.
     pub fn host_for(&self, bare: &BareJid) -> &Addr<ShardHost> {
         let hosts = self.hosts();
-        let shard = shard_of(bare, self.inner.shard_count) as usize;
+        let shard = self.shard(bare) as usize;
         &hosts[shard % hosts.len()]
+    }
+
+    pub fn shard(&self, bare: &BareJid) -> u32 {
+        shard_of(bare, self.inner.shard_count)
+    }
+
+    /// Who owns `bare`'s account now: always this node outside cluster mode.
+    pub fn owner_of(&self, bare: &BareJid) -> Owner {
+        match &self.inner.cluster {
+            None => Owner::Here,
+            Some(link) => link.owner(self.shard(bare)),
+        }
+    }
+
+    /// Whether this node owns `bare`'s account now (the receiver's re-check).
+    pub fn serves(&self, bare: &BareJid) -> bool {
+        self.owner_of(bare) == Owner::Here
+    }
+
+    /// Hands work for an account to its owner: a local shard host, a frame to the
+    /// owning node, or the park while the shard has no owner. Never waits; what cannot
+    /// be handed over is bounced (stanzas) or counted and logged (session events).
+    pub fn to_owner(&self, msg: ToOwner) {
+        let Some(user) = msg.user() else { return };
+        match self.owner_of(&user) {
+            Owner::Here => self.to_host(&user, msg),
+            Owner::Node(node) => self.forward_to_owner(&node, msg),
+            Owner::Unknown => {
+                let link = self.cluster().expect("only cluster mode has no owner");
+                if let Err(msg) = link.park(msg) {
+                    link::give_up(self, msg, "too much work waiting for a shard owner");
+                }
+            }
+        }
+    }
+
+    fn to_host(&self, user: &BareJid, msg: ToOwner) {
+        let host = self.host_for(user);
+        let refused = match msg {
+            ToOwner::Route(r, hops) => host
+                .try_send(r)
+                .map_err(|e| ToOwner::Route(e.into_inner(), hops)),
+            ToOwner::FromSession(f) => host
+                .try_send(f)
+                .map_err(|e| ToOwner::FromSession(e.into_inner())),
+            ToOwner::Unbind(u) => host
+                .try_send(u)
+                .map_err(|e| ToOwner::Unbind(e.into_inner())),
+            ToOwner::Gone(g) => host.try_send(g).map_err(|e| ToOwner::Gone(e.into_inner())),
+        };
+        if let Err(msg) = refused {
+            self.inner.metrics.mailbox_drop(Mailbox::Shard);
+            link::give_up(self, msg, "server overloaded, try again");
+        }
+    }
+
+    fn forward_to_owner(&self, node: &NodeId, msg: ToOwner) {
+        let link = self.cluster().expect("only cluster mode has other owners");
+        let frame = match &msg {
+            ToOwner::Route(_, hops) if *hops >= MAX_HOPS => {
+                return link::give_up(self, msg, "no route to the account's node");
+            }
+            ToOwner::Route(r, hops) => FrameKind::ToBare(v1::ToBareJid {
+                to: r
+                    .stanza
+                    .to
+                    .as_ref()
+                    .map(|t| t.to_bare().to_string())
+                    .unwrap_or_default(),
+                stanza: Bytes::from(r.stanza.to_xml()),
+                hops: hops + 1,
+            }),
+            ToOwner::FromSession(f) => FrameKind::FromSession(v1::FromSession {
+                from: f.from.to_string(),
+                kind: link::to_wire_kind(f.kind).into(),
+                stanza: Bytes::from(f.stanza.to_xml()),
+            }),
+            ToOwner::Unbind(u) => session_event(&u.jid, link.me(), u.id),
+            // Session id 0: whichever session of that full JID lived on that node.
+            ToOwner::Gone(g) => session_event(&g.jid, &g.node, 0),
+        };
+        if let Err(e) = link.forward(node, frame) {
+            link::give_up(self, msg, &forward_failure(e));
+        }
+    }
+
+    /// Binds a new session of this node: at the local shard host, or through the
+    /// owning node; refused with `<resource-constraint/>` while the shard has no owner.
+    pub fn bind(&self, bind: Bind) {
+        match self.owner_of(&bind.user) {
+            Owner::Here => self.bind_here(bind),
+            Owner::Node(node) => self
+                .cluster()
+                .expect("cluster mode")
+                .bind_remote(&node, bind),
+            Owner::Unknown => bind.reply.refuse(
+                self,
+                bind.id,
+                StanzaError::with_text(
+                    StanzaErrorCondition::ResourceConstraint,
+                    "the account is moving between nodes; try again",
+                ),
+            ),
+        }
+    }
+
+    /// Hands a bind to the local shard host.
+    pub fn bind_here(&self, bind: Bind) {
+        if let Err(e) = self.host_for(&bind.user).try_send(bind) {
+            self.inner.metrics.mailbox_drop(Mailbox::Shard);
+            let bind = e.into_inner();
+            bind.reply.refuse(
+                self,
+                bind.id,
+                StanzaError::new(StanzaErrorCondition::ResourceConstraint),
+            );
+        }
+    }
+
+    /// Answers a bind request from node `to`.
+    pub fn bind_reply(
+        &self,
+        to: &NodeId,
+        id: SessionId,
+        result: Result<(FullJid, &UserShared), StanzaError>,
+    ) {
+        let Some(link) = self.cluster() else { return };
+        let reply = match result {
+            Ok((jid, shared)) => {
+                let (blocklist, carbons) = shared.snapshot();
+                v1::BindReply {
+                    session_id: id,
+                    full_jid: jid.to_string(),
+                    shared: Some(v1::SharedState {
+                        user: jid.to_bare().to_string(),
+                        blocklist,
+                        carbons: carbons as u32,
+                    }),
+                    ..Default::default()
+                }
+            }
+            Err(e) => v1::BindReply {
+                session_id: id,
+                error: e.condition.as_str().to_owned(),
+                error_text: e.text.clone().unwrap_or_default(),
+                ..Default::default()
+            },
+        };
+        if let Err(e) = link.forward(to, FrameKind::BindReply(reply)) {
+            debug!(node = %to, error = %e, "bind reply not sent");
+        }
+    }
+
+    /// A session's answer to a new owner's reattach request.
+    pub fn attached(&self, owner: &NodeId, attached: Attached) {
+        let Some(link) = self.cluster() else { return };
+        if owner == link.me() {
+            return self.attached_here(attached);
+        }
+        let facts = attached.facts.unwrap_or_default();
+        let frame = FrameKind::Attached(v1::Attached {
+            full_jid: attached.jid.to_string(),
+            session_id: attached.id,
+            present: attached.handle.is_some(),
+            presence: facts
+                .presence
+                .map(|p| Bytes::from(p.to_xml()))
+                .unwrap_or_default(),
+            roster_requested: facts.roster_requested,
+            blocklist_requested: facts.blocklist_requested,
+            carbons: facts.carbons,
+        });
+        if let Err(e) = link.forward(owner, frame) {
+            debug!(node = %owner, error = %e, "attach answer not sent");
+        }
+    }
+
+    pub fn attached_here(&self, attached: Attached) {
+        let user = attached.jid.to_bare();
+        if self.host_for(&user).try_send(attached).is_err() {
+            self.inner.metrics.mailbox_drop(Mailbox::Shard);
+        }
+    }
+
+    /// Asks node `node` to report its session `jid`/`id` to this node, the new owner.
+    pub fn request_attach(&self, node: &NodeId, jid: FullJid, id: SessionId) {
+        let Some(link) = self.cluster() else { return };
+        if node == link.me() {
+            return link.request_attach(node, jid, id, self);
+        }
+        let frame = FrameKind::Reattach(v1::Reattach {
+            full_jid: jid.to_string(),
+            session_id: id,
+        });
+        if link.forward(node, frame).is_err() {
+            // Unreachable: the session counts as gone.
+            self.attached_here(Attached {
+                jid,
+                id,
+                handle: None,
+                facts: None,
+            });
+        }
+    }
+
+    /// Writes serialised `xml` to a session, local or on another node.
+    pub fn send_to_session(
+        &self,
+        session: &SessionHandle,
+        xml: &Bytes,
+        kind: Kind,
+        since: Instant,
+    ) -> Result<(), SendFail> {
+        match session {
+            SessionHandle::Local(addr) => {
+                let msg = Deliver {
+                    xml: xml.clone(),
+                    kind,
+                    since,
+                };
+                addr.try_send(msg).map_err(|e| match e {
+                    actix::prelude::SendError::Full(_) => SendFail::Full,
+                    actix::prelude::SendError::Closed(_) => SendFail::Gone,
+                })
+            }
+            SessionHandle::Remote { node, jid, id } => {
+                let link = self
+                    .cluster()
+                    .expect("remote sessions only in cluster mode");
+                let frame = FrameKind::ToFull(v1::ToFullJid {
+                    to: jid.to_string(),
+                    stanza: xml.clone(),
+                    session_id: *id,
+                });
+                link.forward(node, frame).map_err(|e| match e {
+                    ForwardError::QueueFull => SendFail::Full,
+                    ForwardError::UnknownPeer | ForwardError::Closed => SendFail::Gone,
+                })
+            }
+        }
+    }
+
+    /// Closes a session with a stream error, local or on another node.
+    pub fn close_session(&self, session: &SessionHandle, condition: StreamErrorCondition) {
+        match session {
+            // A full mailbox means the session is already being dropped as a slow
+            // consumer; the close is then not needed.
+            SessionHandle::Local(addr) => {
+                let _ = addr.try_send(Close(condition));
+            }
+            SessionHandle::Remote { node, jid, id } => {
+                let link = self
+                    .cluster()
+                    .expect("remote sessions only in cluster mode");
+                let frame = FrameKind::CloseSession(v1::CloseSession {
+                    full_jid: jid.to_string(),
+                    session_id: *id,
+                    condition: condition.as_str().to_owned(),
+                });
+                let _ = link.forward(node, frame);
+            }
+        }
+    }
+
+    /// Sends the owner's copy of what sessions read to every node with a session of
+    /// `user` (this node's sessions included: one may hold a previous owner's copy).
+    pub fn shared_changed<'a>(
+        &self,
+        user: &BareJid,
+        shared: &UserShared,
+        sessions: impl Iterator<Item = &'a SessionHandle>,
+    ) {
+        let Some(link) = self.cluster() else { return };
+        let (blocklist, carbons) = shared.snapshot();
+        let mut nodes: Vec<&NodeId> = Vec::new();
+        for s in sessions {
+            let node = match s {
+                SessionHandle::Local(_) => link.me(),
+                SessionHandle::Remote { node, .. } => node,
+            };
+            if !nodes.contains(&node) {
+                nodes.push(node);
+            }
+        }
+        for node in nodes {
+            if node == link.me() {
+                link.update_shared(user, &blocklist, carbons);
+                continue;
+            }
+            let frame = FrameKind::SharedState(v1::SharedState {
+                user: user.to_string(),
+                blocklist: blocklist.clone(),
+                carbons: carbons as u32,
+            });
+            let _ = link.forward(node, frame);
+        }
+    }
+
+    /// Work parked waiting for a shard owner (always 0 outside cluster mode).
+    pub fn parked(&self) -> usize {
+        self.cluster().map_or(0, |l| l.parked())
+    }
+
+    /// Routes parked work whose shard has an owner again.
+    pub fn retry_parked(&self) {
+        if let Some(link) = self.cluster() {
+            link::retry_parked(self, link);
+        }
+    }
+
+    /// Records a session started on this node (cluster mode: owners reach it by id).
+    pub fn session_started(
+        &self,
+        jid: &FullJid,
+        id: SessionId,
+        addr: Addr<crate::c2s::session::Session>,
+        shared: Arc<UserShared>,
+    ) {
+        if let Some(link) = self.cluster() {
+            link.session_started(jid, id, addr, shared);
+        }
+    }
+
+    pub fn session_ended(&self, jid: &FullJid, id: SessionId) {
+        if let Some(link) = self.cluster() {
+            link.session_ended(jid, id);
+        }
     }
 
     /// Whether `jid` is served here (the domain or an account on it).
@@ -112,20 +470,7 @@ impl Router {
         if to.node().is_none() {
             return self.to_server(stanza, since);
         }
-        let bare = to.to_bare();
-        let msg = RouteToUser { stanza, since };
-        if let Err(e) = self.host_for(&bare).try_send(msg) {
-            self.inner.metrics.mailbox_drop(Mailbox::Shard);
-            let msg = e.into_inner();
-            self.bounce(
-                &msg.stanza,
-                StanzaError::with_text(
-                    StanzaErrorCondition::ResourceConstraint,
-                    "server overloaded, try again",
-                ),
-                since,
-            );
-        }
+        self.to_owner(ToOwner::Route(RouteToUser { stanza, since }, 0));
     }
 
     /// Stanzas for the server itself (RFC 6120 §10.3 "to the server").
@@ -148,6 +493,31 @@ impl Router {
         match &reply.to {
             Some(to) if to.node().is_some() => self.route(reply, since),
             _ => debug!("reply without a local recipient dropped"),
+        }
+    }
+}
+
+fn session_event(jid: &FullJid, node: &NodeId, id: SessionId) -> FrameKind {
+    FrameKind::SessionEvent(v1::SessionEvent {
+        kind: v1::session_event::Kind::Unbound.into(),
+        full_jid: jid.to_string(),
+        node: node.to_string(),
+        session_id: id,
+    })
+}
+
+fn forward_failure(e: ForwardError) -> String {
+    format!("cannot reach the account's node: {e}")
+}
+
+/// Where a bind's answer goes: a waiting connection here, or the node that asked.
+impl BindReplyTo {
+    pub fn refuse(self, router: &Router, id: SessionId, error: StanzaError) {
+        match self {
+            BindReplyTo::Local(tx) => {
+                let _ = tx.send(Err(error));
+            }
+            BindReplyTo::Node(node) => router.bind_reply(&node, id, Err(error)),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! binary's `main` only parses the command line. Shutdown is a drain: stop accepting,
 //! close every stream with `<system-shutdown/>`, wait (bounded) for connections to end.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,17 +13,25 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use anyhow::Context as _;
+use futures_util::future::BoxFuture;
 use jid::BareJid;
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::admin::{self, Health, ReadyComponent};
 use crate::c2s::{self, Shared};
+use crate::cluster::directory::Directory;
+use crate::cluster::forward::grpc::{ClusterEndpoint, GrpcForwarder};
+use crate::cluster::forward::{ForwardConfig, NodeId};
+use crate::cluster::link::{self, ClusterLink, Inbound};
+use crate::cluster::membership::Node;
+use crate::cluster::runtime::{self, Cluster, Drain};
+use crate::cluster::shards::ShardId;
 use crate::config::Config;
 use crate::metrics::{self, Listener, Metrics};
 use crate::roster::RosterLimits;
 use crate::router::Router;
-use crate::shard::{CloseAllSessions, DrainStorage, ShardConfig, ShardHost};
+use crate::shard::{CloseAllSessions, DrainStorage, ReleaseShards, ShardConfig, ShardHost};
 use crate::user::UserLimits;
 use crate::{storage, tls};
 
@@ -32,6 +41,8 @@ pub struct Listeners {
     pub c2s: std::net::TcpListener,
     pub direct_tls: Option<std::net::TcpListener>,
     pub admin: Option<std::net::TcpListener>,
+    /// The node-to-node endpoint, in cluster mode.
+    pub cluster: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -51,6 +62,11 @@ impl Listeners {
                 .map(|a| bind(a, "c2s direct TLS"))
                 .transpose()?,
             admin: config.admin.bind.map(|a| bind(a, "admin")).transpose()?,
+            cluster: config
+                .cluster
+                .enabled
+                .then(|| bind(config.cluster.listen, "cluster"))
+                .transpose()?,
         })
     }
 
@@ -65,6 +81,94 @@ impl Listeners {
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
+
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+/// What a cluster node runs besides the single-node parts.
+struct ClusterParts {
+    cluster: Cluster,
+    endpoint: ClusterEndpoint,
+    forwarder: Arc<GrpcForwarder>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+/// Drains shards by asking every shard host to release them.
+struct HostsDrain {
+    router: Router,
+    wait: Duration,
+}
+
+impl Drain for HostsDrain {
+    fn drain(&self, shards: Vec<ShardId>, generation: u64) -> BoxFuture<'static, ()> {
+        let router = self.router.clone();
+        let wait = self.wait;
+        Box::pin(async move {
+            if let Some(link) = router.cluster() {
+                link.withdraw(&shards, generation);
+            }
+            let set: HashSet<u32> = shards.into_iter().collect();
+            let done: Vec<_> = router
+                .hosts()
+                .iter()
+                .filter_map(|host| {
+                    let (tx, rx) = oneshot::channel();
+                    let msg = ReleaseShards {
+                        shards: set.clone(),
+                        done: tx,
+                    };
+                    host.try_send(msg).ok().map(|()| rx)
+                })
+                .collect();
+            if tokio::time::timeout(wait, futures_all(done)).await.is_err() {
+                warn!("shard storage writes still pending at handoff");
+            }
+            router.retry_parked();
+        })
+    }
+}
+
+/// Joins the cluster: the link the router uses, the gRPC endpoint, the coordinator's
+/// rounds and the task that follows the shard view.
+async fn start_cluster(
+    config: &Config,
+    listener: std::net::TcpListener,
+    metrics: &Metrics,
+) -> anyhow::Result<(
+    Arc<ClusterLink>,
+    Arc<GrpcForwarder>,
+    tokio::net::TcpListener,
+)> {
+    let me = NodeId::new(&config.cluster.node_id)?;
+    let forwarder = Arc::new(GrpcForwarder::new(
+        me.clone(),
+        ForwardConfig::default(),
+        metrics.clone(),
+    ));
+    let client = redis::Client::open(config.storage.redis_url.as_str())?;
+    let redis = redis::aio::ConnectionManager::new(client)
+        .await
+        .context("cannot reach Redis for the cluster")?;
+    let directory = Directory::new(redis, &cluster_prefix(config));
+    let link = Arc::new(ClusterLink::new(
+        me,
+        config.cluster.shards,
+        forwarder.clone(),
+        directory,
+        config.cluster.lease_ttl,
+    ));
+    Ok((
+        link,
+        forwarder,
+        tokio::net::TcpListener::from_std(listener)?,
+    ))
+}
+
+/// Cluster keys live next to the data, under their own sub-prefix.
+fn cluster_prefix(config: &Config) -> String {
+    format!("{}cluster:", config.storage.redis_key_prefix)
 }
 
 /// Runs a node until `shutdown` resolves, then drains. Must run inside an actix
@@ -74,10 +178,38 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_until(config, listeners, async {
+        shutdown.await;
+        Stop::Drain
+    })
+    .await
+}
+
+/// How a node stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Gracefully: close streams with `<system-shutdown/>`, finish writes, hand shards
+    /// off (SIGTERM).
+    Drain,
+    /// At once, as if the process died: no goodbye to clients or to the cluster. For
+    /// fault tests.
+    Abort,
+}
+
+/// [`run`], with the way of stopping chosen when `stop` resolves.
+pub async fn run_until(
+    config: Config,
+    listeners: Listeners,
+    stop: impl Future<Output = Stop>,
+) -> anyhow::Result<()> {
     let domain = BareJid::new(&config.domain).context("invalid domain")?;
     let metrics = Metrics::new();
     let prometheus = metrics::install_recorder();
-    let health = Health::requiring([ReadyComponent::Listeners, ReadyComponent::Storage]);
+    let mut required = vec![ReadyComponent::Listeners, ReadyComponent::Storage];
+    if config.cluster.enabled {
+        required.push(ReadyComponent::Cluster);
+    }
+    let health = Health::requiring(required);
     let storage = storage::open(&config.storage)
         .await
         .context("cannot open storage")?;
@@ -95,7 +227,17 @@ pub async fn run(
     let workers: Vec<Arbiter> = (0..config.cluster.effective_shard_hosts())
         .map(|_| Arbiter::new())
         .collect();
-    let router = Router::new(domain.clone(), config.cluster.shards, metrics.clone());
+    let mut listeners = listeners;
+    let cluster_start = match listeners.cluster.take() {
+        Some(l) => Some(start_cluster(&config, l, &metrics).await?),
+        None => None,
+    };
+    let router = Router::with_cluster(
+        domain.clone(),
+        config.cluster.shards,
+        metrics.clone(),
+        cluster_start.as_ref().map(|(link, _, _)| link.clone()),
+    );
     let shard_config = ShardConfig {
         limits: Arc::new(UserLimits {
             max_resources: config.limits.max_resources_per_user,
@@ -117,6 +259,55 @@ pub async fn run(
         })
         .collect();
     router.set_hosts(hosts);
+    let cluster = match cluster_start {
+        Some((link, forwarder, listener)) => {
+            let endpoint = ClusterEndpoint::serve(
+                listener,
+                link.me().clone(),
+                Arc::new(Inbound(router.clone())),
+                &ForwardConfig::default(),
+                metrics.clone(),
+            )?;
+            // The announced endpoint: as configured, or the address actually bound
+            // when it defaulted to `cluster.listen` (port 0 in tests).
+            let announced = if config.cluster.endpoint == config.cluster.listen.to_string() {
+                endpoint.local_addr().to_string()
+            } else {
+                config.cluster.endpoint.clone()
+            };
+            let settings = runtime::Settings {
+                node: Node {
+                    id: link.me().to_string(),
+                    endpoint: announced,
+                },
+                redis_url: config.storage.redis_url.clone(),
+                prefix: cluster_prefix(&config),
+                shards: config.cluster.shards,
+                lease_ttl: config.cluster.lease_ttl,
+            };
+            let drain = Arc::new(HostsDrain {
+                router: router.clone(),
+                wait: config.shutdown.grace,
+            });
+            let cluster = Cluster::start(settings, drain)
+                .await
+                .context("cannot join the cluster")?;
+            let ready = health.clone();
+            let follower = actix_rt::spawn(link::follow_view(
+                router.clone(),
+                cluster.view(),
+                forwarder.clone(),
+                move |ok| ready.set_ready(ReadyComponent::Cluster, ok),
+            ));
+            Some(ClusterParts {
+                cluster,
+                endpoint,
+                forwarder,
+                follower,
+            })
+        }
+        None => None,
+    };
 
     let data_dir = config.data_dir.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -166,7 +357,20 @@ pub async fn run(
     }
     info!("node ready");
 
-    shutdown.await;
+    if stop.await == Stop::Abort {
+        warn!("stopping at once, without draining");
+        if let Some(parts) = cluster {
+            parts.follower.abort();
+            parts.forwarder.shutdown();
+            parts.cluster.abort();
+            drop(parts.endpoint);
+        }
+        for t in tasks {
+            t.abort();
+        }
+        stop_workers(workers).await;
+        return Ok(());
+    }
     info!("shutting down: draining connections");
     let _ = stop_tx.send(true);
     for host in router.hosts() {
@@ -197,12 +401,21 @@ pub async fn run(
     {
         warn!("storage writes still pending at shutdown");
     }
+    if let Some(parts) = cluster {
+        leave_cluster(parts, &router, grace).await;
+    }
     for t in tasks {
         t.abort();
     }
-    // Wait for the workers to finish, so everything they hold (the store's lock among
-    // it) is released when this returns: a restart in the same process must be able to
-    // open the store again.
+    stop_workers(workers).await;
+    info!("node stopped");
+    Ok(())
+}
+
+/// Waits for the workers to finish, so everything they hold (the store's lock among
+/// it) is released when this returns: a restart in the same process must be able to
+/// open the store again.
+async fn stop_workers(workers: Vec<Arbiter>) {
     for w in &workers {
         w.stop();
     }
@@ -212,8 +425,29 @@ pub async fn run(
         }
     })
     .await;
-    info!("node stopped");
-    Ok(())
+}
+
+/// Graceful leave: hands every shard off, routes what was parked meanwhile to the new
+/// owners, lets the peer links send what they hold, then stops them.
+async fn leave_cluster(parts: ClusterParts, router: &Router, grace: Duration) {
+    let ClusterParts {
+        cluster,
+        endpoint,
+        forwarder,
+        follower,
+    } = parts;
+    if let Err(e) = cluster.leave(grace).await {
+        warn!(error = %e, "leaving the cluster failed; other nodes take over when the leases expire");
+    }
+    router.retry_parked();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && (router.parked() > 0 || forwarder.queued() > 0) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        router.retry_parked();
+    }
+    follower.abort();
+    forwarder.shutdown();
+    endpoint.shutdown().await;
 }
 
 /// Waits for every receiver (a closed one counts as done).

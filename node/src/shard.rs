@@ -15,7 +15,7 @@
 //! every change to it goes through this host. Presence broadcasts to a user that is not
 //! loaded (so has no session) are ignored without loading it, as RFC 6121 §8.5 asks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,13 +27,16 @@ use shoal_xmpp::stanza::{Kind, PresenceType, Stanza};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use crate::c2s::session::{Close, Deliver, Session};
+use crate::c2s::session::{Close, Session};
+use crate::cluster::directory::Entry;
+use crate::cluster::forward::NodeId;
+use crate::cluster::link::ToOwner;
 use crate::jobs::{self, JobContext, StorageQueue};
 use crate::metrics::{Mailbox, Metrics};
 use crate::model::UserData;
-use crate::router::Router;
+use crate::router::{Router, SendFail};
 use crate::storage::Storage;
-use crate::user::{Effect, Job, SessionId, UserLimits, UserShared, UserState};
+use crate::user::{Effect, Job, SessionFacts, SessionId, UserLimits, UserShared, UserState};
 
 /// Messages a shard host may queue. Past this, senders get `<resource-constraint/>`
 /// (and the drop is counted) rather than waiting: one overloaded shard must not stall
@@ -53,8 +56,39 @@ const IDLE_SWEEP: Duration = Duration::from_secs(10);
 /// Most users without sessions one host keeps loaded.
 const IDLE_MAX: usize = 50_000;
 
-/// A session as the shard sees it: its actor's address.
-pub type SessionHandle = Addr<Session>;
+/// How long a new owner waits for the nodes holding an account's sessions to report
+/// them before it serves the account without the ones that did not answer.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A session as the shard sees it: an actor on this node, or a binding on another node
+/// (cluster mode), reached through frames.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SessionHandle {
+    Local(Addr<Session>),
+    Remote {
+        node: NodeId,
+        jid: FullJid,
+        id: SessionId,
+    },
+}
+
+impl SessionHandle {
+    /// The node the session lives on; `None` for this node.
+    fn node(&self) -> Option<&NodeId> {
+        match self {
+            SessionHandle::Local(_) => None,
+            SessionHandle::Remote { node, .. } => Some(node),
+        }
+    }
+}
+
+/// Where a bind's answer goes.
+pub enum BindReplyTo {
+    /// A connection of this node waits for it.
+    Local(oneshot::Sender<BindResult>),
+    /// The session lives on that node: the answer is a frame.
+    Node(NodeId),
+}
 
 /// What a bound session gets back: its JID and the read-only view of its user's state.
 pub type BindResult = Result<(FullJid, Arc<UserShared>), StanzaError>;
@@ -67,7 +101,7 @@ pub struct Bind {
     pub resource: String,
     pub id: SessionId,
     pub session: SessionHandle,
-    pub reply: oneshot::Sender<BindResult>,
+    pub reply: BindReplyTo,
 }
 
 /// A session ended.
@@ -109,6 +143,36 @@ pub enum FromSessionKind {
     SentCarbon,
 }
 
+/// A session of this account lived on `node`, which left the cluster; found in the
+/// directory when it was purged.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionGone {
+    pub jid: FullJid,
+    pub node: NodeId,
+}
+
+/// A session's answer to this node's reattach request: `handle` and `facts` are `None`
+/// when it is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Attached {
+    pub jid: FullJid,
+    pub id: SessionId,
+    pub handle: Option<SessionHandle>,
+    pub facts: Option<SessionFacts>,
+}
+
+/// Cluster mode: this node stops serving `shards` (moved to another node, or lost).
+/// The host forgets their users, passes their waiting work back to the router, and
+/// answers `done` once every storage operation queued so far has finished.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseShards {
+    pub shards: HashSet<u32>,
+    pub done: oneshot::Sender<()>,
+}
+
 /// Node shutdown: close every session with `<system-shutdown/>`.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -128,10 +192,41 @@ enum UserMsg {
     Unbind(Unbind),
     Route(RouteToUser),
     FromSession(FromSession),
+    Gone(SessionGone),
+    Attach(Attached),
+}
+
+impl UserMsg {
+    /// Passes the message back to the router (the shard moved away meanwhile).
+    fn reroute(self, router: &Router) {
+        match self {
+            UserMsg::Bind(b) => b.reply.refuse(
+                router,
+                b.id,
+                StanzaError::with_text(
+                    StanzaErrorCondition::ResourceConstraint,
+                    "the account is moving between nodes; try again",
+                ),
+            ),
+            UserMsg::Unbind(u) => router.to_owner(ToOwner::Unbind(u)),
+            UserMsg::Route(r) => router.to_owner(ToOwner::Route(r, 0)),
+            UserMsg::FromSession(f) => router.to_owner(ToOwner::FromSession(f)),
+            UserMsg::Gone(g) => router.to_owner(ToOwner::Gone(g)),
+            // The session reports again to whoever owns the account next.
+            UserMsg::Attach(_) => {}
+        }
+    }
 }
 
 enum Slot {
     Loading(VecDeque<UserMsg>),
+    /// Loaded; waiting for the nodes of these sessions to report them (cluster mode,
+    /// after the account's shard moved here).
+    Attaching {
+        state: UserState<SessionHandle>,
+        queue: VecDeque<UserMsg>,
+        waiting: Vec<(FullJid, SessionId)>,
+    },
     Ready(UserState<SessionHandle>),
 }
 
@@ -165,11 +260,15 @@ impl ShardHost {
         }
     }
 
-    /// Handles a message for `user`, loading its state first if needed.
+    /// Handles a message for `user`, loading its state first if needed. Work for an
+    /// account this node no longer owns goes back to the router.
     fn dispatch(&mut self, user: BareJid, msg: UserMsg, ctx: &mut Context<Self>) {
+        if !self.router.serves(&user) {
+            return msg.reroute(&self.router);
+        }
         match self.users.get_mut(&user) {
             Some(Slot::Ready(_)) => self.handle_ready(&user, msg),
-            Some(Slot::Loading(queue)) => {
+            Some(Slot::Loading(queue) | Slot::Attaching { queue, .. }) => {
                 // Binds and unbinds always wait their turn: a flood of stanzas to the
                 // account must not refuse its owner's login, and a dropped unbind would
                 // leave a dead session bound. Both are bounded by the connections.
@@ -189,40 +288,143 @@ impl ShardHost {
         }
     }
 
+    /// Reads the account, and in cluster mode the directory's list of its sessions
+    /// (more than none only when the account's shard moved here while they were bound).
     fn start_load(&mut self, user: BareJid, ctx: &mut Context<Self>) {
         let (tx, rx) = oneshot::channel();
         let storage = self.queue.storage.clone();
+        let link = self.router.cluster().cloned();
         let u = user.clone();
         self.queue.submit(&user, async move {
-            let _ = tx.send(storage.loader.load_user(u.as_str()).await);
+            let data = storage.loader.load_user(u.as_str()).await;
+            let sessions = match (&data, link) {
+                (Ok(_), Some(link)) => link.directory().resources(u.as_str()).await,
+                _ => Ok(Vec::new()),
+            };
+            let _ = tx.send((data, sessions));
         });
-        ctx.spawn(rx.into_actor(self).map(move |result, act, _| {
-            let data = match result {
-                Ok(Ok(data)) => data,
-                Ok(Err(e)) => {
+        ctx.spawn(rx.into_actor(self).map(move |result, act, ctx| {
+            let (data, sessions) = match result {
+                Ok((Ok(data), Ok(sessions))) => (data, sessions),
+                Ok((Err(e), _)) => {
                     // The account's stanzas are refused rather than handled on a guess.
                     warn!(%user, error = %e, "loading user data failed");
-                    act.fail_load(&user);
-                    return;
+                    return act.fail_load(&user);
+                }
+                Ok((_, Err(e))) => {
+                    warn!(%user, error = %e, "reading the session directory failed");
+                    return act.fail_load(&user);
                 }
                 Err(_) => return act.fail_load(&user),
             };
-            act.loaded(user, data);
+            act.loaded(user, data, sessions, ctx);
         }));
     }
 
-    fn loaded(&mut self, user: BareJid, data: UserData) {
+    fn loaded(
+        &mut self,
+        user: BareJid,
+        data: UserData,
+        sessions: Vec<(String, Entry)>,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(Slot::Loading(queue)) = self.users.remove(&user) else {
             return;
         };
-        let state = UserState::new(user.clone(), data, self.config.limits.clone());
-        self.users.insert(user.clone(), Slot::Ready(state));
+        let mut state = UserState::new(user.clone(), data, self.config.limits.clone());
+        let mut waiting = Vec::new();
+        let mut gone = Vec::new();
+        for (resource, entry) in sessions {
+            let Ok(jid) = user.with_resource_str(&resource) else {
+                continue;
+            };
+            match NodeId::new(&entry.node) {
+                Ok(node) if self.router.cluster().is_some_and(|l| l.is_live(&node)) => {
+                    self.router
+                        .request_attach(&node, jid.clone(), entry.session);
+                    waiting.push((jid, entry.session));
+                }
+                _ => gone.push((jid, entry)),
+            }
+        }
+        // Sessions of nodes that are gone: contacts may have seen them available.
+        let mut effects = Vec::new();
+        for (jid, entry) in gone {
+            effects.extend(state.gone_elsewhere(&jid));
+            self.unregister(&user, jid.resource().as_str(), entry);
+        }
+        if waiting.is_empty() {
+            self.users.insert(user.clone(), Slot::Ready(state));
+            self.apply(&user, effects, Instant::now());
+            return self.drain_queue(&user, queue);
+        }
+        // Effects of gone sessions wait with the rest until the others are attached.
+        let _ = &mut state;
+        self.users.insert(
+            user.clone(),
+            Slot::Attaching {
+                state,
+                queue,
+                waiting,
+            },
+        );
+        if !effects.is_empty() {
+            self.apply(&user, effects, Instant::now());
+        }
+        ctx.run_later(ATTACH_TIMEOUT, move |act, _| {
+            if let Some(Slot::Attaching { waiting, .. }) = act.users.get(&user) {
+                warn!(%user, missing = waiting.len(), "sessions did not report to the new owner in time");
+                act.attach_done(&user);
+            }
+        });
+    }
+
+    /// Handles what waited for the load, in order, then unloads the user if idle.
+    fn drain_queue(&mut self, user: &BareJid, queue: VecDeque<UserMsg>) {
         // Unload (if idle) only once the whole queue is handled: unloading after the
         // first message would leave the rest with no state to be handled by.
         for msg in queue {
-            self.handle_one(&user, msg);
+            self.handle_one(user, msg);
         }
-        self.unload_if_idle(&user);
+        self.unload_if_idle(user);
+    }
+
+    /// Every session reported (or the wait ended): serve the account.
+    fn attach_done(&mut self, user: &BareJid) {
+        let Some(Slot::Attaching { state, queue, .. }) = self.users.remove(user) else {
+            return;
+        };
+        self.users.insert(user.clone(), Slot::Ready(state));
+        if let Some(Slot::Ready(state)) = self.users.get(user) {
+            let shared = state.shared();
+            self.router.shared_changed(user, &shared, state.handles());
+        }
+        self.drain_queue(user, queue);
+    }
+
+    fn attached(&mut self, msg: Attached) {
+        let user = msg.jid.to_bare();
+        let (state, waiting) = match self.users.get_mut(&user) {
+            Some(Slot::Attaching { state, waiting, .. }) => (state, Some(waiting)),
+            Some(Slot::Ready(state)) => (state, None),
+            _ => return,
+        };
+        if let Some(waiting) = waiting {
+            waiting.retain(|(jid, id)| !(jid == &msg.jid && *id == msg.id));
+        }
+        let effects = match (msg.handle, msg.facts) {
+            (Some(handle), Some(facts)) => {
+                state.attach(msg.jid, msg.id, handle, facts);
+                Vec::new()
+            }
+            // Gone meanwhile: as if its node had left.
+            _ => state.gone_elsewhere(&msg.jid),
+        };
+        self.apply(&user, effects, Instant::now());
+        if matches!(self.users.get(&user), Some(Slot::Attaching { waiting, .. }) if waiting.is_empty())
+        {
+            self.attach_done(&user);
+        }
     }
 
     fn fail_load(&mut self, user: &BareJid) {
@@ -242,12 +444,10 @@ impl ShardHost {
             "server busy, try again",
         );
         match msg {
-            UserMsg::Bind(b) => {
-                let _ = b.reply.send(Err(err));
-            }
+            UserMsg::Bind(b) => b.reply.refuse(&self.router, b.id, err),
             UserMsg::Route(r) => self.router.bounce(&r.stanza, err, r.since),
             UserMsg::FromSession(f) => self.router.bounce(&f.stanza, err, now),
-            UserMsg::Unbind(_) => {}
+            UserMsg::Unbind(_) | UserMsg::Gone(_) | UserMsg::Attach(_) => {}
         }
     }
 
@@ -265,20 +465,36 @@ impl ShardHost {
         let now_unix = jobs::now_ms() / 1000;
         let (effects, since) = match msg {
             UserMsg::Bind(b) => {
-                let result = state.bind(&b.resource, b.id, b.session);
-                let reply = match result {
+                let result = state.bind(&b.resource, b.id, b.session.clone());
+                match result {
                     Ok((jid, effects)) => {
                         let shared = state.shared();
+                        match b.reply {
+                            // The connection may have gone while waiting; its unbind
+                            // follows.
+                            BindReplyTo::Local(tx) => {
+                                let _ = tx.send(Ok((jid.clone(), shared)));
+                            }
+                            BindReplyTo::Node(node) => {
+                                self.router
+                                    .bind_reply(&node, b.id, Ok((jid.clone(), &shared)));
+                            }
+                        }
+                        self.register(user, &jid, b.id, &b.session);
                         self.apply(user, effects, Instant::now());
-                        Ok((jid, shared))
                     }
-                    Err(e) => Err(e),
-                };
-                // The connection may have gone while waiting; its unbind follows.
-                let _ = b.reply.send(reply);
+                    Err(e) => b.reply.refuse(&self.router, b.id, e),
+                }
                 return;
             }
-            UserMsg::Unbind(u) => (state.unbind(&u.jid, u.id, now_unix), Instant::now()),
+            UserMsg::Unbind(u) => {
+                let node = session_node(state, &u.jid, u.id);
+                let effects = state.unbind(&u.jid, u.id, now_unix);
+                if let Some(node) = node {
+                    self.unregister_session(user, &u.jid, u.id, node);
+                }
+                (effects, Instant::now())
+            }
             UserMsg::Route(r) => {
                 let effects = state.deliver(r.stanza);
                 (effects, r.since)
@@ -292,8 +508,73 @@ impl ShardHost {
                 };
                 (effects, f.since)
             }
+            UserMsg::Attach(a) => {
+                if let (Some(handle), Some(facts)) = (a.handle, a.facts) {
+                    state.attach(a.jid, a.id, handle, facts);
+                    let shared = state.shared();
+                    self.router.shared_changed(user, &shared, state.handles());
+                }
+                return;
+            }
+            UserMsg::Gone(g) => {
+                let bound = state
+                    .session(&g.jid)
+                    .filter(|(_, h)| h.node() == Some(&g.node))
+                    .map(|(id, _)| id);
+                let effects = match bound {
+                    Some(id) => state.unbind(&g.jid, id, now_unix),
+                    None => state.gone_elsewhere(&g.jid),
+                };
+                (effects, Instant::now())
+            }
         };
         self.apply(user, effects, since);
+    }
+
+    /// Cluster mode: records in the directory where a new binding lives, in the user's
+    /// storage order.
+    fn register(&mut self, user: &BareJid, jid: &FullJid, id: SessionId, session: &SessionHandle) {
+        let Some(link) = self.router.cluster().cloned() else {
+            return;
+        };
+        let entry = Entry {
+            node: session.node().unwrap_or(link.me()).to_string(),
+            session: id,
+        };
+        let (bare, resource) = (user.to_string(), jid.resource().to_string());
+        self.queue.submit(user, async move {
+            if let Err(e) = link.directory().register(&bare, &resource, &entry).await {
+                warn!(user = %bare, error = %e, "recording a session in the directory failed");
+            }
+        });
+    }
+
+    /// Removes the directory entry of binding `id` of `jid` on `node` (this node when
+    /// `None`), if it is still that one.
+    fn unregister_session(
+        &mut self,
+        user: &BareJid,
+        jid: &FullJid,
+        id: SessionId,
+        node: Option<NodeId>,
+    ) {
+        let Some(link) = self.router.cluster() else {
+            return;
+        };
+        let node = node.unwrap_or_else(|| link.me().clone()).to_string();
+        self.unregister(user, jid.resource().as_str(), Entry { node, session: id });
+    }
+
+    fn unregister(&mut self, user: &BareJid, resource: &str, entry: Entry) {
+        let Some(link) = self.router.cluster().cloned() else {
+            return;
+        };
+        let (bare, resource) = (user.to_string(), resource.to_owned());
+        self.queue.submit(user, async move {
+            if let Err(e) = link.directory().unregister(&bare, &resource, &entry).await {
+                warn!(user = %bare, error = %e, "removing a session from the directory failed");
+            }
+        });
     }
 
     /// Notes when a user is left without sessions; unloads it at once if this host
@@ -333,9 +614,16 @@ impl ShardHost {
                 Effect::Deliver(sessions, stanza) => self.deliver(user, sessions, stanza, since),
                 Effect::Route(stanza) => self.router.route(stanza, since),
                 Effect::Replaced(old) => {
-                    // If the old session's mailbox is full it is already being
-                    // disconnected as a slow consumer, so the close is not needed.
-                    let _ = old.try_send(Close(StreamErrorCondition::Conflict));
+                    self.router
+                        .close_session(&old, StreamErrorCondition::Conflict);
+                }
+                Effect::SharedChanged => {
+                    if let Some(Slot::Ready(state) | Slot::Attaching { state, .. }) =
+                        self.users.get(user)
+                    {
+                        let shared = state.shared();
+                        self.router.shared_changed(user, &shared, state.handles());
+                    }
                 }
                 Effect::Persist(w) => {
                     let storage = self.queue.storage.clone();
@@ -386,14 +674,12 @@ impl ShardHost {
         let xml = Bytes::from(stanza.to_xml());
         let mut gone = Vec::new();
         for session in sessions {
-            let msg = Deliver {
-                xml: xml.clone(),
-                kind: stanza.kind,
-                since,
-            };
-            match session.try_send(msg) {
+            match self
+                .router
+                .send_to_session(&session, &xml, stanza.kind, since)
+            {
                 Ok(()) => {}
-                Err(SendError::Full(_)) => {
+                Err(SendFail::Full) => {
                     self.metrics.mailbox_drop(Mailbox::Connection);
                     self.router.bounce(
                         &stanza,
@@ -404,15 +690,42 @@ impl ShardHost {
                         since,
                     );
                 }
-                Err(SendError::Closed(_)) => gone.push(session),
+                Err(SendFail::Gone) => gone.push(session),
             }
         }
         // A session whose actor is gone without unbinding (it crashed or its unbind was
-        // dropped) is detected here and removed, so the next stanza is routed right.
+        // dropped) or whose node left is detected here and removed, so the next stanza
+        // is routed right.
         for session in gone {
+            if let SessionHandle::Remote { node, jid, id } = &session {
+                self.unregister_session(user, jid, *id, Some(node.clone()));
+            }
             if let Some(Slot::Ready(state)) = self.users.get_mut(user) {
                 let effects = state.remove_handle(&session, jobs::now_ms() / 1000);
                 self.apply(user, effects, since);
+            }
+        }
+    }
+
+    /// Forgets the users of `shards` (cluster mode: they moved away or were lost),
+    /// passing their waiting work back to the router.
+    fn release(&mut self, shards: &HashSet<u32>) {
+        let router = self.router.clone();
+        let leaving: Vec<BareJid> = self
+            .users
+            .keys()
+            .filter(|u| shards.contains(&router.shard(u)))
+            .cloned()
+            .collect();
+        for user in leaving {
+            self.idle.remove(&user);
+            match self.users.remove(&user) {
+                Some(Slot::Loading(queue) | Slot::Attaching { queue, .. }) => {
+                    for msg in queue {
+                        msg.reroute(&router);
+                    }
+                }
+                Some(Slot::Ready(_)) | None => {}
             }
         }
     }
@@ -441,8 +754,10 @@ impl Handler<Unbind> for ShardHost {
 
     fn handle(&mut self, msg: Unbind, ctx: &mut Self::Context) {
         let user = msg.jid.to_bare();
-        // Nothing to unbind for a user that is not loaded.
-        if self.users.contains_key(&user) {
+        // Nothing to unbind for a user that is not loaded, unless the account moved
+        // here from another node since the session was bound (cluster mode): then the
+        // load finds the session in the directory.
+        if self.users.contains_key(&user) || self.router.cluster().is_some() {
             self.dispatch(user, UserMsg::Unbind(msg), ctx);
         }
     }
@@ -474,11 +789,49 @@ impl Handler<FromSession> for ShardHost {
 
     fn handle(&mut self, msg: FromSession, ctx: &mut Self::Context) {
         let user = msg.from.to_bare();
-        if !self.users.contains_key(&user) {
+        if !self.users.contains_key(&user) && self.router.cluster().is_none() {
             debug!(from = %msg.from, "stanza from a session that is not bound");
             return;
         }
         self.dispatch(user, UserMsg::FromSession(msg), ctx);
+    }
+}
+
+impl Handler<SessionGone> for ShardHost {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionGone, ctx: &mut Self::Context) {
+        let user = msg.jid.to_bare();
+        self.dispatch(user, UserMsg::Gone(msg), ctx);
+    }
+}
+
+impl Handler<Attached> for ShardHost {
+    type Result = ();
+
+    fn handle(&mut self, msg: Attached, ctx: &mut Self::Context) {
+        let user = msg.jid.to_bare();
+        match self.users.get(&user) {
+            Some(Slot::Attaching { .. } | Slot::Ready(_)) => self.attached(msg),
+            // A session reporting on its own (its account's shard moved here): load
+            // the account, then attach.
+            Some(Slot::Loading(_)) | None if msg.handle.is_some() => {
+                self.dispatch(user, UserMsg::Attach(msg), ctx);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Handler<ReleaseShards> for ShardHost {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReleaseShards, _: &mut Self::Context) {
+        self.release(&msg.shards);
+        let done = msg.done;
+        self.queue.barrier(async move {
+            let _ = done.send(());
+        });
     }
 }
 
@@ -488,9 +841,13 @@ impl Handler<CloseAllSessions> for ShardHost {
     fn handle(&mut self, _: CloseAllSessions, _: &mut Self::Context) {
         for slot in self.users.values() {
             if let Slot::Ready(state) = slot {
+                // Only this node's sessions: the others' nodes are not shutting down.
                 for session in state.handles() {
-                    // Sessions that cannot take the message are closed by the final stop.
-                    let _ = session.try_send(Close(StreamErrorCondition::SystemShutdown));
+                    if let SessionHandle::Local(addr) = session {
+                        // Sessions that cannot take the message are closed by the final
+                        // stop.
+                        let _ = addr.try_send(Close(StreamErrorCondition::SystemShutdown));
+                    }
                 }
             }
         }
@@ -505,6 +862,18 @@ impl Handler<DrainStorage> for ShardHost {
             let _ = msg.done.send(());
         });
     }
+}
+
+/// The node of binding `id` of `jid`, if bound: `Some(None)` for this node.
+fn session_node(
+    state: &UserState<SessionHandle>,
+    jid: &FullJid,
+    id: SessionId,
+) -> Option<Option<NodeId>> {
+    state
+        .session(jid)
+        .filter(|(bound, _)| *bound == id)
+        .map(|(_, h)| h.node().cloned())
 }
 
 #[cfg(test)]

@@ -48,6 +48,31 @@ impl UserShared {
     pub fn carbons_enabled(&self) -> usize {
         self.carbons.load(Ordering::Relaxed)
     }
+
+    /// The blocklist (sorted) and carbons count, to copy to another node.
+    pub fn snapshot(&self) -> (Vec<String>, usize) {
+        let mut list: Vec<String> = self.blocklist.read().iter().cloned().collect();
+        list.sort();
+        (list, self.carbons_enabled())
+    }
+
+    /// Overwrites this copy with the owner's state (a session whose account is owned
+    /// by another node reads a copy kept current by the owner).
+    pub fn replace(&self, blocklist: Vec<String>, carbons: usize) {
+        *self.blocklist.write() = blocklist.into_iter().collect();
+        self.carbons.store(carbons, Ordering::Relaxed);
+    }
+}
+
+/// What a session's node reports about it when a new owner attaches it: enough to
+/// serve it as before without the client noticing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionFacts {
+    /// The last broadcast presence, if the session is available.
+    pub presence: Option<Stanza>,
+    pub roster_requested: bool,
+    pub blocklist_requested: bool,
+    pub carbons: bool,
 }
 
 fn blocked_by(list: &HashSet<String>, jid: &Jid) -> bool {
@@ -144,6 +169,9 @@ pub enum Effect<H> {
     Replaced(H),
     Persist(Write),
     Job(Job<H>),
+    /// The state sessions read ([`UserShared`]: blocklist, carbons count) changed;
+    /// sessions on other nodes need the new copy.
+    SharedChanged,
 }
 
 /// Limits applied to a user's data.
@@ -282,6 +310,47 @@ impl<H: Clone + PartialEq> UserState<H> {
             self.shared.carbons.fetch_sub(1, Ordering::Relaxed);
         }
         old
+    }
+
+    /// The binding id and handle of the session bound to `jid`.
+    pub fn session(&self, jid: &FullJid) -> Option<(SessionId, &H)> {
+        self.sessions
+            .iter()
+            .find(|s| &s.jid == jid)
+            .map(|s| (s.id, &s.handle))
+    }
+
+    /// Attaches a session that was bound under a previous owner of this account (a
+    /// handoff or a node's death moved the shard), as it was: no presence broadcast,
+    /// contacts already saw it. Replaces a stale entry for the same full JID.
+    pub fn attach(&mut self, jid: FullJid, id: SessionId, handle: H, facts: SessionFacts) {
+        if let Some(pos) = self.sessions.iter().position(|s| s.jid == jid) {
+            self.remove_session(pos);
+        }
+        if facts.carbons {
+            self.shared.carbons.fetch_add(1, Ordering::Relaxed);
+        }
+        let priority = facts.presence.as_ref().map_or(0, Stanza::priority);
+        self.sessions.push(SessionEntry {
+            jid,
+            id,
+            handle,
+            presence: facts.presence,
+            priority,
+            interested: facts.roster_requested,
+            blocklist_requested: facts.blocklist_requested,
+            carbons: facts.carbons,
+        });
+    }
+
+    /// A session of this account ended somewhere this state never knew of (its node
+    /// died along with the account's previous owner): contacts may have seen it
+    /// available, so they get its unavailable presence.
+    pub fn gone_elsewhere(&self, jid: &FullJid) -> Vec<Effect<H>> {
+        if self.session(jid).is_some() {
+            return Vec::new();
+        }
+        self.went_unavailable(jid, None)
     }
 
     // ---- own presence -----------------------------------------------------------------
@@ -574,6 +643,10 @@ impl<H: Clone + PartialEq> UserState<H> {
                     } else {
                         self.shared.carbons.fetch_sub(1, Ordering::Relaxed);
                     }
+                    return vec![
+                        Effect::SharedChanged,
+                        Effect::Route(result_to(&iq, from, None)),
+                    ];
                 }
                 vec![Effect::Route(result_to(&iq, from, None))]
             }
@@ -699,6 +772,7 @@ impl<H: Clone + PartialEq> UserState<H> {
         let after: HashSet<String> = list.iter().cloned().collect();
         *self.shared.blocklist.write() = after.clone();
         let mut effects = vec![
+            Effect::SharedChanged,
             Effect::Route(result_to(iq, from, None)),
             Effect::Persist(Write::Blocklist(list)),
         ];

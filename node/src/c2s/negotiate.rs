@@ -28,8 +28,8 @@ use tracing::{debug, info, warn};
 use crate::c2s::io::{self, Outbound, Transport};
 use crate::c2s::session::{Incoming, Session, SessionParts};
 use crate::c2s::{Shared, fresh_id, mechanism_label, stream_error_label};
-use crate::metrics::{ConnectionGuard, Listener, Mailbox, RegistrationResult};
-use crate::shard::{Bind, BindResult};
+use crate::metrics::{ConnectionGuard, Listener, RegistrationResult};
+use crate::shard::{Bind, BindReplyTo, BindResult, SessionHandle};
 use crate::storage::{self, StorageError};
 use crate::user::UserShared;
 
@@ -234,21 +234,14 @@ async fn negotiate(
                     let ctx = Context::<Session>::new();
                     let id = shared.next_session_id();
                     let (tx, rx) = oneshot::channel();
-                    let msg = Bind {
+                    shared.router.bind(Bind {
                         user: user.clone(),
                         resource: resource.unwrap_or_else(fresh_id),
                         id,
-                        session: ctx.address(),
-                        reply: tx,
-                    };
-                    if shared.router.host_for(&user).try_send(msg).is_err() {
-                        shared.metrics.mailbox_drop(Mailbox::Shard);
-                        actions.extend(conn.stream.bind_result(Err(StanzaError::new(
-                            StanzaErrorCondition::ResourceConstraint,
-                        ))));
-                    } else {
-                        pending_bind = Some((ctx, id, rx));
-                    }
+                        session: SessionHandle::Local(ctx.address()),
+                        reply: BindReplyTo::Local(tx),
+                    });
+                    pending_bind = Some((ctx, id, rx));
                 }
                 Action::Close { error } => {
                     if let Some(e) = &error {

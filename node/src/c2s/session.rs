@@ -14,7 +14,6 @@ use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use jid::{FullJid, Jid};
 use shoal_xmpp::c2s::{Action, C2sStream};
-use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
 use shoal_xmpp::error::{StreamError, StreamErrorCondition};
 use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
@@ -23,11 +22,12 @@ use tracing::{debug, info};
 
 use crate::c2s::io::{Outbound, QueueFull};
 use crate::c2s::{fresh_id, stanza_kind, stream_error_label};
+use crate::cluster::forward::NodeId;
+use crate::cluster::link::ToOwner;
 use crate::metrics::{ConnectionGuard, Mailbox, Metrics, SessionGuard};
 use crate::router::Router;
-use crate::shard::{FromSession, FromSessionKind, Unbind};
-use crate::user::SessionId;
-use crate::user::UserShared;
+use crate::shard::{Attached, FromSession, FromSessionKind, SessionHandle, Unbind};
+use crate::user::{SessionFacts, SessionId, UserShared};
 
 /// Messages a session may queue. Beyond this, shard hosts drop stanzas for it (counted,
 /// sender told `<resource-constraint/>`); the reader task waits instead, which is the
@@ -52,6 +52,13 @@ pub struct Deliver {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Close(pub StreamErrorCondition);
+
+/// Cluster mode: the account's shard moved to `owner`; report this session to it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReportAttach {
+    pub owner: NodeId,
+}
 
 /// What a session is built from once negotiation has bound a resource.
 pub struct SessionParts {
@@ -88,6 +95,8 @@ pub struct Session {
     shared: Arc<UserShared>,
     /// Entities this session sent directed available presence to.
     directed: HashSet<Jid>,
+    /// What a new owner of the account needs to serve this session as before.
+    facts: SessionFacts,
 }
 
 impl Session {
@@ -109,6 +118,7 @@ impl Session {
             on_stop: Some(parts.on_stop),
             shared: parts.shared,
             directed: HashSet::new(),
+            facts: SessionFacts::default(),
         }
     }
 
@@ -237,20 +247,40 @@ impl Session {
     }
 
     fn send_own_shard(&mut self, kind: FromSessionKind, stanza: Stanza, since: Instant) {
-        let msg = FromSession {
+        self.note_facts(kind, &stanza);
+        self.router.to_owner(ToOwner::FromSession(FromSession {
             from: self.jid.clone(),
             kind,
             stanza,
             since,
-        };
-        if let Err(e) = self.router.host_for(&self.jid.to_bare()).try_send(msg) {
-            self.metrics.mailbox_drop(Mailbox::Shard);
-            let msg = e.into_inner();
-            self.router.bounce(
-                &msg.stanza,
-                StanzaError::with_text(StanzaErrorCondition::ResourceConstraint, "server busy"),
-                since,
-            );
+        }));
+    }
+
+    /// Keeps [`SessionFacts`] in step with what the session asked of its account.
+    fn note_facts(&mut self, kind: FromSessionKind, stanza: &Stanza) {
+        match (kind, stanza.kind) {
+            (FromSessionKind::Presence, Kind::Presence(PresenceType::Available)) => {
+                self.facts.presence = Some(stanza.clone());
+            }
+            (FromSessionKind::Presence, Kind::Presence(PresenceType::Unavailable)) => {
+                self.facts.presence = None;
+            }
+            (FromSessionKind::AccountIq, Kind::Iq(t)) => {
+                let Ok(Some(p)) = stanza.iq_payload() else {
+                    return;
+                };
+                match (p.ns.as_str(), p.name.as_str(), t) {
+                    (ns::ROSTER, "query", IqType::Get) => self.facts.roster_requested = true,
+                    (ns::BLOCKING, "blocklist", IqType::Get) => {
+                        self.facts.blocklist_requested = true;
+                    }
+                    (ns::CARBONS, name @ ("enable" | "disable"), IqType::Set) => {
+                        self.facts.carbons = name == "enable";
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
         }
     }
 
@@ -294,6 +324,8 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(SESSION_MAILBOX);
+        self.router
+            .session_started(&self.jid, self.id, ctx.address(), self.shared.clone());
         // Bytes that arrived behind the bind request are processed now.
         if !self.buf.is_empty() {
             self.process(ctx);
@@ -384,6 +416,20 @@ impl Handler<Close> for Session {
     fn handle(&mut self, msg: Close, ctx: &mut Self::Context) {
         info!(jid = %self.jid, condition = msg.0.as_str(), "closing session");
         self.close_with(msg.0, ctx);
+    }
+}
+
+impl Handler<ReportAttach> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReportAttach, ctx: &mut Self::Context) {
+        let attached = Attached {
+            jid: self.jid.clone(),
+            id: self.id,
+            handle: Some(SessionHandle::Local(ctx.address())),
+            facts: Some(self.facts.clone()),
+        };
+        self.router.attached(&msg.owner, attached);
     }
 }
 

@@ -8,7 +8,7 @@
 //! state and queued work) before calling [`Coordinator::hand_off`], so a graceful leave
 //! or a handoff loses nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use super::membership::Membership;
@@ -25,12 +25,17 @@ pub struct Round {
     pub moving: Vec<ShardId>,
     /// The live node ids, sorted.
     pub live: Vec<String>,
+    /// Each live node's cluster endpoint, by id.
+    pub endpoints: BTreeMap<String, String>,
 }
 
 pub struct Coordinator {
     membership: Membership,
     leases: Leases,
     shards: u32,
+    /// Leaving gracefully: no heartbeat, and this node is no shard's target, so every
+    /// round hands off what is still held.
+    leaving: bool,
 }
 
 impl Coordinator {
@@ -39,6 +44,7 @@ impl Coordinator {
             membership,
             leases,
             shards,
+            leaving: false,
         }
     }
 
@@ -53,16 +59,17 @@ impl Coordinator {
 
     /// One round; see the module documentation.
     pub async fn round(&mut self) -> redis::RedisResult<Round> {
-        self.membership.heartbeat().await?;
-        let live: Vec<String> = self
-            .membership
-            .live()
-            .await?
-            .into_iter()
-            .map(|n| n.id)
-            .collect();
-        let lost = self.leases.renew().await?;
+        if !self.leaving {
+            self.membership.heartbeat().await?;
+        }
         let me = self.membership.me().id.clone();
+        let mut nodes = self.membership.live().await?;
+        if self.leaving {
+            nodes.retain(|n| n.id != me);
+        }
+        let live: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+        let endpoints = nodes.into_iter().map(|n| (n.id, n.endpoint)).collect();
+        let lost = self.leases.renew().await?;
         let held: BTreeSet<ShardId> = self.leases.held().collect();
         let (mine, moving): (Vec<ShardId>, Vec<ShardId>) = (0..self.shards)
             .map(|s| (s, target(s, &live) == Some(me.as_str())))
@@ -89,12 +96,27 @@ impl Coordinator {
             lost,
             moving,
             live,
+            endpoints,
         })
     }
 
-    /// Releases `shards` once the caller has drained them.
+    /// Releases `shards` once the caller has drained them, and tells the other nodes
+    /// so their next round (which claims them) runs at once.
     pub async fn hand_off(&mut self, shards: &[ShardId]) -> redis::RedisResult<()> {
-        self.leases.release(shards).await
+        self.leases.release(shards).await?;
+        self.membership.announce_release().await
+    }
+
+    /// Starts a graceful leave: out of the membership at once; the following rounds
+    /// hand every held shard off.
+    pub async fn start_leaving(&mut self) -> redis::RedisResult<()> {
+        self.leaving = true;
+        self.membership.leave().await
+    }
+
+    /// Shards still held.
+    pub fn held(&self) -> usize {
+        self.leases.held().count()
     }
 
     /// Graceful leave: releases every shard held (drained by the caller) and leaves.

@@ -114,6 +114,16 @@ impl Membership {
             .await
     }
 
+    /// Tells the others this node released shards, so they claim them without waiting
+    /// for their next periodic round. Not a membership change ([`Event::decode`] reads
+    /// it as nothing).
+    pub async fn announce_release(&self) -> redis::RedisResult<()> {
+        let mut redis = self.redis.clone();
+        redis
+            .publish::<_, _, ()>(self.events_channel(), format!("released {}", self.me.id))
+            .await
+    }
+
     /// Removes this node at once (graceful leave) and tells the others.
     pub async fn leave(&self) -> redis::RedisResult<()> {
         let mut redis = self.redis.clone();

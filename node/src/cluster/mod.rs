@@ -7,6 +7,7 @@
 pub mod coordinator;
 pub mod directory;
 pub mod forward;
+pub mod link;
 pub mod membership;
 pub mod runtime;
 pub mod shards;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
@@ -33,9 +34,22 @@ pub struct Settings {
     pub lease_ttl: Duration,
 }
 
+/// Stops this node serving shards, for the runtime to call before it releases them
+/// (handoff, leave) or after it found them taken (lost). The node stops routing to
+/// them locally, passes their waiting work on and finishes their storage writes.
+pub trait Drain: Send + Sync + 'static {
+    /// `generation` is the round doing it: views of earlier rounds, which still list
+    /// these shards as served, must not make the node serve them again.
+    fn drain(&self, shards: Vec<ShardId>, generation: u64) -> BoxFuture<'static, ()>;
+}
+
 /// What the node knows of shard ownership after the last round.
 #[derive(Debug, Clone, Default)]
 pub struct ShardView {
+    /// The round that produced this view, counting from 1.
+    pub generation: u64,
+    /// Each live node's cluster endpoint, by id.
+    pub endpoints: BTreeMap<String, String>,
     /// Shards this node holds, with the instant its lease stops being valid.
     pub mine: BTreeMap<ShardId, Instant>,
     /// The owner of every shard (`None`: unowned right now).
@@ -54,13 +68,14 @@ impl ShardView {
 /// A running cluster membership.
 pub struct Cluster {
     coordinator: Arc<Mutex<Coordinator>>,
+    drain: Arc<dyn Drain>,
     view: watch::Receiver<ShardView>,
     task: JoinHandle<()>,
 }
 
 impl Cluster {
     /// Connects to Redis, joins, runs a first round and starts the background rounds.
-    pub async fn start(settings: Settings) -> redis::RedisResult<Self> {
+    pub async fn start(settings: Settings, drain: Arc<dyn Drain>) -> redis::RedisResult<Self> {
         let client = redis::Client::open(settings.redis_url.as_str())?;
         let redis = ConnectionManager::new(client.clone()).await?;
         let membership = Membership::new(
@@ -79,12 +94,13 @@ impl Cluster {
         let coordinator = Coordinator::new(membership, leases, settings.shards);
         coordinator.join().await?;
         let coordinator = Arc::new(Mutex::new(coordinator));
-        let first = round(&coordinator, settings.shards).await?;
+        let first = round(&coordinator, settings.shards, drain.as_ref(), 1).await?;
         let (tx, view) = watch::channel(first);
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&events).await?;
         let task = tokio::spawn(run(
             coordinator.clone(),
+            drain.clone(),
             tx,
             pubsub,
             settings.shards,
@@ -93,6 +109,7 @@ impl Cluster {
         info!(node = %settings.node.id, "joined the cluster");
         Ok(Self {
             coordinator,
+            drain,
             view,
             task,
         })
@@ -105,23 +122,58 @@ impl Cluster {
 
     /// Graceful leave: stops the rounds, releases every shard and leaves. The caller
     /// has drained the shards first.
-    pub async fn leave(self) -> redis::RedisResult<()> {
+    /// Stops taking part without a word to the others, as a crashed node would: its
+    /// leases and membership expire on their own.
+    pub fn abort(self) {
         self.task.abort();
-        self.coordinator.lock().await.leave().await
+    }
+
+    /// Leaves gracefully: out of the membership at once, then the background rounds
+    /// hand every shard off (drained first) while the new owners claim them. Returns
+    /// once the other nodes own every shard, or after `patience`, when whatever is
+    /// still held is drained and released at once.
+    pub async fn leave(mut self, patience: Duration) -> redis::RedisResult<()> {
+        self.coordinator.lock().await.start_leaving().await?;
+        let handed = tokio::time::timeout(
+            patience,
+            self.view
+                .wait_for(|v| v.mine.is_empty() && v.owners.iter().all(Option::is_some)),
+        )
+        .await;
+        self.task.abort();
+        let mut c = self.coordinator.lock().await;
+        if handed.is_err() || c.held() > 0 {
+            warn!(
+                held = c.held(),
+                "shards not handed off in time; releasing them"
+            );
+            let held: Vec<ShardId> = c.leases().held().collect();
+            self.drain.drain(held, u64::MAX).await;
+            c.leave().await?;
+        }
+        Ok(())
     }
 }
 
 /// Runs a round and reads the resulting ownership. Shards that move elsewhere are
 /// released at once here: drains of shard state are the router's to add before this
 /// hands them off.
-async fn round(coordinator: &Mutex<Coordinator>, shards: u32) -> redis::RedisResult<ShardView> {
+async fn round(
+    coordinator: &Mutex<Coordinator>,
+    shards: u32,
+    drain: &dyn Drain,
+    generation: u64,
+) -> redis::RedisResult<ShardView> {
     let mut c = coordinator.lock().await;
     let round = c.round().await?;
-    if !round.moving.is_empty() {
-        c.hand_off(&round.moving).await?;
-    }
     if !round.lost.is_empty() {
         warn!(shards = ?round.lost, "shard leases were taken over by other nodes");
+        drain.drain(round.lost.clone(), generation).await;
+    }
+    if !round.moving.is_empty() {
+        info!(count = round.moving.len(), "handing shards off");
+        drain.drain(round.moving.clone(), generation).await;
+        c.hand_off(&round.moving).await?;
     }
     let now = Instant::now();
     let mine = c
@@ -130,6 +182,8 @@ async fn round(coordinator: &Mutex<Coordinator>, shards: u32) -> redis::RedisRes
         .filter_map(|s| c.leases().valid(s, now).map(|l| (s, l.valid_until)))
         .collect();
     Ok(ShardView {
+        generation,
+        endpoints: round.endpoints,
         mine,
         owners: c.leases().owners(shards).await?,
         live: round.live,
@@ -138,6 +192,7 @@ async fn round(coordinator: &Mutex<Coordinator>, shards: u32) -> redis::RedisRes
 
 async fn run(
     coordinator: Arc<Mutex<Coordinator>>,
+    drain: Arc<dyn Drain>,
     tx: watch::Sender<ShardView>,
     mut pubsub: redis::aio::PubSub,
     shards: u32,
@@ -145,6 +200,7 @@ async fn run(
 ) {
     let mut events = pubsub.on_message().boxed();
     let mut tick = tokio::time::interval(period);
+    let mut generation = 1;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -156,7 +212,8 @@ async fn run(
                 }
             }
         }
-        match round(&coordinator, shards).await {
+        generation += 1;
+        match round(&coordinator, shards, drain.as_ref(), generation).await {
             Ok(view) => {
                 let _ = tx.send(view);
             }
@@ -169,6 +226,14 @@ async fn run(
 mod tests {
     use super::*;
     use crate::testing::RedisServer;
+
+    struct NoDrain;
+
+    impl Drain for NoDrain {
+        fn drain(&self, _: Vec<ShardId>, _: u64) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
 
     fn settings(redis: &RedisServer, id: &str) -> Settings {
         Settings {
@@ -197,11 +262,15 @@ mod tests {
     #[tokio::test]
     async fn two_nodes_split_the_shards_and_one_takes_all_after_a_leave() {
         let redis = RedisServer::start();
-        let a = Cluster::start(settings(&redis, "a")).await.unwrap();
+        let a = Cluster::start(settings(&redis, "a"), Arc::new(NoDrain))
+            .await
+            .unwrap();
         let mut va = a.view();
         until(&mut va, |v| v.mine.len() == 32).await;
 
-        let b = Cluster::start(settings(&redis, "b")).await.unwrap();
+        let b = Cluster::start(settings(&redis, "b"), Arc::new(NoDrain))
+            .await
+            .unwrap();
         let mut vb = b.view();
         let split = |v: &ShardView| {
             v.live == ["a", "b"]
@@ -219,7 +288,7 @@ mod tests {
             );
         }
 
-        b.leave().await.unwrap();
+        b.leave(Duration::from_secs(5)).await.unwrap();
         until(&mut va, |v| v.live == ["a"] && v.mine.len() == 32).await;
     }
 }

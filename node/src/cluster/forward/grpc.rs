@@ -65,9 +65,9 @@ pub struct ClusterEndpoint {
 
 impl ClusterEndpoint {
     /// Binds `addr` and serves the `Cluster` service, handing received frames to
-    /// `handler`. `addr` is for the configuration to supply once this is wired into
-    /// `server::run` (intended key `cluster.listen`, default `0.0.0.0:7070`, see
-    /// [`DEFAULT_PORT`](super::DEFAULT_PORT)).
+    /// `handler`. A node binds `cluster.listen` (default `0.0.0.0:7070`, see
+    /// [`DEFAULT_PORT`](super::DEFAULT_PORT)) with [`Listeners`](crate::server::Listeners)
+    /// and calls [`ClusterEndpoint::serve`].
     pub async fn bind(
         addr: SocketAddr,
         node: NodeId,
@@ -76,6 +76,17 @@ impl ClusterEndpoint {
         metrics: Metrics,
     ) -> io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
+        Self::serve(listener, node, handler, config, metrics)
+    }
+
+    /// Serves the `Cluster` service on a listener bound beforehand.
+    pub fn serve(
+        listener: TcpListener,
+        node: NodeId,
+        handler: Arc<dyn FrameHandler>,
+        config: &ForwardConfig,
+        metrics: Metrics,
+    ) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let service = Receiver {
@@ -412,6 +423,15 @@ impl GrpcForwarder {
     pub fn peer_status(&self, peer: &NodeId) -> Option<PeerStatus> {
         let links = self.inner.links.read();
         links.get(peer).map(|link| link.status.lock().clone())
+    }
+
+    /// Frames queued for all peers and not yet taken into a batch.
+    pub fn queued(&self) -> usize {
+        let links = self.inner.links.read();
+        links
+            .values()
+            .map(|l| l.queue.max_capacity() - l.queue.capacity())
+            .sum()
     }
 
     /// Stops every link. Frames not yet acknowledged are counted as dropped.

@@ -74,10 +74,15 @@ fn mixed(i: u64) -> FrameKind {
     let stanza = Bytes::from(format!("<message id='{i}'><body>{i}</body></message>"));
     let jid = format!("user{i}@example.com");
     match i % 6 {
-        0 => FrameKind::ToBare(ToBareJid { to: jid, stanza }),
+        0 => FrameKind::ToBare(ToBareJid {
+            to: jid,
+            stanza,
+            hops: 0,
+        }),
         1 => FrameKind::ToFull(ToFullJid {
             to: format!("{jid}/res"),
             stanza,
+            session_id: i,
         }),
         2 => FrameKind::PresenceFanout(PresenceFanout {
             stanza,
@@ -120,6 +125,7 @@ fn index_of(kind: &FrameKind) -> u64 {
         FrameKind::RoomBroadcast(f) => from_stanza(&f.stanza),
         FrameKind::SessionEvent(f) => f.session_id,
         FrameKind::ShardHandoff(f) => u64::from(f.chunk),
+        other => panic!("mixed() makes no {other:?}"),
     }
 }
 

@@ -1,0 +1,758 @@
+//! The router's side of cluster mode: which node owns each shard now, the frames that
+//! carry work between an account's owner and the nodes holding its sessions, and the
+//! node-local table of sessions that remote owners address.
+//!
+//! An account's state lives on the node holding its shard's lease (its *owner*); its
+//! sessions live wherever the clients connected. So a session on node A whose account
+//! is owned by node B binds, unbinds and sends its own presence and account iqs through
+//! frames to B, and B delivers to it through frames to A. Nothing here waits: every
+//! hand-over is a `try_send` or a queued frame (DESIGN.md invariant 4).
+//!
+//! While a shard has no valid owner (a handoff between release and claim, a dead
+//! node's lease not yet expired) work for its accounts is *parked*: held in one
+//! bounded queue and routed again on every change of the view, and bounced with
+//! `<resource-constraint/>` if no owner appears within twice the lease TTL. A receiver
+//! that is not (or no longer) the owner routes a frame on to the owner it knows, at
+//! most [`MAX_HOPS`] times, then bounces it (invariant 6).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use bytes::Bytes;
+use jid::{BareJid, FullJid};
+use parking_lot::{Mutex, RwLock};
+use shoal_proto::v1::{self, from_session::Kind as FromKind, session_event::Kind as EventKind};
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
+use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza, TopLevel};
+use shoal_xmpp::xml::NsContext;
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::directory::Directory;
+use super::forward::{ForwardError, Forwarder, FrameHandler, FrameKind, NodeId};
+use super::runtime::ShardView;
+use crate::c2s::session::{Close, Deliver, ReportAttach, Session};
+use crate::router::Router;
+use crate::shard::{
+    Attached, Bind, BindReplyTo, BindResult, FromSession, FromSessionKind, RouteToUser,
+    SessionGone, SessionHandle, Unbind,
+};
+use crate::user::{SessionFacts, SessionId, UserShared};
+
+/// Times a frame for an account may be passed on by nodes whose view of the owner is
+/// stale before it is bounced.
+pub const MAX_HOPS: u32 = 3;
+
+/// Work parked while its shard has no valid owner; past this, it is bounced at once.
+const PARK_CAPACITY: usize = 16_384;
+
+/// Who serves a shard, as this node sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Here,
+    Node(NodeId),
+    /// No valid owner: park.
+    Unknown,
+}
+
+/// The shard map the router reads on every stanza, rebuilt from each [`ShardView`].
+#[derive(Debug, Default, Clone)]
+pub struct RouteTable {
+    /// Per shard, until when this node may serve it.
+    valid_until: Vec<Option<Instant>>,
+    owners: Vec<Option<NodeId>>,
+    live: BTreeSet<NodeId>,
+}
+
+impl RouteTable {
+    /// `withdrawn`: shards drained by the round of that generation; older views still
+    /// list them as served and are not believed about them.
+    fn from_view(view: &ShardView, shards: u32, withdrawn: &HashMap<u32, u64>) -> Self {
+        let mut valid_until = vec![None; shards as usize];
+        for (&s, &until) in &view.mine {
+            if withdrawn.get(&s).is_some_and(|&g| view.generation < g) {
+                continue;
+            }
+            if let Some(slot) = valid_until.get_mut(s as usize) {
+                *slot = Some(until);
+            }
+        }
+        let mut owners: Vec<Option<NodeId>> = view
+            .owners
+            .iter()
+            .map(|o| o.as_deref().and_then(|id| NodeId::new(id).ok()))
+            .collect();
+        owners.resize(shards as usize, None);
+        Self {
+            valid_until,
+            owners,
+            live: view
+                .live
+                .iter()
+                .filter_map(|id| NodeId::new(id).ok())
+                .collect(),
+        }
+    }
+
+    fn owner(&self, shard: u32, me: &NodeId, now: Instant) -> Owner {
+        let shard = shard as usize;
+        if self
+            .valid_until
+            .get(shard)
+            .copied()
+            .flatten()
+            .is_some_and(|until| now < until)
+        {
+            return Owner::Here;
+        }
+        match self.owners.get(shard).cloned().flatten() {
+            Some(node) if &node != me && self.live.contains(&node) => Owner::Node(node),
+            _ => Owner::Unknown,
+        }
+    }
+
+    /// Every shard has a live owner: the cluster can route everything.
+    fn complete(&self) -> bool {
+        self.owners
+            .iter()
+            .all(|o| o.as_ref().is_some_and(|n| self.live.contains(n)))
+    }
+}
+
+/// Work for an account's owner, wherever the owner is.
+pub enum ToOwner {
+    Route(RouteToUser, u32),
+    FromSession(FromSession),
+    Unbind(Unbind),
+    Gone(SessionGone),
+}
+
+impl ToOwner {
+    pub fn user(&self) -> Option<BareJid> {
+        match self {
+            ToOwner::Route(r, _) => r.stanza.to.as_ref().map(|t| t.to_bare()),
+            ToOwner::FromSession(f) => Some(f.from.to_bare()),
+            ToOwner::Unbind(u) => Some(u.jid.to_bare()),
+            ToOwner::Gone(g) => Some(g.jid.to_bare()),
+        }
+    }
+}
+
+struct Parked {
+    msg: ToOwner,
+    until: Instant,
+}
+
+/// A session on this node, as remote owners address it.
+struct LocalSession {
+    jid: FullJid,
+    id: SessionId,
+    addr: Addr<Session>,
+    shared: Arc<UserShared>,
+}
+
+/// A bind waiting for the remote owner's answer.
+struct PendingBind {
+    reply: oneshot::Sender<BindResult>,
+}
+
+pub struct ClusterLink {
+    me: NodeId,
+    shards: u32,
+    forwarder: Arc<dyn Forwarder>,
+    table: RwLock<Arc<RouteTable>>,
+    sessions: Mutex<HashMap<BareJid, Vec<LocalSession>>>,
+    binds: Mutex<HashMap<SessionId, PendingBind>>,
+    parked: Mutex<VecDeque<Parked>>,
+    /// Shards drained, with the generation of the round that drained them.
+    withdrawn: Mutex<HashMap<u32, u64>>,
+    directory: Directory,
+    park_for: Duration,
+}
+
+impl ClusterLink {
+    pub fn new(
+        me: NodeId,
+        shards: u32,
+        forwarder: Arc<dyn Forwarder>,
+        directory: Directory,
+        lease_ttl: Duration,
+    ) -> Self {
+        Self {
+            me,
+            shards,
+            forwarder,
+            table: RwLock::new(Arc::new(RouteTable::default())),
+            sessions: Mutex::new(HashMap::new()),
+            binds: Mutex::new(HashMap::new()),
+            parked: Mutex::new(VecDeque::new()),
+            withdrawn: Mutex::new(HashMap::new()),
+            directory,
+            park_for: lease_ttl * 2,
+        }
+    }
+
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    pub fn owner(&self, shard: u32) -> Owner {
+        self.table.read().owner(shard, &self.me, Instant::now())
+    }
+
+    /// Stops routing `shards` to this node at once (the drain before a handoff).
+    pub fn withdraw(&self, shards: &[u32], generation: u64) {
+        let mut withdrawn = self.withdrawn.lock();
+        let mut table = self.table.write();
+        let mut updated = RouteTable::clone(&table);
+        for &s in shards {
+            withdrawn.insert(s, generation);
+            if let Some(slot) = updated.valid_until.get_mut(s as usize) {
+                *slot = None;
+            }
+        }
+        *table = Arc::new(updated);
+    }
+
+    /// Whether `node` is a live member now.
+    pub fn is_live(&self, node: &NodeId) -> bool {
+        node == &self.me || self.table.read().live.contains(node)
+    }
+
+    /// Queues a frame for `to`.
+    pub fn forward(&self, to: &NodeId, kind: FrameKind) -> Result<(), ForwardError> {
+        self.forwarder.forward(to, kind).map_err(|r| r.error)
+    }
+
+    // ---- parking -------------------------------------------------------------------
+
+    /// How much work is parked.
+    pub fn parked(&self) -> usize {
+        self.parked.lock().len()
+    }
+
+    /// Holds `msg` until its shard has an owner; gives it back when the park is full.
+    pub fn park(&self, msg: ToOwner) -> Result<(), ToOwner> {
+        let mut parked = self.parked.lock();
+        if parked.len() >= PARK_CAPACITY {
+            return Err(msg);
+        }
+        parked.push_back(Parked {
+            msg,
+            until: Instant::now() + self.park_for,
+        });
+        Ok(())
+    }
+
+    // ---- local sessions --------------------------------------------------------------
+
+    /// Records a session started on this node, so owners can reach it.
+    pub fn session_started(
+        &self,
+        jid: &FullJid,
+        id: SessionId,
+        addr: Addr<Session>,
+        shared: Arc<UserShared>,
+    ) {
+        self.sessions
+            .lock()
+            .entry(jid.to_bare())
+            .or_default()
+            .push(LocalSession {
+                jid: jid.clone(),
+                id,
+                addr,
+                shared,
+            });
+    }
+
+    pub fn session_ended(&self, jid: &FullJid, id: SessionId) {
+        let mut sessions = self.sessions.lock();
+        let bare = jid.to_bare();
+        if let Some(list) = sessions.get_mut(&bare) {
+            list.retain(|s| !(s.id == id && &s.jid == jid));
+            if list.is_empty() {
+                sessions.remove(&bare);
+            }
+        }
+    }
+
+    fn local_session(&self, jid: &FullJid, id: SessionId) -> Option<Addr<Session>> {
+        let sessions = self.sessions.lock();
+        sessions
+            .get(&jid.to_bare())?
+            .iter()
+            .find(|s| s.id == id && &s.jid == jid)
+            .map(|s| s.addr.clone())
+    }
+
+    /// The owner's new copy of what this user's sessions read.
+    pub fn update_shared(&self, user: &BareJid, blocklist: &[String], carbons: usize) {
+        if let Some(list) = self.sessions.lock().get(user) {
+            for s in list {
+                s.shared.replace(blocklist.to_vec(), carbons);
+            }
+        }
+    }
+
+    /// Asks the session `jid`/`id` on this node to report itself to `owner` (a node
+    /// that took over the account). Answers "gone" at once when it is not here.
+    pub fn request_attach(&self, owner: &NodeId, jid: FullJid, id: SessionId, router: &Router) {
+        let asked = self.local_session(&jid, id).is_some_and(|addr| {
+            addr.try_send(ReportAttach {
+                owner: owner.clone(),
+            })
+            .is_ok()
+        });
+        if !asked {
+            router.attached(
+                owner,
+                Attached {
+                    jid,
+                    id,
+                    handle: None,
+                    facts: None,
+                },
+            );
+        }
+    }
+
+    // ---- binds -------------------------------------------------------------------------
+
+    pub fn bind_remote(&self, owner: &NodeId, bind: Bind) {
+        let id = bind.id;
+        let request = FrameKind::BindRequest(v1::BindRequest {
+            user: bind.user.to_string(),
+            resource: bind.resource.clone(),
+            session_id: id,
+        });
+        let BindReplyTo::Local(reply) = bind.reply else {
+            return;
+        };
+        self.binds.lock().insert(id, PendingBind { reply });
+        if let Err(e) = self.forward(owner, request) {
+            if let Some(p) = self.binds.lock().remove(&id) {
+                let _ = p.reply.send(Err(StanzaError::with_text(
+                    StanzaErrorCondition::ResourceConstraint,
+                    &format!("cannot reach the account's node: {e}"),
+                )));
+            }
+        }
+    }
+
+    /// Forgets binds whose connection gave up waiting.
+    pub fn sweep_binds(&self) {
+        self.binds.lock().retain(|_, p| !p.reply.is_closed());
+    }
+}
+
+// ---- the view watcher --------------------------------------------------------------
+
+/// Keeps the route table, the peer links and the parked work in step with the shard
+/// view, and purges the sessions of nodes that died. Runs until the view's sender is
+/// dropped.
+pub async fn follow_view(
+    router: Router,
+    mut view: watch::Receiver<ShardView>,
+    peers: Arc<dyn PeerSet>,
+    ready: impl Fn(bool) + Send + 'static,
+) {
+    let Some(link) = router.cluster().cloned() else {
+        return;
+    };
+    let mut endpoints: BTreeMap<String, String> = BTreeMap::new();
+    let mut live: BTreeSet<String> = BTreeSet::new();
+    let mut sweep = tokio::time::interval(Duration::from_millis(250));
+    // A node restarted under the same id finds its previous life's sessions in the
+    // directory: they are gone, and their contacts are told.
+    purge(&router, &link, link.me.as_str()).await;
+    loop {
+        let snapshot = view.borrow_and_update().clone();
+        let table = {
+            let mut withdrawn = link.withdrawn.lock();
+            let table = RouteTable::from_view(&snapshot, link.shards, &withdrawn);
+            withdrawn.retain(|_, g| snapshot.generation < *g);
+            Arc::new(table)
+        };
+        moved_sessions(&router, &link, &link.table.read().clone(), &table);
+        let complete = table.complete();
+        *link.table.write() = table;
+        for (id, endpoint) in &snapshot.endpoints {
+            if id != link.me.as_str() && endpoints.get(id) != Some(endpoint) {
+                match resolve(endpoint).await {
+                    Some(addr) => {
+                        if let Ok(node) = NodeId::new(id) {
+                            peers.add(node, addr);
+                            endpoints.insert(id.clone(), endpoint.clone());
+                        }
+                    }
+                    None => warn!(node = %id, %endpoint, "cannot resolve a peer's endpoint"),
+                }
+            }
+        }
+        let now_live: BTreeSet<String> = snapshot.live.iter().cloned().collect();
+        for gone in live.difference(&now_live) {
+            info!(node = %gone, "node left the cluster");
+            endpoints.remove(gone);
+            if let Ok(node) = NodeId::new(gone) {
+                peers.remove(&node);
+            }
+            // One node purges: the first live one in id order.
+            if now_live.first().map(String::as_str) == Some(link.me.as_str()) {
+                purge(&router, &link, gone).await;
+            }
+        }
+        live = now_live;
+        ready(complete && live.contains(link.me.as_str()));
+        router.retry_parked();
+        // Until the next change: forget abandoned binds, retry parked work.
+        loop {
+            tokio::select! {
+                changed = view.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = sweep.tick() => {
+                    link.sweep_binds();
+                    router.retry_parked();
+                }
+            }
+        }
+    }
+}
+
+/// Tells the new owner of every shard whose owner changed about this node's sessions
+/// of its accounts, so it serves them without waiting to be asked.
+fn moved_sessions(router: &Router, link: &ClusterLink, before: &RouteTable, after: &RouteTable) {
+    let now = Instant::now();
+    let owner_now = |t: &RouteTable, s: u32| t.owner(s, &link.me, now);
+    let moved: Vec<(BareJid, Addr<Session>, NodeId)> = {
+        let sessions = link.sessions.lock();
+        sessions
+            .iter()
+            .flat_map(|(user, list)| {
+                let shard = router.shard(user);
+                let new = owner_now(after, shard);
+                let target = match &new {
+                    _ if new == owner_now(before, shard) => None,
+                    Owner::Here => Some(link.me.clone()),
+                    Owner::Node(n) => Some(n.clone()),
+                    Owner::Unknown => None,
+                };
+                list.iter()
+                    .filter_map(move |s| target.clone().map(|t| (user.clone(), s.addr.clone(), t)))
+            })
+            .collect()
+    };
+    for (user, addr, owner) in moved {
+        debug!(%user, %owner, "session reports to its account's new owner");
+        let _ = addr.try_send(ReportAttach { owner });
+    }
+}
+
+/// The peer links a view change adds and removes.
+pub trait PeerSet: Send + Sync {
+    fn add(&self, node: NodeId, addr: SocketAddr);
+    fn remove(&self, node: &NodeId);
+}
+
+impl PeerSet for super::forward::grpc::GrpcForwarder {
+    fn add(&self, node: NodeId, addr: SocketAddr) {
+        self.add_peer(node, addr);
+    }
+
+    fn remove(&self, node: &NodeId) {
+        self.remove_peer(node);
+    }
+}
+
+async fn resolve(endpoint: &str) -> Option<SocketAddr> {
+    tokio::net::lookup_host(endpoint).await.ok()?.next()
+}
+
+/// Removes `node`'s sessions from the directory and tells each account's owner that
+/// the session is gone.
+async fn purge(router: &Router, link: &ClusterLink, node: &str) {
+    let gone = match link.directory.purge_node(node).await {
+        Ok(gone) => gone,
+        Err(e) => {
+            warn!(%node, error = %e, "purging a departed node's sessions failed");
+            return;
+        }
+    };
+    if !gone.is_empty() {
+        info!(%node, sessions = gone.len(), "purged the sessions of a departed node");
+    }
+    let Ok(node) = NodeId::new(node) else { return };
+    for full in gone {
+        if let Ok(jid) = full.parse::<FullJid>() {
+            router.to_owner(ToOwner::Gone(SessionGone {
+                jid,
+                node: node.clone(),
+            }));
+        }
+    }
+}
+
+// ---- receiving -------------------------------------------------------------------
+
+/// Parses a stanza another node serialised.
+fn decode(bytes: &Bytes) -> Option<Stanza> {
+    match shoal_xmpp::stanza::parse_top_level(bytes, NsContext::CLIENT) {
+        Ok(TopLevel::Stanza(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The stanza kind of serialised bytes, for metrics only.
+fn kind_of(bytes: &[u8]) -> Kind {
+    if bytes.starts_with(b"<message") {
+        Kind::Message(MessageType::Normal)
+    } else if bytes.starts_with(b"<presence") {
+        Kind::Presence(PresenceType::Available)
+    } else {
+        Kind::Iq(IqType::Result)
+    }
+}
+
+fn from_session_kind(kind: FromKind) -> Option<FromSessionKind> {
+    Some(match kind {
+        FromKind::Presence => FromSessionKind::Presence,
+        FromKind::Subscription => FromSessionKind::Subscription,
+        FromKind::AccountIq => FromSessionKind::AccountIq,
+        FromKind::SentCarbon => FromSessionKind::SentCarbon,
+        FromKind::Unspecified => return None,
+    })
+}
+
+pub fn to_wire_kind(kind: FromSessionKind) -> FromKind {
+    match kind {
+        FromSessionKind::Presence => FromKind::Presence,
+        FromSessionKind::Subscription => FromKind::Subscription,
+        FromSessionKind::AccountIq => FromKind::AccountIq,
+        FromSessionKind::SentCarbon => FromKind::SentCarbon,
+    }
+}
+
+/// Frames from other nodes, handed to this node's router.
+pub struct Inbound(pub Router);
+
+impl FrameHandler for Inbound {
+    fn handle(&self, from: &NodeId, kind: FrameKind) {
+        let router = &self.0;
+        let Some(link) = router.cluster() else { return };
+        let now = Instant::now();
+        match kind {
+            FrameKind::ToBare(f) => match decode(&f.stanza) {
+                Some(stanza) => {
+                    router.to_owner(ToOwner::Route(RouteToUser { stanza, since: now }, f.hops))
+                }
+                None => warn!(peer = %from, "undecodable stanza from a peer dropped"),
+            },
+            FrameKind::ToFull(f) => {
+                let Ok(jid) = f.to.parse::<FullJid>() else {
+                    return;
+                };
+                let delivered = link.local_session(&jid, f.session_id).is_some_and(|addr| {
+                    addr.try_send(Deliver {
+                        kind: kind_of(&f.stanza),
+                        xml: f.stanza.clone(),
+                        since: now,
+                    })
+                    .is_ok()
+                });
+                if !delivered {
+                    // The owner's entry is stale: tell it, then route the stanza again
+                    // (it follows the unbind on the same ordered stream).
+                    router.to_owner(ToOwner::Unbind(Unbind {
+                        jid,
+                        id: f.session_id,
+                    }));
+                    if let Some(stanza) = decode(&f.stanza) {
+                        router.route(stanza, now);
+                    }
+                }
+            }
+            FrameKind::BindRequest(b) => {
+                let Ok(user) = b.user.parse::<BareJid>() else {
+                    return;
+                };
+                let Ok(jid) = user.with_resource_str(&b.resource) else {
+                    return router.bind_reply(
+                        from,
+                        b.session_id,
+                        Err(StanzaError::new(StanzaErrorCondition::BadRequest)),
+                    );
+                };
+                router.bind_here(Bind {
+                    user,
+                    resource: b.resource,
+                    id: b.session_id,
+                    session: SessionHandle::Remote {
+                        node: from.clone(),
+                        jid,
+                        id: b.session_id,
+                    },
+                    reply: BindReplyTo::Node(from.clone()),
+                });
+            }
+            FrameKind::BindReply(r) => {
+                let Some(pending) = link.binds.lock().remove(&r.session_id) else {
+                    return;
+                };
+                let result = if r.error.is_empty() {
+                    match r.full_jid.parse::<FullJid>() {
+                        Ok(jid) => {
+                            let shared = Arc::new(UserShared::default());
+                            if let Some(s) = &r.shared {
+                                shared.replace(s.blocklist.clone(), s.carbons as usize);
+                            }
+                            Ok((jid, shared))
+                        }
+                        Err(_) => Err(StanzaError::new(StanzaErrorCondition::InternalServerError)),
+                    }
+                } else {
+                    let condition = StanzaErrorCondition::from_name(&r.error)
+                        .unwrap_or(StanzaErrorCondition::InternalServerError);
+                    Err(StanzaError::with_text(condition, &r.error_text))
+                };
+                let bound = result.as_ref().ok().map(|(jid, _)| jid.clone());
+                if pending.reply.send(result).is_err()
+                    && let Some(jid) = bound
+                {
+                    // The connection went away while the owner bound it.
+                    router.to_owner(ToOwner::Unbind(Unbind {
+                        jid,
+                        id: r.session_id,
+                    }));
+                }
+            }
+            FrameKind::FromSession(f) => {
+                let (Ok(from_jid), Some(kind), Some(stanza)) = (
+                    f.from.parse::<FullJid>(),
+                    from_session_kind(f.kind()),
+                    decode(&f.stanza),
+                ) else {
+                    return;
+                };
+                router.to_owner(ToOwner::FromSession(FromSession {
+                    from: from_jid,
+                    kind,
+                    stanza,
+                    since: now,
+                }));
+            }
+            FrameKind::SharedState(s) => {
+                if let Ok(user) = s.user.parse::<BareJid>() {
+                    link.update_shared(&user, &s.blocklist, s.carbons as usize);
+                }
+            }
+            FrameKind::CloseSession(c) => {
+                let (Ok(jid), Some(condition)) = (
+                    c.full_jid.parse::<FullJid>(),
+                    StreamErrorCondition::from_name(&c.condition),
+                ) else {
+                    return;
+                };
+                if let Some(addr) = link.local_session(&jid, c.session_id) {
+                    let _ = addr.try_send(Close(condition));
+                }
+            }
+            FrameKind::SessionEvent(e) => {
+                let Ok(jid) = e.full_jid.parse::<FullJid>() else {
+                    return;
+                };
+                if e.kind() == EventKind::Unbound {
+                    router.to_owner(ToOwner::Unbind(Unbind {
+                        jid,
+                        id: e.session_id,
+                    }));
+                }
+            }
+            FrameKind::Reattach(r) => {
+                if let Ok(jid) = r.full_jid.parse::<FullJid>() {
+                    link.request_attach(from, jid, r.session_id, router);
+                }
+            }
+            FrameKind::Attached(a) => {
+                let Ok(jid) = a.full_jid.parse::<FullJid>() else {
+                    return;
+                };
+                let facts = a.present.then(|| SessionFacts {
+                    presence: (!a.presence.is_empty())
+                        .then(|| decode(&a.presence))
+                        .flatten(),
+                    roster_requested: a.roster_requested,
+                    blocklist_requested: a.blocklist_requested,
+                    carbons: a.carbons,
+                });
+                let handle = facts.is_some().then(|| SessionHandle::Remote {
+                    node: from.clone(),
+                    jid: jid.clone(),
+                    id: a.session_id,
+                });
+                router.attached_here(Attached {
+                    jid,
+                    id: a.session_id,
+                    handle,
+                    facts,
+                });
+            }
+            FrameKind::PresenceFanout(_)
+            | FrameKind::RoomBroadcast(_)
+            | FrameKind::ShardHandoff(_) => {
+                debug!(peer = %from, "frame kind not used by this version skipped");
+            }
+        }
+    }
+}
+
+/// Bounces or counts what could not be parked or whose time ran out.
+pub fn give_up(router: &Router, msg: ToOwner, why: &str) {
+    let error = StanzaError::with_text(StanzaErrorCondition::ResourceConstraint, why);
+    match msg {
+        ToOwner::Route(r, _) => router.bounce(&r.stanza, error, r.since),
+        ToOwner::FromSession(f) => router.bounce(&f.stanza, error, f.since),
+        ToOwner::Unbind(u) => warn!(jid = %u.jid, "unbind lost: {why}"),
+        ToOwner::Gone(g) => warn!(jid = %g.jid, "departed session not purged: {why}"),
+    }
+}
+
+/// Routes again the parked work whose shard has an owner now, and bounces what waited
+/// too long.
+pub fn retry_parked(router: &Router, link: &ClusterLink) {
+    let now = Instant::now();
+    let ready: Vec<Parked> = {
+        let mut parked = link.parked.lock();
+        if parked.is_empty() {
+            return;
+        }
+        let table = link.table.read().clone();
+        let (ready, waiting): (Vec<Parked>, Vec<Parked>) =
+            std::mem::take(&mut *parked).into_iter().partition(|p| {
+                now >= p.until
+                    || p.msg.user().is_none_or(|user| {
+                        let shard = crate::router::shard_of(&user, link.shards);
+                        table.owner(shard, &link.me, now) != Owner::Unknown
+                    })
+            });
+        *parked = waiting.into();
+        ready
+    };
+    for p in ready {
+        if now >= p.until {
+            give_up(router, p.msg, "no node serves this account right now");
+        } else {
+            router.to_owner(p.msg);
+        }
+    }
+}
