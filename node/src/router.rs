@@ -144,7 +144,7 @@ impl Router {
             Owner::Node(node) => self.forward_to_owner(&node, msg),
             Owner::Unknown => {
                 let link = self.cluster().expect("only cluster mode has no owner");
-                if let Err(msg) = link.park(msg) {
+                if let Some(msg) = link.park(msg) {
                     link::give_up(self, msg, "too much work waiting for a shard owner");
                 }
             }

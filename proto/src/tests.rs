@@ -2,9 +2,10 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::v1::{
-    Ack, Batch, Frame, Hello, PresenceFanout, ReceiverMessage, RoomBroadcast, SenderMessage,
-    SessionEvent, ShardHandoff, ToBareJid, ToFullJid, Welcome, frame, receiver_message,
-    sender_message, session_event, shard_handoff,
+    Ack, Attached, Batch, BindReply, BindRequest, CloseSession, Frame, FromSession, Hello,
+    PresenceFanout, Reattach, ReceiverMessage, RoomBroadcast, SenderMessage, SessionEvent,
+    ShardHandoff, SharedState, ToBareJid, ToFullJid, Welcome, frame, from_session,
+    receiver_message, sender_message, session_event, shard_handoff,
 };
 use super::*;
 
@@ -17,10 +18,12 @@ fn every_kind() -> Vec<frame::Kind> {
             stanza: Bytes::from_static(
                 b"<message to='juliet@example.com'><body>hi</body></message>",
             ),
+            hops: 2,
         }),
         frame::Kind::ToFull(ToFullJid {
             to: "juliet@example.com/balcony".into(),
             stanza: Bytes::from_static(b"<iq type='get' id='1'/>"),
+            session_id: 9,
         }),
         frame::Kind::PresenceFanout(PresenceFanout {
             stanza: Bytes::from_static(b"<presence from='romeo@example.net/orchard'/>"),
@@ -54,6 +57,50 @@ fn every_kind() -> Vec<frame::Kind> {
             phase: shard_handoff::Phase::State as i32,
             chunk: 3,
             state: Bytes::from_static(&[0, 1, 2, 255]),
+        }),
+        frame::Kind::BindRequest(BindRequest {
+            user: "juliet@example.com".into(),
+            resource: "balcony".into(),
+            session_id: u64::MAX,
+        }),
+        frame::Kind::BindReply(BindReply {
+            session_id: 5,
+            full_jid: "juliet@example.com/balcony".into(),
+            error: "conflict".into(),
+            error_text: "taken".into(),
+            shared: Some(SharedState {
+                user: "juliet@example.com".into(),
+                blocklist: vec!["tybalt@example.com".into()],
+                carbons: 1,
+            }),
+        }),
+        frame::Kind::FromSession(FromSession {
+            from: "juliet@example.com/balcony".into(),
+            kind: from_session::Kind::SentCarbon as i32,
+            stanza: Bytes::from_static(b"<presence/>"),
+        }),
+        frame::Kind::SharedState(SharedState {
+            user: "juliet@example.com".into(),
+            blocklist: vec!["example.org".into()],
+            carbons: 2,
+        }),
+        frame::Kind::CloseSession(CloseSession {
+            full_jid: "juliet@example.com/balcony".into(),
+            session_id: 5,
+            condition: "conflict".into(),
+        }),
+        frame::Kind::Reattach(Reattach {
+            full_jid: "juliet@example.com/balcony".into(),
+            session_id: 5,
+        }),
+        frame::Kind::Attached(Attached {
+            full_jid: "juliet@example.com/balcony".into(),
+            session_id: 5,
+            present: true,
+            presence: Bytes::from_static(b"<presence><priority>5</priority></presence>"),
+            roster_requested: true,
+            blocklist_requested: true,
+            carbons: true,
         }),
     ]
 }
@@ -122,6 +169,7 @@ fn stanza_payloads_decode_as_slices_of_the_buffer() {
         kind: Some(frame::Kind::ToBare(ToBareJid {
             to: "a@b".into(),
             stanza: Bytes::from(vec![b'x'; 1000]),
+            hops: 0,
         })),
     };
     let buffer = Bytes::from(frame.encode_to_vec());

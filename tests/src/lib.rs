@@ -6,10 +6,13 @@
 //! node's internals.
 
 pub mod client;
+pub mod cluster;
+pub mod im;
 pub mod interop;
 pub mod node;
 
 pub use client::{Client, ClientReader, ClientWriter, Received};
+pub use cluster::TestCluster;
 pub use node::{TestNode, TestNodeBuilder};
 
 use std::time::Duration;

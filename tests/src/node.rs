@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use shoal_node::config::Config;
-use shoal_node::server::{self, Listeners};
+use shoal_node::server::{self, Listeners, Stop};
 use shoal_node::storage;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -75,16 +75,14 @@ impl TestNodeBuilder {
         let c2s = listeners.c2s_addr();
         let direct_tls = listeners.direct_tls_addr();
         let admin = listeners.admin_addr().expect("admin listener");
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (stop_tx, stop_rx) = oneshot::channel::<Stop>();
         let cfg = config.clone();
         let thread = std::thread::Builder::new()
             .name("shoal-test-node".into())
             .spawn(move || {
-                let stopped = async {
-                    let _ = stop_rx.await;
-                };
+                let stopped = async { stop_rx.await.unwrap_or(Stop::Drain) };
                 if let Err(e) =
-                    actix_rt::System::new().block_on(server::run(cfg, listeners, stopped))
+                    actix_rt::System::new().block_on(server::run_until(cfg, listeners, stopped))
                 {
                     panic!("node failed: {e:#}");
                 }
@@ -142,7 +140,7 @@ pub struct TestNode {
     pub domain: String,
     cert: PathBuf,
     dir: Arc<TempDir>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<Stop>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -166,12 +164,18 @@ impl TestNode {
 
     /// Stops the node gracefully (SIGTERM's path) and waits for it.
     pub fn stop(mut self) {
-        self.shutdown();
+        self.shutdown(Stop::Drain);
     }
 
-    fn shutdown(&mut self) {
+    /// Stops the node at once, as if its process died: clients and peers see their
+    /// connections drop, the cluster learns of it only when its leases expire.
+    pub fn kill(mut self) {
+        self.shutdown(Stop::Abort);
+    }
+
+    fn shutdown(&mut self, how: Stop) {
         if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
+            let _ = tx.send(how);
         }
         if let Some(t) = self.thread.take() {
             t.join().expect("node thread panicked");
@@ -209,7 +213,7 @@ impl TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
-        self.shutdown();
+        self.shutdown(Stop::Drain);
     }
 }
 

@@ -98,7 +98,8 @@ pub enum ForwardError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejected {
     pub error: ForwardError,
-    pub kind: FrameKind,
+    /// Boxed: frame kinds are large and this travels in every `Result`.
+    pub kind: Box<FrameKind>,
 }
 
 /// Sends frames to other nodes. Implementations are cheap to share across threads.

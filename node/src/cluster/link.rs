@@ -239,16 +239,16 @@ impl ClusterLink {
     }
 
     /// Holds `msg` until its shard has an owner; gives it back when the park is full.
-    pub fn park(&self, msg: ToOwner) -> Result<(), ToOwner> {
+    pub fn park(&self, msg: ToOwner) -> Option<ToOwner> {
         let mut parked = self.parked.lock();
         if parked.len() >= PARK_CAPACITY {
-            return Err(msg);
+            return Some(msg);
         }
         parked.push_back(Parked {
             msg,
             until: Instant::now() + self.park_for,
         });
-        Ok(())
+        None
     }
 
     // ---- local sessions --------------------------------------------------------------
@@ -337,13 +337,13 @@ impl ClusterLink {
             return;
         };
         self.binds.lock().insert(id, PendingBind { reply });
-        if let Err(e) = self.forward(owner, request) {
-            if let Some(p) = self.binds.lock().remove(&id) {
-                let _ = p.reply.send(Err(StanzaError::with_text(
-                    StanzaErrorCondition::ResourceConstraint,
-                    &format!("cannot reach the account's node: {e}"),
-                )));
-            }
+        if let Err(e) = self.forward(owner, request)
+            && let Some(p) = self.binds.lock().remove(&id)
+        {
+            let _ = p.reply.send(Err(StanzaError::with_text(
+                StanzaErrorCondition::ResourceConstraint,
+                format!("cannot reach the account's node: {e}"),
+            )));
         }
     }
 

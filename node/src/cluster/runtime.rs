@@ -136,8 +136,11 @@ impl Cluster {
         self.coordinator.lock().await.start_leaving().await?;
         let handed = tokio::time::timeout(
             patience,
-            self.view
-                .wait_for(|v| v.mine.is_empty() && v.owners.iter().all(Option::is_some)),
+            // Done when another node owns every shard, or at once when no other node
+            // is left to take any.
+            self.view.wait_for(|v| {
+                v.mine.is_empty() && (v.live.is_empty() || v.owners.iter().all(Option::is_some))
+            }),
         )
         .await;
         self.task.abort();

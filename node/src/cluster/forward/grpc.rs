@@ -454,7 +454,7 @@ impl Forwarder for GrpcForwarder {
                 .dropped(ForwardDropReason::UnknownPeer, 1);
             return Err(Rejected {
                 error: ForwardError::UnknownPeer,
-                kind,
+                kind: Box::new(kind),
             });
         };
         let (error, reason, frame) = match link.queue.try_send(stamp(kind)) {
@@ -469,7 +469,7 @@ impl Forwarder for GrpcForwarder {
         link.peer.dropped(reason, 1);
         Err(Rejected {
             error,
-            kind: frame.kind.expect("stamped frames have a kind"),
+            kind: Box::new(frame.kind.expect("stamped frames have a kind")),
         })
     }
 }

@@ -313,7 +313,7 @@ impl Forwarder for MemoryForwarder {
                 .dropped(ForwardDropReason::UnknownPeer, 1);
             return Err(Rejected {
                 error: ForwardError::UnknownPeer,
-                kind,
+                kind: Box::new(kind),
             });
         }
         let peer = net.metrics.cluster_peer(to.as_str());
@@ -343,7 +343,7 @@ impl Forwarder for MemoryForwarder {
             peer.dropped(ForwardDropReason::QueueFull, 1);
             return Err(Rejected {
                 error: ForwardError::QueueFull,
-                kind,
+                kind: Box::new(kind),
             });
         }
         queue.frames.push_back((stamp(kind), at));

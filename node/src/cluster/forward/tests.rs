@@ -296,7 +296,7 @@ async fn memory_full_queue_reports_drops_exactly() {
             assert_eq!(rejected.error, ForwardError::QueueFull);
             refused.push(index_of(&rejected.kind));
             // The caller gets the frame back, intact, to bounce it.
-            assert_eq!(rejected.kind, mixed(i));
+            assert_eq!(*rejected.kind, mixed(i));
         }
     }
     assert_eq!(refused, (16..20).collect::<Vec<_>>());
@@ -611,7 +611,7 @@ async fn grpc_full_queue_is_reported_while_the_peer_is_down() {
     for (i, result) in results[8..].iter().enumerate() {
         let rejected = result.as_ref().unwrap_err();
         assert_eq!(rejected.error, ForwardError::QueueFull);
-        assert_eq!(rejected.kind, mixed(8 + i as u64));
+        assert_eq!(*rejected.kind, mixed(8 + i as u64));
     }
     let rejected = a.forward(&node("nobody"), mixed(0)).unwrap_err();
     assert_eq!(rejected.error, ForwardError::UnknownPeer);

@@ -1,0 +1,108 @@
+//! `TestCluster`: a real `redis-server` on a free loopback port and several real nodes
+//! sharing it, each with its own c2s, admin and cluster gRPC ports (all port 0).
+//!
+//! Nodes can be stopped gracefully (`stop`: they hand their shards off), killed
+//! (`kill`: no goodbye, their leases expire), restarted under the same node id, and
+//! Redis itself can be restarted. Shard leases are short (1.5 s) so failover tests
+//! finish quickly.
+
+use std::time::Duration;
+
+use shoal_node::testing::RedisServer;
+
+use crate::{TestNode, eventually};
+
+/// Shards per test cluster: enough to spread users over several nodes, few enough to
+/// claim quickly.
+const SHARDS: u32 = 64;
+
+/// Lease TTL of test nodes: a killed node's shards move within about this long.
+pub const LEASE_TTL: Duration = Duration::from_millis(1500);
+
+pub struct TestCluster {
+    // Nodes first: fields drop in order, and nodes stop gracefully through Redis.
+    nodes: Vec<Option<TestNode>>,
+    pub redis: RedisServer,
+    users: Vec<(String, String)>,
+}
+
+impl TestCluster {
+    /// Starts Redis and `n` nodes, with these accounts created, and waits until every
+    /// node is ready (member, every shard owned).
+    pub fn start(n: usize, users: &[(&str, &str)]) -> Self {
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            redis: RedisServer::start(),
+            users: users
+                .iter()
+                .map(|(u, p)| (u.to_string(), p.to_string()))
+                .collect(),
+        };
+        for _ in 0..n {
+            cluster.add_node();
+        }
+        cluster
+    }
+
+    fn boot(&self, i: usize) -> TestNode {
+        let mut builder = TestNode::builder()
+            .set("storage.backend", "redis")
+            .set("storage.redis_url", self.redis.url())
+            .set("cluster.enabled", true)
+            .set("cluster.node_id", format!("node{i}"))
+            .set("cluster.listen", "127.0.0.1:0")
+            .set("cluster.shards", SHARDS)
+            .set("cluster.lease_ttl_ms", LEASE_TTL.as_millis());
+        for (u, p) in &self.users {
+            builder = builder.user(u, p);
+        }
+        builder.start()
+    }
+
+    /// Starts one more node; returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let node = self.boot(i);
+        self.nodes.push(Some(node));
+        i
+    }
+
+    pub fn node(&self, i: usize) -> &TestNode {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    /// Graceful stop (SIGTERM's path): streams closed, shards handed off.
+    pub fn stop(&mut self, i: usize) {
+        self.nodes[i].take().expect("node is running").stop();
+    }
+
+    /// Abrupt stop: as if the process died.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].take().expect("node is running").kill();
+    }
+
+    /// Starts node `i` again under the same node id.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "stop or kill node {i} first");
+        self.nodes[i] = Some(self.boot(i));
+    }
+
+    /// Running nodes' indexes.
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect()
+    }
+
+    /// Waits until every running node reports ready (a member, every shard owned by a
+    /// live node) and owns a share of the shards, as `/metrics` says.
+    pub async fn settled(&self) {
+        for i in self.running() {
+            let node = self.node(i);
+            eventually(Duration::from_secs(20), "node ready", || {
+                matches!(crate::node::http_get(node.admin, "/readyz"), Ok((200, _)))
+            })
+            .await;
+        }
+    }
+}
