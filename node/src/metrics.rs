@@ -42,6 +42,14 @@ const FORWARDS_UNKNOWN_KIND: &str = "shoal_cluster_forwards_unknown_kind_total";
 const FORWARD_BATCH_FRAMES: &str = "shoal_cluster_forward_batch_frames";
 const FORWARD_LATENCY: &str = "shoal_cluster_forward_latency_seconds";
 const PEER_STATE: &str = "shoal_cluster_peer_state";
+const SHARDS_OWNED: &str = "shoal_cluster_shards_owned";
+const SHARD_CHANGES: &str = "shoal_cluster_shard_changes_total";
+const REDIS_LATENCY: &str = "shoal_cluster_redis_seconds";
+const REDIS_ERRORS: &str = "shoal_cluster_redis_errors_total";
+const PARKED: &str = "shoal_cluster_parked_total";
+const REROUTED: &str = "shoal_cluster_rerouted_total";
+const ATTACHES: &str = "shoal_cluster_session_attaches_total";
+const DIRECTORY_LOOKUPS: &str = "shoal_cluster_directory_lookups_total";
 
 /// How many distinct `peer` label values the forwarding metrics take before further
 /// peers share `peer="other"`. Far above any real cluster; only there so that peer
@@ -164,6 +172,60 @@ label_enum! {
 }
 
 label_enum! {
+    /// How this node's set of shards changed (`change` label).
+    ShardChange {
+        /// Claimed: a shard whose target this node is, free or expired.
+        Gained => "gained",
+        /// Drained and released to its new target (join of another node, leave).
+        HandedOff => "handed_off",
+        /// Found taken by another node (this node had lost Redis for too long).
+        Lost => "lost",
+    }
+}
+
+label_enum! {
+    /// The cluster's Redis operations (`op` label).
+    RedisOp {
+        /// One coordinator round: heartbeat, membership, lease renewal and claims.
+        Round => "round",
+        /// Releasing shards after a drain.
+        Release => "release",
+        DirectoryRegister => "directory_register",
+        DirectoryUnregister => "directory_unregister",
+        DirectoryLookup => "directory_lookup",
+        DirectoryPurge => "directory_purge",
+    }
+}
+
+label_enum! {
+    /// Why work for an account was routed again (`reason` label).
+    RerouteReason {
+        /// The receiving node did not own the account's shard (any more).
+        NotOwner => "not_owner",
+        /// A departed peer had not acknowledged it.
+        DepartedPeer => "departed_peer",
+    }
+}
+
+label_enum! {
+    /// Outcome of a new owner's request to a session to report itself (`result` label).
+    AttachResult {
+        Attached => "attached",
+        /// The session had ended, or its node did not answer in time.
+        Gone => "gone",
+    }
+}
+
+label_enum! {
+    /// What loading an account found in the session directory (`result` label): sessions
+    /// bound under a previous owner, or none (the usual case).
+    DirectoryLookup {
+        Sessions => "sessions",
+        Empty => "empty",
+    }
+}
+
+label_enum! {
     /// Stream error condition sent to a peer (`condition` label, RFC 6120 §4.9.3).
     /// Conditions that Shoal sends rarely enough not to need their own series are
     /// reported as `Other`.
@@ -230,7 +292,12 @@ pub fn install_recorder() -> PrometheusHandle {
                     Matcher::Full(FORWARD_BATCH_FRAMES.to_owned()),
                     FORWARD_BATCH_BUCKETS,
                 )
-                .expect("forward batch buckets are non-empty");
+                .expect("forward batch buckets are non-empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(REDIS_LATENCY.to_owned()),
+                    ROUTING_LATENCY_BUCKETS,
+                )
+                .expect("Redis latency buckets are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if let Err(error) = metrics::set_global_recorder(recorder) {
@@ -313,6 +380,36 @@ fn describe() {
         PEER_STATE,
         "State of the outgoing stream to each peer: 1 for the current state, 0 for the others."
     );
+    describe_gauge!(SHARDS_OWNED, "Shards this node serves now.");
+    describe_counter!(
+        SHARD_CHANGES,
+        "Shards gained, handed off and lost by this node."
+    );
+    describe_histogram!(
+        REDIS_LATENCY,
+        Unit::Seconds,
+        "Duration of the cluster's Redis operations, by operation."
+    );
+    describe_counter!(
+        REDIS_ERRORS,
+        "Failed cluster Redis operations, by operation."
+    );
+    describe_counter!(
+        PARKED,
+        "Stanzas and session events held because their account's shard had no owner."
+    );
+    describe_counter!(
+        REROUTED,
+        "Stanzas and session events routed again: the receiver was not the owner, or a departed peer had not acknowledged them."
+    );
+    describe_counter!(
+        ATTACHES,
+        "Sessions a new owner asked to report themselves, by outcome."
+    );
+    describe_counter!(
+        DIRECTORY_LOOKUPS,
+        "Account loads that found sessions in the directory (bound under a previous owner) or none."
+    );
 }
 
 /// Pre-registered handles for every metric. Build once with [`Metrics::new`] and clone
@@ -339,6 +436,13 @@ struct Inner {
     registrations: Vec<Counter>,
     forward_batch_frames: Histogram,
     forward_latency: Histogram,
+    shard_changes: Vec<Counter>,
+    redis_latency: Vec<Histogram>,
+    redis_errors: Vec<Counter>,
+    parked: Counter,
+    rerouted: Vec<Counter>,
+    attaches: Vec<Counter>,
+    directory_lookups: Vec<Counter>,
     /// Per-peer handles, registered on a peer's first use and kept for the process.
     peers: Mutex<HashMap<String, PeerMetrics>>,
 }
@@ -410,6 +514,31 @@ impl Metrics {
                 ),
                 forward_batch_frames: metrics::histogram!(FORWARD_BATCH_FRAMES),
                 forward_latency: metrics::histogram!(FORWARD_LATENCY),
+                shard_changes: per_label(
+                    ShardChange::ALL,
+                    |c| metrics::counter!(SHARD_CHANGES, "change" => c.as_str()),
+                ),
+                redis_latency: per_label(
+                    RedisOp::ALL,
+                    |o| metrics::histogram!(REDIS_LATENCY, "op" => o.as_str()),
+                ),
+                redis_errors: per_label(
+                    RedisOp::ALL,
+                    |o| metrics::counter!(REDIS_ERRORS, "op" => o.as_str()),
+                ),
+                parked: metrics::counter!(PARKED),
+                rerouted: per_label(
+                    RerouteReason::ALL,
+                    |r| metrics::counter!(REROUTED, "reason" => r.as_str()),
+                ),
+                attaches: per_label(
+                    AttachResult::ALL,
+                    |r| metrics::counter!(ATTACHES, "result" => r.as_str()),
+                ),
+                directory_lookups: per_label(
+                    DirectoryLookup::ALL,
+                    |r| metrics::counter!(DIRECTORY_LOOKUPS, "result" => r.as_str()),
+                ),
                 peers: Mutex::new(HashMap::new()),
             }),
         }
@@ -501,6 +630,41 @@ impl Metrics {
     /// recorded as zero rather than dropped, so the count stays the received count.
     pub fn forward_latency(&self, elapsed: Duration) {
         self.inner.forward_latency.record(elapsed.as_secs_f64());
+    }
+
+    /// The gauge of shards `node` owns. Labelled with the node id (one value per
+    /// process, except in tests that run several nodes in one process).
+    pub fn shards_owned(&self, node: &str) -> Gauge {
+        metrics::gauge!(SHARDS_OWNED, "node" => node.to_owned())
+    }
+
+    pub fn shard_change(&self, change: ShardChange, shards: usize) {
+        self.inner.shard_changes[change as usize].increment(shards as u64);
+    }
+
+    /// Records one Redis operation of the cluster: its duration, and whether it failed.
+    pub fn redis_op(&self, op: RedisOp, elapsed: Duration, ok: bool) {
+        self.inner.redis_latency[op as usize].record(elapsed.as_secs_f64());
+        if !ok {
+            self.inner.redis_errors[op as usize].increment(1);
+        }
+    }
+
+    /// Work for an account parked while its shard had no owner.
+    pub fn parked(&self) {
+        self.inner.parked.increment(1);
+    }
+
+    pub fn rerouted(&self, reason: RerouteReason, frames: usize) {
+        self.inner.rerouted[reason as usize].increment(frames as u64);
+    }
+
+    pub fn attach(&self, result: AttachResult) {
+        self.inner.attaches[result as usize].increment(1);
+    }
+
+    pub fn directory_lookup(&self, result: DirectoryLookup) {
+        self.inner.directory_lookups[result as usize].increment(1);
     }
 
     /// Counts a bound resource until the returned guard is dropped.

@@ -20,7 +20,7 @@ use tracing::debug;
 use crate::c2s::session::{Close, Deliver};
 use crate::cluster::forward::{ForwardError, FrameKind, NodeId};
 use crate::cluster::link::{self, ClusterLink, MAX_HOPS, Owner, ToOwner};
-use crate::metrics::{Mailbox, Metrics};
+use crate::metrics::{Mailbox, Metrics, RerouteReason};
 use crate::server_iq::{self, ServerInfo};
 use crate::shard::{Attached, Bind, BindReplyTo, RouteToUser, SessionHandle, ShardHost};
 use crate::user::{SessionId, UserShared};
@@ -40,6 +40,15 @@ struct Inner {
     info: ServerInfo,
     /// Cluster mode: shard owners, peers, remote sessions.
     cluster: Option<Arc<ClusterLink>>,
+}
+
+/// See [`Router::downgrade`].
+pub struct WeakRouter(std::sync::Weak<Inner>);
+
+impl WeakRouter {
+    pub fn upgrade(&self) -> Option<Router> {
+        self.0.upgrade().map(|inner| Router { inner })
+    }
 }
 
 /// Why a stanza did not reach a session.
@@ -80,6 +89,12 @@ impl Router {
                 cluster,
             }),
         }
+    }
+
+    /// A handle that does not keep the router alive, for callbacks held by the
+    /// router's own parts.
+    pub fn downgrade(&self) -> WeakRouter {
+        WeakRouter(Arc::downgrade(&self.inner))
     }
 
     pub fn cluster(&self) -> Option<&Arc<ClusterLink>> {
@@ -177,16 +192,21 @@ impl Router {
             ToOwner::Route(_, hops) if *hops >= MAX_HOPS => {
                 return link::give_up(self, msg, "no route to the account's node");
             }
-            ToOwner::Route(r, hops) => FrameKind::ToBare(v1::ToBareJid {
-                to: r
-                    .stanza
-                    .to
-                    .as_ref()
-                    .map(|t| t.to_bare().to_string())
-                    .unwrap_or_default(),
-                stanza: Bytes::from(r.stanza.to_xml()),
-                hops: hops + 1,
-            }),
+            ToOwner::Route(r, hops) => {
+                if *hops > 0 {
+                    self.inner.metrics.rerouted(RerouteReason::NotOwner, 1);
+                }
+                FrameKind::ToBare(v1::ToBareJid {
+                    to: r
+                        .stanza
+                        .to
+                        .as_ref()
+                        .map(|t| t.to_bare().to_string())
+                        .unwrap_or_default(),
+                    stanza: Bytes::from(r.stanza.to_xml()),
+                    hops: hops + 1,
+                })
+            }
             ToOwner::FromSession(f) => FrameKind::FromSession(v1::FromSession {
                 from: f.from.to_string(),
                 kind: link::to_wire_kind(f.kind).into(),

@@ -15,6 +15,7 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use futures_util::future::BoxFuture;
 use jid::BareJid;
+use shoal_xmpp::error::StreamErrorCondition;
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
@@ -158,6 +159,7 @@ async fn start_cluster(
         forwarder.clone(),
         directory,
         config.cluster.lease_ttl,
+        metrics.clone(),
     ));
     Ok((
         link,
@@ -261,6 +263,12 @@ pub async fn run_until(
     router.set_hosts(hosts);
     let cluster = match cluster_start {
         Some((link, forwarder, listener)) => {
+            let weak = router.downgrade();
+            forwarder.on_undelivered(Arc::new(move |peer, frames| {
+                if let Some(router) = weak.upgrade() {
+                    link::reroute_undelivered(&router, peer, frames);
+                }
+            }));
             let endpoint = ClusterEndpoint::serve(
                 listener,
                 link.me().clone(),
@@ -289,7 +297,7 @@ pub async fn run_until(
                 router: router.clone(),
                 wait: config.shutdown.grace,
             });
-            let cluster = Cluster::start(settings, drain)
+            let cluster = Cluster::start(settings, drain, metrics.clone())
                 .await
                 .context("cannot join the cluster")?;
             let ready = health.clone();
@@ -373,8 +381,13 @@ pub async fn run_until(
     }
     info!("shutting down: draining connections");
     let _ = stop_tx.send(true);
-    for host in router.hosts() {
-        let _ = host.try_send(CloseAllSessions);
+    match router.cluster() {
+        Some(link) => link.close_all(StreamErrorCondition::SystemShutdown),
+        None => {
+            for host in router.hosts() {
+                let _ = host.try_send(CloseAllSessions);
+            }
+        }
     }
     let deadline = Instant::now() + grace;
     while shared.open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {

@@ -32,7 +32,7 @@ use crate::cluster::directory::Entry;
 use crate::cluster::forward::NodeId;
 use crate::cluster::link::ToOwner;
 use crate::jobs::{self, JobContext, StorageQueue};
-use crate::metrics::{Mailbox, Metrics};
+use crate::metrics::{AttachResult, DirectoryLookup, Mailbox, Metrics, RedisOp, RerouteReason};
 use crate::model::UserData;
 use crate::router::{Router, SendFail};
 use crate::storage::Storage;
@@ -264,6 +264,7 @@ impl ShardHost {
     /// account this node no longer owns goes back to the router.
     fn dispatch(&mut self, user: BareJid, msg: UserMsg, ctx: &mut Context<Self>) {
         if !self.router.serves(&user) {
+            self.metrics.rerouted(RerouteReason::NotOwner, 1);
             return msg.reroute(&self.router);
         }
         match self.users.get_mut(&user) {
@@ -298,7 +299,13 @@ impl ShardHost {
         self.queue.submit(&user, async move {
             let data = storage.loader.load_user(u.as_str()).await;
             let sessions = match (&data, link) {
-                (Ok(_), Some(link)) => link.directory().resources(u.as_str()).await,
+                (Ok(_), Some(link)) => {
+                    link.timed(
+                        RedisOp::DirectoryLookup,
+                        link.directory().resources(u.as_str()),
+                    )
+                    .await
+                }
                 _ => Ok(Vec::new()),
             };
             let _ = tx.send((data, sessions));
@@ -332,6 +339,13 @@ impl ShardHost {
             return;
         };
         let mut state = UserState::new(user.clone(), data, self.config.limits.clone());
+        if self.router.cluster().is_some() {
+            self.metrics.directory_lookup(if sessions.is_empty() {
+                DirectoryLookup::Empty
+            } else {
+                DirectoryLookup::Sessions
+            });
+        }
         let mut waiting = Vec::new();
         let mut gone = Vec::new();
         for (resource, entry) in sessions {
@@ -374,6 +388,9 @@ impl ShardHost {
         ctx.run_later(ATTACH_TIMEOUT, move |act, _| {
             if let Some(Slot::Attaching { waiting, .. }) = act.users.get(&user) {
                 warn!(%user, missing = waiting.len(), "sessions did not report to the new owner in time");
+                for _ in 0..waiting.len() {
+                    act.metrics.attach(AttachResult::Gone);
+                }
                 act.attach_done(&user);
             }
         });
@@ -414,11 +431,15 @@ impl ShardHost {
         }
         let effects = match (msg.handle, msg.facts) {
             (Some(handle), Some(facts)) => {
+                self.metrics.attach(AttachResult::Attached);
                 state.attach(msg.jid, msg.id, handle, facts);
                 Vec::new()
             }
             // Gone meanwhile: as if its node had left.
-            _ => state.gone_elsewhere(&msg.jid),
+            _ => {
+                self.metrics.attach(AttachResult::Gone);
+                state.gone_elsewhere(&msg.jid)
+            }
         };
         self.apply(&user, effects, Instant::now());
         if matches!(self.users.get(&user), Some(Slot::Attaching { waiting, .. }) if waiting.is_empty())
@@ -543,7 +564,8 @@ impl ShardHost {
         };
         let (bare, resource) = (user.to_string(), jid.resource().to_string());
         self.queue.submit(user, async move {
-            if let Err(e) = link.directory().register(&bare, &resource, &entry).await {
+            let register = link.directory().register(&bare, &resource, &entry);
+            if let Err(e) = link.timed(RedisOp::DirectoryRegister, register).await {
                 warn!(user = %bare, error = %e, "recording a session in the directory failed");
             }
         });
@@ -571,7 +593,8 @@ impl ShardHost {
         };
         let (bare, resource) = (user.to_string(), resource.to_owned());
         self.queue.submit(user, async move {
-            if let Err(e) = link.directory().unregister(&bare, &resource, &entry).await {
+            let unregister = link.directory().unregister(&bare, &resource, &entry);
+            if let Err(e) = link.timed(RedisOp::DirectoryUnregister, unregister).await {
                 warn!(user = %bare, error = %e, "removing a session from the directory failed");
             }
         });

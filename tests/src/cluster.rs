@@ -8,13 +8,29 @@
 
 use std::time::Duration;
 
+use jid::BareJid;
+use shoal_node::cluster::shards::target;
+use shoal_node::router::shard_of;
 use shoal_node::testing::RedisServer;
 
 use crate::{TestNode, eventually};
 
 /// Shards per test cluster: enough to spread users over several nodes, few enough to
 /// claim quickly.
-const SHARDS: u32 = 64;
+pub const SHARDS: u32 = 64;
+
+/// The first account name `{prefix}{n}` whose shard a cluster of `nodes` nodes (ids
+/// `node0`…) gives to node `owner`: lets a test choose where an account lives.
+pub fn account_owned_by(owner: usize, nodes: usize, prefix: &str, domain: &str) -> String {
+    let ids: Vec<String> = (0..nodes).map(|i| format!("node{i}")).collect();
+    (0..10_000)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|name| {
+            let bare = BareJid::new(&format!("{name}@{domain}")).expect("valid JID");
+            target(shard_of(&bare, SHARDS), &ids) == Some(ids[owner].as_str())
+        })
+        .expect("some account lands on every node")
+}
 
 /// Lease TTL of test nodes: a killed node's shards move within about this long.
 pub const LEASE_TTL: Duration = Duration::from_millis(1500);

@@ -6,8 +6,11 @@
 //! different nodes every path is taken: session and owner on one node, owner on the
 //! sender's node, on the recipient's, on a third.
 
+use std::time::Duration;
+
+use shoal_tests::cluster::account_owned_by;
 use shoal_tests::im::*;
-use shoal_tests::{Client, TestCluster};
+use shoal_tests::{Client, ClientReader, ClientWriter, Received, TestCluster};
 
 const USERS: &[(&str, &str)] = &[
     ("juliet", PW),
@@ -150,4 +153,223 @@ async fn bare_jid_messages_follow_priority_across_nodes() {
             jid(&sender)
         )
     );
+}
+
+/// Chats `0..count` from `writer` to `to`, one every `gap` (open loop: not waiting for
+/// anything), then hands the writer back.
+async fn send_numbered(
+    mut writer: ClientWriter,
+    to: String,
+    count: usize,
+    gap: Duration,
+) -> ClientWriter {
+    for i in 0..count {
+        writer.send_raw(chat(&to, &format!("m{i}"))).await.unwrap();
+        tokio::time::sleep(gap).await;
+    }
+    writer
+}
+
+/// Reads until `count` numbered chats arrived; returns their numbers in arrival order
+/// and every other stanza received meanwhile.
+async fn receive_numbered(reader: &mut ClientReader, count: usize) -> (Vec<usize>, Vec<String>) {
+    let (mut numbers, mut others) = (Vec::new(), Vec::new());
+    while numbers.len() < count {
+        let got = reader
+            .recv_within(Duration::from_secs(20))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("only {numbers:?} arrived; also got {others:?}"));
+        let Received::Stanza(st) = got else {
+            panic!("not a stanza: {got:?}");
+        };
+        let xml = st.to_xml();
+        match xml
+            .split_once("<body>m")
+            .and_then(|(_, rest)| rest.split_once("</body>"))
+        {
+            Some((n, _)) => numbers.push(n.parse().unwrap()),
+            None => others.push(xml),
+        }
+    }
+    (numbers, others)
+}
+
+/// A killed node: the account owned by it moves to a survivor (lease expiry), messages
+/// between users on the surviving nodes keep flowing without loss or reordering, the
+/// contacts of the session that lived on it see it go unavailable, and messages to that
+/// now offline user are stored and delivered at its next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_loses_no_message_between_survivors() {
+    // `owned` is an account whose shard node2 owns while the three nodes run.
+    let owned = account_owned_by(2, 3, "owned", "localhost");
+    let mut users: Vec<(&str, &str)> = USERS.to_vec();
+    users.push((&owned, PW));
+    let mut cluster = TestCluster::start(3, &users);
+    cluster.settled().await;
+
+    let mut receiver = online(cluster.node(0), &owned, "desk").await;
+    let mut nurse = online(cluster.node(2), "nurse", "ward").await;
+    befriend(&mut receiver, &mut nurse).await;
+    let nurse_full = jid(&nurse);
+    let sender = online(cluster.node(1), "romeo", "r").await;
+    let (mut reader, writer) = receiver.split().unwrap();
+    let (_sender_reader, sender_writer) = sender.split().unwrap();
+
+    const COUNT: usize = 60;
+    let to = format!("{owned}@localhost");
+    let traffic = tokio::spawn(send_numbered(
+        sender_writer,
+        to.clone(),
+        COUNT,
+        Duration::from_millis(50),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill(2);
+        cluster
+    })
+    .await
+    .unwrap();
+    let (numbers, mut others) = receive_numbered(&mut reader, COUNT).await;
+    assert_eq!(
+        numbers,
+        (0..COUNT).collect::<Vec<_>>(),
+        "all, once, in order"
+    );
+    traffic.await.unwrap();
+    // The purge of node2's sessions tells nurse's contacts she is gone.
+    let unavailable = format!("<presence to='{to}' from='{nurse_full}' type='unavailable'/>");
+    while !others.contains(&unavailable) {
+        match reader.recv().await.unwrap() {
+            Received::Stanza(st) => others.push(st.to_xml()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(others, [unavailable]);
+    cluster.settled().await;
+
+    // nurse is offline now: a chat to her is stored, and delivered when she returns.
+    let mut receiver = reader.unsplit(writer);
+    receiver
+        .send(&chat("nurse@localhost", "are you there"))
+        .await
+        .unwrap();
+    expect_nothing(&mut receiver).await;
+    let mut nurse = login(cluster.node(0), "nurse", "ward").await;
+    nurse.send("<presence/>").await.unwrap();
+    let mut got = Vec::new();
+    while !got.iter().any(|x: &String| x.contains("are you there")) {
+        got.push(next(&mut nurse).await);
+    }
+    let stored = got.last().unwrap();
+    assert!(
+        stored.starts_with(&format!(
+            "<message to='nurse@localhost' from='{}' type='chat'><body>are you there</body><delay xmlns='urn:xmpp:delay' from='localhost' stamp='",
+            jid(&receiver)
+        )),
+        "{stored}"
+    );
+}
+
+/// A graceful leave loses nothing at all: the account the leaving node owned moves to a
+/// survivor while chats to it flow, every chat arrives once and in order, and the
+/// session on the leaving node is closed with `<system-shutdown/>` and seen going
+/// unavailable by its contact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_leave_loses_nothing() {
+    let owned = account_owned_by(2, 3, "owned", "localhost");
+    let mut users: Vec<(&str, &str)> = USERS.to_vec();
+    users.push((&owned, PW));
+    let mut cluster = TestCluster::start(3, &users);
+    cluster.settled().await;
+
+    let mut receiver = online(cluster.node(0), &owned, "desk").await;
+    let mut nurse = online(cluster.node(2), "nurse", "ward").await;
+    befriend(&mut receiver, &mut nurse).await;
+    let nurse_full = jid(&nurse);
+    let sender = online(cluster.node(1), "romeo", "r").await;
+    let (mut reader, writer) = receiver.split().unwrap();
+    let (_sender_reader, sender_writer) = sender.split().unwrap();
+
+    const COUNT: usize = 60;
+    let to = format!("{owned}@localhost");
+    let traffic = tokio::spawn(send_numbered(
+        sender_writer,
+        to.clone(),
+        COUNT,
+        Duration::from_millis(50),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = tokio::task::spawn_blocking(move || {
+        cluster.stop(2);
+        cluster
+    });
+    assert_eq!(
+        nurse.expect_stream_error().await.unwrap(),
+        "system-shutdown"
+    );
+    let cluster = stopping.await.unwrap();
+    let (numbers, mut others) = receive_numbered(&mut reader, COUNT).await;
+    assert_eq!(
+        numbers,
+        (0..COUNT).collect::<Vec<_>>(),
+        "all, once, in order"
+    );
+    traffic.await.unwrap();
+    let unavailable = format!("<presence to='{to}' from='{nurse_full}' type='unavailable'/>");
+    while !others.contains(&unavailable) {
+        match reader.recv().await.unwrap() {
+            Received::Stanza(st) => others.push(st.to_xml()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(others, [unavailable]);
+    cluster.settled().await;
+    // The account is served by a survivor now.
+    let mut receiver = reader.unsplit(writer);
+    receiver.ping().await.unwrap();
+}
+
+/// A node joining while chats flow takes its share of the shards (the account it is the
+/// target of moves to it by handoff) and nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_node_takes_its_shards_while_traffic_flows() {
+    let owned = account_owned_by(2, 3, "owned", "localhost");
+    let mut users: Vec<(&str, &str)> = USERS.to_vec();
+    users.push((&owned, PW));
+    let mut cluster = TestCluster::start(2, &users);
+    cluster.settled().await;
+
+    let receiver = online(cluster.node(0), &owned, "desk").await;
+    let sender = online(cluster.node(1), "romeo", "r").await;
+    let (mut reader, _writer) = receiver.split().unwrap();
+    let (_sender_reader, sender_writer) = sender.split().unwrap();
+    const COUNT: usize = 60;
+    let traffic = tokio::spawn(send_numbered(
+        sender_writer,
+        format!("{owned}@localhost"),
+        COUNT,
+        Duration::from_millis(50),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.add_node();
+        cluster
+    })
+    .await
+    .unwrap();
+    let (numbers, others) = receive_numbered(&mut reader, COUNT).await;
+    assert_eq!(
+        numbers,
+        (0..COUNT).collect::<Vec<_>>(),
+        "all, once, in order"
+    );
+    assert_eq!(others, Vec::<String>::new());
+    traffic.await.unwrap();
+    cluster.settled().await;
+    let shards = cluster
+        .node(2)
+        .metric(r#"shoal_cluster_shards_owned{node="node2"}"#);
+    assert!(shards > 0.0, "the new node owns shards ({shards})");
 }

@@ -106,7 +106,12 @@ impl Outbound {
         self.queue.state.lock().closing = true;
         self.queue.wake.notify_one();
         let writer = self.writer;
-        tokio::spawn(async move {
+        // A session stopped while its worker shuts down has no runtime left to flush
+        // on: the socket is dropped.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return writer.abort();
+        };
+        runtime.spawn(async move {
             let abort = writer.abort_handle();
             if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer)
                 .await

@@ -35,6 +35,7 @@ use super::directory::Directory;
 use super::forward::{ForwardError, Forwarder, FrameHandler, FrameKind, NodeId};
 use super::runtime::ShardView;
 use crate::c2s::session::{Close, Deliver, ReportAttach, Session};
+use crate::metrics::{Metrics, RedisOp, RerouteReason};
 use crate::router::Router;
 use crate::shard::{
     Attached, Bind, BindReplyTo, BindResult, FromSession, FromSessionKind, RouteToUser,
@@ -171,6 +172,7 @@ pub struct ClusterLink {
     withdrawn: Mutex<HashMap<u32, u64>>,
     directory: Directory,
     park_for: Duration,
+    metrics: Metrics,
 }
 
 impl ClusterLink {
@@ -180,6 +182,7 @@ impl ClusterLink {
         forwarder: Arc<dyn Forwarder>,
         directory: Directory,
         lease_ttl: Duration,
+        metrics: Metrics,
     ) -> Self {
         Self {
             me,
@@ -192,7 +195,24 @@ impl ClusterLink {
             withdrawn: Mutex::new(HashMap::new()),
             directory,
             park_for: lease_ttl * 2,
+            metrics,
         }
+    }
+
+    /// Runs one Redis operation of the directory, recording its duration and outcome.
+    pub async fn timed<T>(
+        &self,
+        op: RedisOp,
+        f: impl Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        let start = Instant::now();
+        let result = f.await;
+        self.metrics.redis_op(op, start.elapsed(), result.is_ok());
+        result
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn me(&self) -> &NodeId {
@@ -248,6 +268,7 @@ impl ClusterLink {
             msg,
             until: Instant::now() + self.park_for,
         });
+        self.metrics.parked();
         None
     }
 
@@ -281,6 +302,15 @@ impl ClusterLink {
             if list.is_empty() {
                 sessions.remove(&bare);
             }
+        }
+    }
+
+    /// Closes every session of this node with `condition` (shutdown: the accounts'
+    /// owners may be other nodes, so their shard hosts do not know these sessions).
+    pub fn close_all(&self, condition: StreamErrorCondition) {
+        for s in self.sessions.lock().values().flatten() {
+            // Sessions that cannot take the message are closed by the final stop.
+            let _ = s.addr.try_send(Close(condition));
         }
     }
 
@@ -482,7 +512,10 @@ async fn resolve(endpoint: &str) -> Option<SocketAddr> {
 /// Removes `node`'s sessions from the directory and tells each account's owner that
 /// the session is gone.
 async fn purge(router: &Router, link: &ClusterLink, node: &str) {
-    let gone = match link.directory.purge_node(node).await {
+    let gone = match link
+        .timed(RedisOp::DirectoryPurge, link.directory.purge_node(node))
+        .await
+    {
         Ok(gone) => gone,
         Err(e) => {
             warn!(%node, error = %e, "purging a departed node's sessions failed");
@@ -712,6 +745,35 @@ impl FrameHandler for Inbound {
             | FrameKind::ShardHandoff(_) => {
                 debug!(peer = %from, "frame kind not used by this version skipped");
             }
+        }
+    }
+}
+
+/// Routes again the frames a departed peer never acknowledged: stanzas and session
+/// events go to their accounts' new owners (a frame the peer handled just before it
+/// died may so arrive twice: duplicates over loss), a bind that waited on it is
+/// refused so the client retries, the rest concerned only the peer itself.
+pub fn reroute_undelivered(router: &Router, peer: &NodeId, frames: Vec<FrameKind>) {
+    let Some(link) = router.cluster() else { return };
+    info!(%peer, frames = frames.len(), "routing again what a departed node did not acknowledge");
+    link.metrics
+        .rerouted(RerouteReason::DepartedPeer, frames.len());
+    let inbound = Inbound(router.clone());
+    for kind in frames {
+        match kind {
+            FrameKind::ToBare(_)
+            | FrameKind::ToFull(_)
+            | FrameKind::FromSession(_)
+            | FrameKind::SessionEvent(_) => inbound.handle(link.me(), kind),
+            FrameKind::BindRequest(b) => {
+                if let Some(p) = link.binds.lock().remove(&b.session_id) {
+                    let _ = p.reply.send(Err(StanzaError::with_text(
+                        StanzaErrorCondition::ResourceConstraint,
+                        "the account's node left; try again",
+                    )));
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use metrics::Gauge;
 use redis::aio::ConnectionManager;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 use super::coordinator::Coordinator;
 use super::membership::{Membership, Node};
 use super::shards::{Leases, ShardId};
+use crate::metrics::{Metrics, RedisOp, ShardChange};
 
 /// How a node takes part in the cluster.
 #[derive(Debug, Clone)]
@@ -75,7 +77,11 @@ pub struct Cluster {
 
 impl Cluster {
     /// Connects to Redis, joins, runs a first round and starts the background rounds.
-    pub async fn start(settings: Settings, drain: Arc<dyn Drain>) -> redis::RedisResult<Self> {
+    pub async fn start(
+        settings: Settings,
+        drain: Arc<dyn Drain>,
+        metrics: Metrics,
+    ) -> redis::RedisResult<Self> {
         let client = redis::Client::open(settings.redis_url.as_str())?;
         let redis = ConnectionManager::new(client.clone()).await?;
         let membership = Membership::new(
@@ -94,13 +100,18 @@ impl Cluster {
         let coordinator = Coordinator::new(membership, leases, settings.shards);
         coordinator.join().await?;
         let coordinator = Arc::new(Mutex::new(coordinator));
-        let first = round(&coordinator, settings.shards, drain.as_ref(), 1).await?;
+        let observer = Observer {
+            owned: metrics.shards_owned(&settings.node.id),
+            metrics,
+        };
+        let first = round(&coordinator, settings.shards, drain.as_ref(), &observer, 1).await?;
         let (tx, view) = watch::channel(first);
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&events).await?;
         let task = tokio::spawn(run(
             coordinator.clone(),
             drain.clone(),
+            observer,
             tx,
             pubsub,
             settings.shards,
@@ -161,29 +172,56 @@ impl Cluster {
 /// Runs a round and reads the resulting ownership. Shards that move elsewhere are
 /// released at once here: drains of shard state are the router's to add before this
 /// hands them off.
+/// Where the rounds report what they did.
+struct Observer {
+    metrics: Metrics,
+    owned: Gauge,
+}
+
+impl Observer {
+    async fn timed<T>(
+        &self,
+        op: RedisOp,
+        f: impl Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        let start = Instant::now();
+        let result = f.await;
+        self.metrics.redis_op(op, start.elapsed(), result.is_ok());
+        result
+    }
+}
+
 async fn round(
     coordinator: &Mutex<Coordinator>,
     shards: u32,
     drain: &dyn Drain,
+    observer: &Observer,
     generation: u64,
 ) -> redis::RedisResult<ShardView> {
     let mut c = coordinator.lock().await;
-    let round = c.round().await?;
+    let round = observer.timed(RedisOp::Round, c.round()).await?;
+    let metrics = &observer.metrics;
+    metrics.shard_change(ShardChange::Gained, round.gained.len());
     if !round.lost.is_empty() {
         warn!(shards = ?round.lost, "shard leases were taken over by other nodes");
+        metrics.shard_change(ShardChange::Lost, round.lost.len());
         drain.drain(round.lost.clone(), generation).await;
     }
     if !round.moving.is_empty() {
         info!(count = round.moving.len(), "handing shards off");
         drain.drain(round.moving.clone(), generation).await;
-        c.hand_off(&round.moving).await?;
+        observer
+            .timed(RedisOp::Release, c.hand_off(&round.moving))
+            .await?;
+        metrics.shard_change(ShardChange::HandedOff, round.moving.len());
     }
     let now = Instant::now();
-    let mine = c
+    let mine: BTreeMap<ShardId, Instant> = c
         .leases()
         .held()
         .filter_map(|s| c.leases().valid(s, now).map(|l| (s, l.valid_until)))
         .collect();
+    observer.owned.set(mine.len() as f64);
     Ok(ShardView {
         generation,
         endpoints: round.endpoints,
@@ -196,6 +234,7 @@ async fn round(
 async fn run(
     coordinator: Arc<Mutex<Coordinator>>,
     drain: Arc<dyn Drain>,
+    observer: Observer,
     tx: watch::Sender<ShardView>,
     mut pubsub: redis::aio::PubSub,
     shards: u32,
@@ -216,7 +255,7 @@ async fn run(
             }
         }
         generation += 1;
-        match round(&coordinator, shards, drain.as_ref(), generation).await {
+        match round(&coordinator, shards, drain.as_ref(), &observer, generation).await {
             Ok(view) => {
                 let _ = tx.send(view);
             }
@@ -265,13 +304,13 @@ mod tests {
     #[tokio::test]
     async fn two_nodes_split_the_shards_and_one_takes_all_after_a_leave() {
         let redis = RedisServer::start();
-        let a = Cluster::start(settings(&redis, "a"), Arc::new(NoDrain))
+        let a = Cluster::start(settings(&redis, "a"), Arc::new(NoDrain), Metrics::new())
             .await
             .unwrap();
         let mut va = a.view();
         until(&mut va, |v| v.mine.len() == 32).await;
 
-        let b = Cluster::start(settings(&redis, "b"), Arc::new(NoDrain))
+        let b = Cluster::start(settings(&redis, "b"), Arc::new(NoDrain), Metrics::new())
             .await
             .unwrap();
         let mut vb = b.view();

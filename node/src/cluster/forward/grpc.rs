@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -335,7 +335,13 @@ struct SenderSide {
     metrics: Metrics,
     links: RwLock<HashMap<NodeId, Link>>,
     stop: CancellationToken,
+    /// Takes the frames of a removed peer that it did not acknowledge.
+    undelivered: OnceLock<Undelivered>,
 }
+
+/// What happens to the frames a removed peer never acknowledged: the router routes
+/// them again (the peer died; their accounts have new owners).
+pub type Undelivered = Arc<dyn Fn(&NodeId, Vec<FrameKind>) + Send + Sync>;
 
 impl Drop for SenderSide {
     fn drop(&mut self) {
@@ -360,6 +366,7 @@ impl GrpcForwarder {
                 config,
                 metrics,
                 links: RwLock::new(HashMap::new()),
+                undelivered: OnceLock::new(),
                 stop: CancellationToken::new(),
             }),
         }
@@ -397,6 +404,7 @@ impl GrpcForwarder {
             unacked: VecDeque::new(),
             unacked_frames: 0,
             next_seq: 1,
+            undelivered: side.undelivered.get().cloned(),
         };
         tokio::spawn(task.run(stop.clone()));
         let link = Link {
@@ -411,8 +419,16 @@ impl GrpcForwarder {
         }
     }
 
+    /// Installs what receives a removed peer's unacknowledged frames (once; without
+    /// it they are counted as dropped). Frames the peer handled but had not yet
+    /// acknowledged when it died are among them, so they may arrive twice.
+    pub fn on_undelivered(&self, f: Undelivered) {
+        let _ = self.inner.undelivered.set(f);
+    }
+
     /// Ends the link to `peer` (it left the cluster); frames still queued or
-    /// unacknowledged are counted as dropped.
+    /// unacknowledged go to the [`on_undelivered`](Self::on_undelivered) handler, or
+    /// are counted as dropped.
     pub fn remove_peer(&self, peer: &NodeId) {
         if let Some(link) = self.inner.links.write().remove(peer) {
             link.stop.cancel();
@@ -504,6 +520,7 @@ struct PeerTask {
     unacked: VecDeque<Batch>,
     unacked_frames: usize,
     next_seq: u64,
+    undelivered: Option<Undelivered>,
 }
 
 impl PeerTask {
@@ -538,14 +555,25 @@ impl PeerTask {
                 () = stop.cancelled() => break,
             }
         }
-        // Whatever is still here will not be delivered; say so in the drop count.
+        // Whatever is still here will not reach this peer: handed back for routing
+        // elsewhere, or counted as dropped.
         self.frames.close();
-        let mut lost = self.unacked_frames;
-        while self.frames.try_recv().is_ok() {
-            lost += 1;
+        let mut left: Vec<Frame> = self.unacked.drain(..).flat_map(|b| b.frames).collect();
+        while let Ok(frame) = self.frames.try_recv() {
+            left.push(frame);
         }
-        if lost > 0 {
-            self.peer_metrics.dropped(ForwardDropReason::Shutdown, lost);
+        match &self.undelivered {
+            Some(handler) if !left.is_empty() => {
+                handler(
+                    &self.peer,
+                    left.into_iter().filter_map(|f| f.kind).collect(),
+                );
+            }
+            _ if !left.is_empty() => {
+                self.peer_metrics
+                    .dropped(ForwardDropReason::Shutdown, left.len());
+            }
+            _ => {}
         }
     }
 
