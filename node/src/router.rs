@@ -153,8 +153,17 @@ impl Router {
     /// owning node, or the park while the shard has no owner. Never waits; what cannot
     /// be handed over is bounced (stanzas) or counted and logged (session events).
     pub fn to_owner(&self, msg: ToOwner) {
+        self.to_owner_from(msg, None)
+    }
+
+    /// [`to_owner`](Self::to_owner) for work another node (`from`) passed on.
+    pub fn to_owner_from(&self, msg: ToOwner, from: Option<&NodeId>) {
         let Some(user) = msg.user() else { return };
-        match self.owner_of(&user) {
+        let owner = match &self.inner.cluster {
+            None => Owner::Here,
+            Some(link) => link.owner_for(self.shard(&user), from),
+        };
+        match owner {
             Owner::Here => self.to_host(&user, msg),
             Owner::Node(node) => self.forward_to_owner(&node, msg),
             Owner::Unknown => {

@@ -454,7 +454,16 @@ async fn leave_cluster(parts: ClusterParts, router: &Router, grace: Duration) {
     }
     router.retry_parked();
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && (router.parked() > 0 || forwarder.queued() > 0) {
+    // Handoffs complete only towards a node that took the shards; the last node of a
+    // cluster has none to wait for.
+    let pending = || {
+        router.parked() > 0
+            || forwarder.pending() > 0
+            || router
+                .cluster()
+                .is_some_and(|l| l.pending_handoffs() > 0 && l.has_peers())
+    };
+    while Instant::now() < deadline && pending() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         router.retry_parked();
     }

@@ -104,7 +104,12 @@ impl Coordinator {
     /// so their next round (which claims them) runs at once.
     pub async fn hand_off(&mut self, shards: &[ShardId]) -> redis::RedisResult<()> {
         self.leases.release(shards).await?;
-        self.membership.announce_release().await
+        self.membership.announce_shards().await
+    }
+
+    /// Tells the others this node claimed shards (their next round learns the owners).
+    pub async fn announce_gains(&self) -> redis::RedisResult<()> {
+        self.membership.announce_shards().await
     }
 
     /// Starts a graceful leave: out of the membership at once; the following rounds

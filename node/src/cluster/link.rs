@@ -170,6 +170,16 @@ pub struct ClusterLink {
     parked: Mutex<VecDeque<Parked>>,
     /// Shards drained, with the generation of the round that drained them.
     withdrawn: Mutex<HashMap<u32, u64>>,
+    /// Shards this node handed off and whose new owner has not yet been told that
+    /// everything for them was passed on (see [`ClusterLink::handoff_complete`]).
+    handed_off: Mutex<HashMap<u32, Instant>>,
+    /// Shards gained from a live node: until it says it passed everything on (or the
+    /// deadline), only work coming from it is served; the rest is parked, so nothing
+    /// overtakes what it still forwards.
+    awaiting: Mutex<HashMap<u32, (NodeId, Instant)>>,
+    awaiting_count: std::sync::atomic::AtomicUsize,
+    /// The last owner seen for each shard, to know whom a gained shard comes from.
+    last_owner: Mutex<Vec<Option<NodeId>>>,
     directory: Directory,
     park_for: Duration,
     metrics: Metrics,
@@ -193,6 +203,10 @@ impl ClusterLink {
             binds: Mutex::new(HashMap::new()),
             parked: Mutex::new(VecDeque::new()),
             withdrawn: Mutex::new(HashMap::new()),
+            handed_off: Mutex::new(HashMap::new()),
+            awaiting: Mutex::new(HashMap::new()),
+            awaiting_count: std::sync::atomic::AtomicUsize::new(0),
+            last_owner: Mutex::new(vec![None; shards as usize]),
             directory,
             park_for: lease_ttl * 2,
             metrics,
@@ -227,13 +241,120 @@ impl ClusterLink {
         self.table.read().owner(shard, &self.me, Instant::now())
     }
 
+    /// [`owner`](Self::owner) for work that came from `from` (`None`: from this node's
+    /// own sessions or shards): a shard still awaiting its previous owner's handoff
+    /// serves only work from that owner; anything else waits.
+    pub fn owner_for(&self, shard: u32, from: Option<&NodeId>) -> Owner {
+        let owner = self.owner(shard);
+        if owner == Owner::Here
+            && self
+                .awaiting_count
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+            && let Some((previous, until)) = self.awaiting.lock().get(&shard)
+            && from != Some(previous)
+            && Instant::now() < *until
+        {
+            return Owner::Unknown;
+        }
+        owner
+    }
+
+    /// Notes the shards this node gained from a live previous owner, whose handoff it
+    /// must wait for, and remembers every shard's owner.
+    fn note_owners(&self, before: &RouteTable, after: &RouteTable) {
+        let now = Instant::now();
+        let mut last = self.last_owner.lock();
+        let mut awaiting = self.awaiting.lock();
+        for shard in 0..self.shards {
+            let i = shard as usize;
+            let gained = after.owner(shard, &self.me, now) == Owner::Here
+                && before.owner(shard, &self.me, now) != Owner::Here;
+            if gained
+                && let Some(previous) = last[i].clone()
+                && previous != self.me
+                && after.live.contains(&previous)
+            {
+                debug!(shard, from = %previous, "awaiting the previous owner's handoff");
+                awaiting.insert(shard, (previous, now + self.park_for / 2));
+            }
+            if let Some(owner) = after.owners.get(i).cloned().flatten() {
+                last[i] = Some(owner);
+            }
+        }
+        self.awaiting_count
+            .store(awaiting.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops waiting for handoffs whose previous owner did not finish in time.
+    fn expire_awaiting(&self) {
+        let now = Instant::now();
+        let mut awaiting = self.awaiting.lock();
+        awaiting.retain(|shard, (previous, until)| {
+            let keep = now < *until;
+            if !keep {
+                warn!(shard, %previous, "the previous owner did not complete its handoff in time");
+            }
+            keep
+        });
+        self.awaiting_count
+            .store(awaiting.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The previous owner of `shard` says everything for it was passed on.
+    pub fn handoff_complete(&self, shard: u32, from: &NodeId) {
+        let mut awaiting = self.awaiting.lock();
+        if awaiting.get(&shard).is_some_and(|(p, _)| p == from) {
+            awaiting.remove(&shard);
+            self.awaiting_count
+                .store(awaiting.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Tells the new owners of the shards this node handed off that everything for
+    /// them was passed on (after the parked work was routed to them, on the same
+    /// ordered stream). Shards whose new owner is not known yet stay listed.
+    fn complete_handoffs(&self, table: &RouteTable) {
+        let now = Instant::now();
+        let mut handed = self.handed_off.lock();
+        handed.retain(|&shard, until| {
+            let Owner::Node(owner) = table.owner(shard, &self.me, now) else {
+                return now < *until;
+            };
+            let frame = FrameKind::ShardHandoff(v1::ShardHandoff {
+                shard,
+                from_node: self.me.to_string(),
+                to_node: owner.to_string(),
+                phase: v1::shard_handoff::Phase::Complete.into(),
+                ..Default::default()
+            });
+            if let Err(e) = self.forward(&owner, frame) {
+                debug!(shard, %owner, error = %e, "handoff completion not sent");
+            }
+            false
+        });
+    }
+
+    /// Whether another live node is known.
+    pub fn has_peers(&self) -> bool {
+        self.table.read().live.iter().any(|n| n != &self.me)
+    }
+
+    /// Handoffs not yet completed, for a leaving node to wait on.
+    pub fn pending_handoffs(&self) -> usize {
+        self.handed_off.lock().len()
+    }
+
     /// Stops routing `shards` to this node at once (the drain before a handoff).
     pub fn withdraw(&self, shards: &[u32], generation: u64) {
         let mut withdrawn = self.withdrawn.lock();
         let mut table = self.table.write();
         let mut updated = RouteTable::clone(&table);
+        let until = Instant::now() + self.park_for;
+        let mut handed = self.handed_off.lock();
         for &s in shards {
             withdrawn.insert(s, generation);
+            handed.insert(s, until);
             if let Some(slot) = updated.valid_until.get_mut(s as usize) {
                 *slot = None;
             }
@@ -411,7 +532,9 @@ pub async fn follow_view(
             withdrawn.retain(|_, g| snapshot.generation < *g);
             Arc::new(table)
         };
-        moved_sessions(&router, &link, &link.table.read().clone(), &table);
+        let before = link.table.read().clone();
+        link.note_owners(&before, &table);
+        moved_sessions(&router, &link, &before, &table);
         let complete = table.complete();
         *link.table.write() = table;
         for (id, endpoint) in &snapshot.endpoints {
@@ -442,6 +565,7 @@ pub async fn follow_view(
         live = now_live;
         ready(complete && live.contains(link.me.as_str()));
         router.retry_parked();
+        link.complete_handoffs(&link.table.read().clone());
         // Until the next change: forget abandoned binds, retry parked work.
         loop {
             tokio::select! {
@@ -453,7 +577,9 @@ pub async fn follow_view(
                 }
                 _ = sweep.tick() => {
                     link.sweep_binds();
+                    link.expire_awaiting();
                     router.retry_parked();
+                    link.complete_handoffs(&link.table.read().clone());
                 }
             }
         }
@@ -586,9 +712,10 @@ impl FrameHandler for Inbound {
         let now = Instant::now();
         match kind {
             FrameKind::ToBare(f) => match decode(&f.stanza) {
-                Some(stanza) => {
-                    router.to_owner(ToOwner::Route(RouteToUser { stanza, since: now }, f.hops))
-                }
+                Some(stanza) => router.to_owner_from(
+                    ToOwner::Route(RouteToUser { stanza, since: now }, f.hops),
+                    Some(from),
+                ),
                 None => warn!(peer = %from, "undecodable stanza from a peer dropped"),
             },
             FrameKind::ToFull(f) => {
@@ -677,12 +804,15 @@ impl FrameHandler for Inbound {
                 ) else {
                     return;
                 };
-                router.to_owner(ToOwner::FromSession(FromSession {
-                    from: from_jid,
-                    kind,
-                    stanza,
-                    since: now,
-                }));
+                router.to_owner_from(
+                    ToOwner::FromSession(FromSession {
+                        from: from_jid,
+                        kind,
+                        stanza,
+                        since: now,
+                    }),
+                    Some(from),
+                );
             }
             FrameKind::SharedState(s) => {
                 if let Ok(user) = s.user.parse::<BareJid>() {
@@ -705,10 +835,14 @@ impl FrameHandler for Inbound {
                     return;
                 };
                 if e.kind() == EventKind::Unbound {
-                    router.to_owner(ToOwner::Unbind(Unbind {
-                        jid,
-                        id: e.session_id,
-                    }));
+                    let msg = match NodeId::new(&e.node) {
+                        Ok(node) if e.session_id == 0 => ToOwner::Gone(SessionGone { jid, node }),
+                        _ => ToOwner::Unbind(Unbind {
+                            jid,
+                            id: e.session_id,
+                        }),
+                    };
+                    router.to_owner_from(msg, Some(from));
                 }
             }
             FrameKind::Reattach(r) => {
@@ -740,9 +874,13 @@ impl FrameHandler for Inbound {
                     facts,
                 });
             }
-            FrameKind::PresenceFanout(_)
-            | FrameKind::RoomBroadcast(_)
-            | FrameKind::ShardHandoff(_) => {
+            FrameKind::ShardHandoff(h) => {
+                if h.phase() == v1::shard_handoff::Phase::Complete {
+                    link.handoff_complete(h.shard, from);
+                    router.retry_parked();
+                }
+            }
+            FrameKind::PresenceFanout(_) | FrameKind::RoomBroadcast(_) => {
                 debug!(peer = %from, "frame kind not used by this version skipped");
             }
         }

@@ -114,13 +114,13 @@ impl Membership {
             .await
     }
 
-    /// Tells the others this node released shards, so they claim them without waiting
-    /// for their next periodic round. Not a membership change ([`Event::decode`] reads
-    /// it as nothing).
-    pub async fn announce_release(&self) -> redis::RedisResult<()> {
+    /// Tells the others this node released or claimed shards, so they run a round now
+    /// (claiming what was released, learning the new owners) instead of at their next
+    /// periodic one. Not a membership change ([`Event::decode`] reads it as nothing).
+    pub async fn announce_shards(&self) -> redis::RedisResult<()> {
         let mut redis = self.redis.clone();
         redis
-            .publish::<_, _, ()>(self.events_channel(), format!("released {}", self.me.id))
+            .publish::<_, _, ()>(self.events_channel(), format!("shards {}", self.me.id))
             .await
     }
 

@@ -202,6 +202,9 @@ async fn round(
     let round = observer.timed(RedisOp::Round, c.round()).await?;
     let metrics = &observer.metrics;
     metrics.shard_change(ShardChange::Gained, round.gained.len());
+    if !round.gained.is_empty() {
+        c.announce_gains().await?;
+    }
     if !round.lost.is_empty() {
         warn!(shards = ?round.lost, "shard leases were taken over by other nodes");
         metrics.shard_change(ShardChange::Lost, round.lost.len());

@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -352,6 +353,8 @@ impl Drop for SenderSide {
 struct Link {
     addr: SocketAddr,
     queue: mpsc::Sender<Frame>,
+    /// Frames written to the peer and not yet acknowledged.
+    unacked: Arc<AtomicUsize>,
     peer: PeerMetrics,
     status: Arc<Mutex<PeerStatus>>,
     stop: CancellationToken,
@@ -391,7 +394,10 @@ impl GrpcForwarder {
             last_error: None,
         }));
         let stop = side.stop.child_token();
+        let unacked = Arc::new(AtomicUsize::new(0));
         let task = PeerTask {
+            shutdown: side.stop.clone(),
+            unacked_shared: unacked.clone(),
             me: side.node.clone(),
             incarnation: side.incarnation,
             peer: peer.clone(),
@@ -410,6 +416,7 @@ impl GrpcForwarder {
         let link = Link {
             addr,
             queue,
+            unacked,
             peer: peer_metrics,
             status,
             stop,
@@ -441,12 +448,14 @@ impl GrpcForwarder {
         links.get(peer).map(|link| link.status.lock().clone())
     }
 
-    /// Frames queued for all peers and not yet taken into a batch.
-    pub fn queued(&self) -> usize {
+    /// Frames for all peers not yet acknowledged: queued, or written and unanswered.
+    pub fn pending(&self) -> usize {
         let links = self.inner.links.read();
         links
             .values()
-            .map(|l| l.queue.max_capacity() - l.queue.capacity())
+            .map(|l| {
+                l.queue.max_capacity() - l.queue.capacity() + l.unacked.load(Ordering::Relaxed)
+            })
             .sum()
     }
 
@@ -521,6 +530,10 @@ struct PeerTask {
     unacked_frames: usize,
     next_seq: u64,
     undelivered: Option<Undelivered>,
+    /// The whole forwarder's stop: on shutdown nothing is handed back.
+    shutdown: CancellationToken,
+    /// `unacked_frames`, readable by [`GrpcForwarder::pending`].
+    unacked_shared: Arc<AtomicUsize>,
 }
 
 impl PeerTask {
@@ -563,7 +576,7 @@ impl PeerTask {
             left.push(frame);
         }
         match &self.undelivered {
-            Some(handler) if !left.is_empty() => {
+            Some(handler) if !left.is_empty() && !self.shutdown.is_cancelled() => {
                 handler(
                     &self.peer,
                     left.into_iter().filter_map(|f| f.kind).collect(),
@@ -722,6 +735,8 @@ impl PeerTask {
         self.metrics.forward_batch(batch.frames.len());
         self.peer_metrics.sent(batch.frames.len());
         self.unacked_frames += batch.frames.len();
+        self.unacked_shared
+            .store(self.unacked_frames, Ordering::Relaxed);
         self.unacked.push_back(batch.clone());
         batch
     }
@@ -733,5 +748,7 @@ impl PeerTask {
                 self.unacked_frames -= batch.frames.len();
             }
         }
+        self.unacked_shared
+            .store(self.unacked_frames, Ordering::Relaxed);
     }
 }
