@@ -15,7 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use jid::BareJid;
@@ -159,8 +159,38 @@ async fn run_queue(mut rx: mpsc::UnboundedReceiver<Op>, pending: Arc<AtomicUsize
 }
 
 pub async fn write(storage: &Storage, user: &BareJid, w: Write) {
-    let key = user.as_str();
-    let result = match &w {
+    let deadline = Instant::now() + WRITE_RETRY_FOR;
+    let mut backoff = WRITE_BACKOFF_MIN;
+    loop {
+        let Err(e) = apply(storage, user.as_str(), &w).await else {
+            if backoff > WRITE_BACKOFF_MIN {
+                info!(user = %user, "storage write done after retrying");
+            }
+            return;
+        };
+        // A backend that is down (Redis restarting) comes back: the write waits for
+        // it, holding this user's later operations behind it so their order stays.
+        let transient = matches!(e, StorageError::Backend(_) | StorageError::Io(_));
+        if !transient || Instant::now() + backoff >= deadline {
+            warn!(user = %user, error = %e, write = ?w, "storage write failed");
+            return;
+        }
+        if backoff == WRITE_BACKOFF_MIN {
+            warn!(user = %user, error = %e, "storage write failed; retrying");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(WRITE_BACKOFF_MAX);
+    }
+}
+
+/// How long a write keeps being retried while the backend fails: a Redis restart or
+/// failover takes seconds; past a minute the write is given up and logged.
+const WRITE_RETRY_FOR: Duration = Duration::from_secs(60);
+const WRITE_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const WRITE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+async fn apply(storage: &Storage, key: &str, w: &Write) -> Result<(), StorageError> {
+    match w {
         Write::PutItem(item) => storage.rosters.put_item(key, item).await.map(drop),
         Write::RemoveItem(c) => storage.rosters.remove_item(key, c).await.map(drop),
         Write::PendingIn(c, p) => storage.rosters.set_pending_in(key, c, p.as_deref()).await,
@@ -171,9 +201,6 @@ pub async fn write(storage: &Storage, user: &BareJid, w: Write) {
                 .set_last_activity(key, *unix_secs, status)
                 .await
         }
-    };
-    if let Err(e) = result {
-        warn!(user = %user, error = %e, write = ?w, "storage write failed");
     }
 }
 

@@ -103,27 +103,46 @@ struct HostsDrain {
 }
 
 impl Drain for HostsDrain {
+    /// Stops routing the shards here and queues their release at every host at once;
+    /// the future waits (bounded) for the hosts' storage writes.
     fn drain(&self, shards: Vec<ShardId>, generation: u64) -> BoxFuture<'static, ()> {
         let router = self.router.clone();
         let wait = self.wait;
+        if let Some(link) = router.cluster() {
+            link.withdraw(&shards, generation);
+        }
+        let set: HashSet<u32> = shards.iter().copied().collect();
+        // `send`, not `try_send`: a release must not be lost to a full mailbox. It
+        // is queued now; only its answer is awaited.
+        let done: Vec<_> = router
+            .hosts()
+            .iter()
+            .map(|host| {
+                let (tx, rx) = oneshot::channel();
+                let queued = host.send(ReleaseShards {
+                    shards: set.clone(),
+                    done: tx,
+                });
+                async move {
+                    let _ = queued.await;
+                    let _ = rx.await;
+                }
+            })
+            .collect();
         Box::pin(async move {
-            if let Some(link) = router.cluster() {
-                link.withdraw(&shards, generation);
-            }
-            let set: HashSet<u32> = shards.into_iter().collect();
-            let done: Vec<_> = router
-                .hosts()
-                .iter()
-                .filter_map(|host| {
-                    let (tx, rx) = oneshot::channel();
-                    let msg = ReleaseShards {
-                        shards: set.clone(),
-                        done: tx,
-                    };
-                    host.try_send(msg).ok().map(|()| rx)
+            // The new owner may load the shards' accounts once every write queued
+            // here has landed; the handoff completes only then. The round itself
+            // waits a bounded time.
+            let flushed = {
+                let router = router.clone();
+                tokio::spawn(async move {
+                    futures_util::future::join_all(done).await;
+                    if let Some(link) = router.cluster() {
+                        link.flushed(&shards);
+                    }
                 })
-                .collect();
-            if tokio::time::timeout(wait, futures_all(done)).await.is_err() {
+            };
+            if tokio::time::timeout(wait, flushed).await.is_err() {
                 warn!("shard storage writes still pending at handoff");
             }
             router.retry_parked();
@@ -149,7 +168,7 @@ async fn start_cluster(
         metrics.clone(),
     ));
     let client = redis::Client::open(config.storage.redis_url.as_str())?;
-    let redis = redis::aio::ConnectionManager::new(client)
+    let redis = crate::cluster::connect(client, config.cluster.lease_ttl)
         .await
         .context("cannot reach Redis for the cluster")?;
     let directory = Directory::new(redis, &cluster_prefix(config));
@@ -295,15 +314,18 @@ pub async fn run_until(
             };
             let drain = Arc::new(HostsDrain {
                 router: router.clone(),
-                wait: config.shutdown.grace,
+                // Drains run inside a coordinator round: bounded so that renewing
+                // the other shards' leases is never late.
+                wait: config.cluster.lease_ttl / 3,
             });
-            let cluster = Cluster::start(settings, drain, metrics.clone())
+            let mut cluster = Cluster::start(settings, drain, metrics.clone())
                 .await
                 .context("cannot join the cluster")?;
             let ready = health.clone();
             let follower = actix_rt::spawn(link::follow_view(
                 router.clone(),
                 cluster.view(),
+                cluster.gains(),
                 forwarder.clone(),
                 move |ok| ready.set_ready(ReadyComponent::Cluster, ok),
             ));

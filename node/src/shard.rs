@@ -339,6 +339,25 @@ impl ShardHost {
             return;
         };
         let mut state = UserState::new(user.clone(), data, self.config.limits.clone());
+        // Sessions that reported on their own while the account loaded are attached
+        // first: the directory lists them too, and they must not be waited for.
+        let (reports, rest): (VecDeque<UserMsg>, VecDeque<UserMsg>) = queue
+            .into_iter()
+            .partition(|msg| matches!(msg, UserMsg::Attach(a) if a.handle.is_some()));
+        let queue = rest;
+        let mut reported = Vec::new();
+        for msg in reports {
+            if let UserMsg::Attach(Attached {
+                jid,
+                id,
+                handle: Some(handle),
+                facts: Some(facts),
+            }) = msg
+            {
+                reported.push((jid.clone(), id));
+                state.attach(jid, id, handle, facts);
+            }
+        }
         if self.router.cluster().is_some() {
             self.metrics.directory_lookup(if sessions.is_empty() {
                 DirectoryLookup::Empty
@@ -352,6 +371,9 @@ impl ShardHost {
             let Ok(jid) = user.with_resource_str(&resource) else {
                 continue;
             };
+            if reported.contains(&(jid.clone(), entry.session)) {
+                continue;
+            }
             match NodeId::new(&entry.node) {
                 Ok(node) if self.router.cluster().is_some_and(|l| l.is_live(&node)) => {
                     self.router
@@ -367,23 +389,18 @@ impl ShardHost {
             effects.extend(state.gone_elsewhere(&jid));
             self.unregister(&user, jid.resource().as_str(), entry);
         }
-        if waiting.is_empty() {
-            self.users.insert(user.clone(), Slot::Ready(state));
-            self.apply(&user, effects, Instant::now());
-            return self.drain_queue(&user, queue);
-        }
-        // Effects of gone sessions wait with the rest until the others are attached.
-        let _ = &mut state;
         self.users.insert(
             user.clone(),
             Slot::Attaching {
                 state,
-                queue,
+                queue: queue.into(),
                 waiting,
             },
         );
-        if !effects.is_empty() {
-            self.apply(&user, effects, Instant::now());
+        self.apply(&user, effects, Instant::now());
+        if matches!(self.users.get(&user), Some(Slot::Attaching { waiting, .. }) if waiting.is_empty())
+        {
+            return self.attach_done(&user);
         }
         ctx.run_later(ATTACH_TIMEOUT, move |act, _| {
             if let Some(Slot::Attaching { waiting, .. }) = act.users.get(&user) {

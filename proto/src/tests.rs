@@ -4,7 +4,7 @@ use prost::Message;
 use super::v1::{
     Ack, Attached, Batch, BindReply, BindRequest, CloseSession, Frame, FromSession, Hello,
     PresenceFanout, Reattach, ReceiverMessage, RoomBroadcast, SenderMessage, SessionEvent,
-    ShardHandoff, SharedState, ToBareJid, ToFullJid, Welcome, frame, from_session,
+    SessionsWanted, ShardHandoff, SharedState, ToBareJid, ToFullJid, Welcome, frame, from_session,
     receiver_message, sender_message, session_event, shard_handoff,
 };
 use super::*;
@@ -101,6 +101,9 @@ fn every_kind() -> Vec<frame::Kind> {
             roster_requested: true,
             blocklist_requested: true,
             carbons: true,
+        }),
+        frame::Kind::SessionsWanted(SessionsWanted {
+            shards: vec![0, 7, 1023],
         }),
     ]
 }

@@ -373,3 +373,42 @@ async fn joining_node_takes_its_shards_while_traffic_flows() {
         .metric(r#"shoal_cluster_shards_owned{node="node2"}"#);
     assert!(shards > 0.0, "the new node owns shards ({shards})");
 }
+
+/// Redis restarts (an outage longer than the lease TTL, data kept by its append-only
+/// file): the nodes stop serving while they cannot renew, then rejoin, claim the shards
+/// again, reattach the sessions that stayed connected, and chat and presence work as
+/// before with the rosters intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_recovers_after_redis_restart() {
+    let mut cluster = TestCluster::start(2, USERS);
+    cluster.settled().await;
+    let mut juliet = online(cluster.node(0), "juliet", "balcony").await;
+    let mut romeo = online(cluster.node(1), "romeo", "orchard").await;
+    befriend(&mut juliet, &mut romeo).await;
+
+    cluster.redis.kill();
+    // The outage itself: long enough for every lease to lapse.
+    tokio::time::sleep(shoal_tests::cluster::LEASE_TTL * 2).await;
+    cluster.redis.restart();
+    cluster.settled().await;
+
+    let (j, r) = (jid(&juliet), jid(&romeo));
+    let (j_bare, r_bare) = (bare(&juliet), bare(&romeo));
+    romeo.send(&chat(&j_bare, "still there?")).await.unwrap();
+    assert_eq!(
+        next(&mut juliet).await,
+        format!(
+            "<message to='{j_bare}' from='{r}' type='chat'><body>still there?</body></message>"
+        )
+    );
+    juliet
+        .send("<presence><status>back</status></presence>")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let want = format!("<presence to='{r_bare}' from='{j}'><status>back</status></presence>");
+    while !got.contains(&want) {
+        got.push(next(&mut romeo).await);
+    }
+    assert_eq!(got, [want], "nothing else reached romeo");
+}

@@ -10,8 +10,20 @@
 //! unbinds; it is read when a user's state is loaded, not per stanza (DESIGN.md
 //! invariant 3).
 
-use redis::Script;
 use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script};
+
+/// Runs `request` once more when the connection dropped under it (the connection
+/// manager reconnects meanwhile, e.g. after a Redis restart). Only for requests whose
+/// repetition changes nothing: reads, and writes of the same value.
+async fn again_if_dropped<T, F: Future<Output = RedisResult<T>>>(
+    request: impl Fn() -> F,
+) -> RedisResult<T> {
+    match request().await {
+        Err(e) if e.is_connection_dropped() || e.is_io_error() => request().await,
+        result => result,
+    }
+}
 
 /// Where a session lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,17 +135,18 @@ impl Directory {
         resource: &str,
         entry: &Entry,
     ) -> redis::RedisResult<Option<Entry>> {
-        let mut redis = self.redis.clone();
-        let old: Option<String> = self
-            .register
-            .key(self.user_key(bare))
-            .key(self.index_key(&entry.node))
-            .arg(resource)
-            .arg(entry.encode())
-            .arg(format!("{bare}/{resource}"))
-            .arg(self.index_prefix())
-            .invoke_async(&mut redis)
-            .await?;
+        let old: Option<String> = again_if_dropped(|| {
+            let mut redis = self.redis.clone();
+            let mut invocation = self.register.key(self.user_key(bare));
+            invocation
+                .key(self.index_key(&entry.node))
+                .arg(resource)
+                .arg(entry.encode())
+                .arg(format!("{bare}/{resource}"))
+                .arg(self.index_prefix());
+            async move { invocation.invoke_async(&mut redis).await }
+        })
+        .await?;
         Ok(old.as_deref().and_then(Entry::decode))
     }
 
@@ -144,26 +157,28 @@ impl Directory {
         resource: &str,
         entry: &Entry,
     ) -> redis::RedisResult<bool> {
-        let mut redis = self.redis.clone();
-        let removed: u8 = self
-            .unregister
-            .key(self.user_key(bare))
-            .key(self.index_key(&entry.node))
-            .arg(resource)
-            .arg(entry.encode())
-            .arg(format!("{bare}/{resource}"))
-            .invoke_async(&mut redis)
-            .await?;
+        let removed: u8 = again_if_dropped(|| {
+            let mut redis = self.redis.clone();
+            let mut invocation = self.unregister.key(self.user_key(bare));
+            invocation
+                .key(self.index_key(&entry.node))
+                .arg(resource)
+                .arg(entry.encode())
+                .arg(format!("{bare}/{resource}"));
+            async move { invocation.invoke_async(&mut redis).await }
+        })
+        .await?;
         Ok(removed == 1)
     }
 
     /// Every bound resource of `bare` and where it lives, sorted by resource.
     pub async fn resources(&self, bare: &str) -> redis::RedisResult<Vec<(String, Entry)>> {
-        let mut redis = self.redis.clone();
-        let all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(self.user_key(bare))
-            .query_async(&mut redis)
-            .await?;
+        let all: Vec<(String, String)> = again_if_dropped(|| {
+            let mut redis = self.redis.clone();
+            let cmd = redis::cmd("HGETALL").arg(self.user_key(bare)).clone();
+            async move { cmd.query_async(&mut redis).await }
+        })
+        .await?;
         let mut out: Vec<(String, Entry)> = all
             .into_iter()
             .filter_map(|(resource, v)| Entry::decode(&v).map(|e| (resource, e)))

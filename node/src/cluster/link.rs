@@ -15,7 +15,7 @@
 //! that is not (or no longer) the owner routes a frame on to the owner it knows, at
 //! most [`MAX_HOPS`] times, then bounces it (invariant 6).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,6 +147,15 @@ struct Parked {
     until: Instant,
 }
 
+/// A shard this node stopped serving, until its new owner is told.
+struct Handoff {
+    /// Given up after this (the new owner stops waiting at about the same time).
+    until: Instant,
+    /// Every storage write queued for the shard's accounts has finished: only then may
+    /// the new owner load them.
+    flushed: bool,
+}
+
 /// A session on this node, as remote owners address it.
 struct LocalSession {
     jid: FullJid,
@@ -172,7 +181,7 @@ pub struct ClusterLink {
     withdrawn: Mutex<HashMap<u32, u64>>,
     /// Shards this node handed off and whose new owner has not yet been told that
     /// everything for them was passed on (see [`ClusterLink::handoff_complete`]).
-    handed_off: Mutex<HashMap<u32, Instant>>,
+    handed_off: Mutex<HashMap<u32, Handoff>>,
     /// Shards gained from a live node: until it says it passed everything on (or the
     /// deadline), only work coming from it is served; the rest is parked, so nothing
     /// overtakes what it still forwards.
@@ -317,10 +326,16 @@ impl ClusterLink {
     fn complete_handoffs(&self, table: &RouteTable) {
         let now = Instant::now();
         let mut handed = self.handed_off.lock();
-        handed.retain(|&shard, until| {
+        handed.retain(|&shard, handoff| {
+            if now >= handoff.until {
+                return false;
+            }
             let Owner::Node(owner) = table.owner(shard, &self.me, now) else {
-                return now < *until;
+                return true;
             };
+            if !handoff.flushed {
+                return true;
+            }
             let frame = FrameKind::ShardHandoff(v1::ShardHandoff {
                 shard,
                 from_node: self.me.to_string(),
@@ -333,6 +348,16 @@ impl ClusterLink {
             }
             false
         });
+    }
+
+    /// The storage writes of `shards`' accounts have all finished.
+    pub fn flushed(&self, shards: &[u32]) {
+        let mut handed = self.handed_off.lock();
+        for s in shards {
+            if let Some(h) = handed.get_mut(s) {
+                h.flushed = true;
+            }
+        }
     }
 
     /// Whether another live node is known.
@@ -354,7 +379,13 @@ impl ClusterLink {
         let mut handed = self.handed_off.lock();
         for &s in shards {
             withdrawn.insert(s, generation);
-            handed.insert(s, until);
+            handed.insert(
+                s,
+                Handoff {
+                    until,
+                    flushed: false,
+                },
+            );
             if let Some(slot) = updated.valid_until.get_mut(s as usize) {
                 *slot = None;
             }
@@ -453,6 +484,48 @@ impl ClusterLink {
         }
     }
 
+    /// Asks every session of this node whose account hashes onto one of `shards` to
+    /// report itself to `owner`, which just claimed them.
+    pub fn report_sessions(&self, owner: &NodeId, shards: &HashSet<u32>, router: &Router) {
+        let sessions: Vec<Addr<Session>> = self
+            .sessions
+            .lock()
+            .iter()
+            .filter(|(user, _)| shards.contains(&router.shard(user)))
+            .flat_map(|(_, list)| list.iter().map(|s| s.addr.clone()))
+            .collect();
+        if !sessions.is_empty() {
+            debug!(%owner, sessions = sessions.len(), "sessions report to their accounts' new owner");
+        }
+        for addr in sessions {
+            let _ = addr.try_send(ReportAttach {
+                owner: owner.clone(),
+            });
+        }
+    }
+
+    /// This node claimed `shards`: its own sessions of their accounts and every other
+    /// node's report to it.
+    fn want_sessions(&self, shards: Vec<u32>, router: &Router) {
+        self.report_sessions(&self.me, &shards.iter().copied().collect(), router);
+        let peers: Vec<NodeId> = self
+            .table
+            .read()
+            .live
+            .iter()
+            .filter(|n| **n != self.me)
+            .cloned()
+            .collect();
+        for peer in peers {
+            let frame = FrameKind::SessionsWanted(v1::SessionsWanted {
+                shards: shards.clone(),
+            });
+            if let Err(e) = self.forward(&peer, frame) {
+                debug!(%peer, error = %e, "sessions request not sent");
+            }
+        }
+    }
+
     /// Asks the session `jid`/`id` on this node to report itself to `owner` (a node
     /// that took over the account). Answers "gone" at once when it is not here.
     pub fn request_attach(&self, owner: &NodeId, jid: FullJid, id: SessionId, router: &Router) {
@@ -512,6 +585,7 @@ impl ClusterLink {
 pub async fn follow_view(
     router: Router,
     mut view: watch::Receiver<ShardView>,
+    mut gains: tokio::sync::mpsc::UnboundedReceiver<Vec<u32>>,
     peers: Arc<dyn PeerSet>,
     ready: impl Fn(bool) + Send + 'static,
 ) {
@@ -520,6 +594,8 @@ pub async fn follow_view(
     };
     let mut endpoints: BTreeMap<String, String> = BTreeMap::new();
     let mut live: BTreeSet<String> = BTreeSet::new();
+    let mut absent: HashMap<String, Instant> = HashMap::new();
+    let mut claimed: Vec<u32> = Vec::new();
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
     // A node restarted under the same id finds its previous life's sessions in the
     // directory: they are gone, and their contacts are told.
@@ -534,7 +610,6 @@ pub async fn follow_view(
         };
         let before = link.table.read().clone();
         link.note_owners(&before, &table);
-        moved_sessions(&router, &link, &before, &table);
         let complete = table.complete();
         *link.table.write() = table;
         for (id, endpoint) in &snapshot.endpoints {
@@ -551,22 +626,40 @@ pub async fn follow_view(
             }
         }
         let now_live: BTreeSet<String> = snapshot.live.iter().cloned().collect();
+        let now = Instant::now();
         for gone in live.difference(&now_live) {
+            absent.entry(gone.clone()).or_insert(now);
+        }
+        absent.retain(|node, _| !now_live.contains(node));
+        // A node is given up for gone only after a lease TTL of absence: one that is
+        // alive heartbeats again well within it (Redis restarted and lost the
+        // membership keys, say), and its sessions must not be purged.
+        let departed: Vec<String> = absent
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= link.park_for / 2)
+            .map(|(node, _)| node.clone())
+            .collect();
+        for gone in departed {
+            absent.remove(&gone);
             info!(node = %gone, "node left the cluster");
-            endpoints.remove(gone);
-            if let Ok(node) = NodeId::new(gone) {
+            endpoints.remove(&gone);
+            if let Ok(node) = NodeId::new(&gone) {
                 peers.remove(&node);
             }
             // One node purges: the first live one in id order.
             if now_live.first().map(String::as_str) == Some(link.me.as_str()) {
-                purge(&router, &link, gone).await;
+                purge(&router, &link, &gone).await;
             }
         }
         live = now_live;
-        ready(complete && live.contains(link.me.as_str()));
+        ready(complete && snapshot.reachable && live.contains(link.me.as_str()));
         router.retry_parked();
         link.complete_handoffs(&link.table.read().clone());
-        // Until the next change: forget abandoned binds, retry parked work.
+        if !claimed.is_empty() {
+            link.want_sessions(std::mem::take(&mut claimed), &router);
+        }
+        // Until the next change: forget abandoned binds, retry parked work, ask for
+        // the sessions of the shards claimed.
         loop {
             tokio::select! {
                 changed = view.changed() => {
@@ -575,6 +668,9 @@ pub async fn follow_view(
                     }
                     break;
                 }
+                // Asked for once the view that has them claimed is applied (the round
+                // reports its gains before it publishes its view).
+                Some(shards) = gains.recv() => claimed.extend(shards),
                 _ = sweep.tick() => {
                     link.sweep_binds();
                     link.expire_awaiting();
@@ -583,35 +679,6 @@ pub async fn follow_view(
                 }
             }
         }
-    }
-}
-
-/// Tells the new owner of every shard whose owner changed about this node's sessions
-/// of its accounts, so it serves them without waiting to be asked.
-fn moved_sessions(router: &Router, link: &ClusterLink, before: &RouteTable, after: &RouteTable) {
-    let now = Instant::now();
-    let owner_now = |t: &RouteTable, s: u32| t.owner(s, &link.me, now);
-    let moved: Vec<(BareJid, Addr<Session>, NodeId)> = {
-        let sessions = link.sessions.lock();
-        sessions
-            .iter()
-            .flat_map(|(user, list)| {
-                let shard = router.shard(user);
-                let new = owner_now(after, shard);
-                let target = match &new {
-                    _ if new == owner_now(before, shard) => None,
-                    Owner::Here => Some(link.me.clone()),
-                    Owner::Node(n) => Some(n.clone()),
-                    Owner::Unknown => None,
-                };
-                list.iter()
-                    .filter_map(move |s| target.clone().map(|t| (user.clone(), s.addr.clone(), t)))
-            })
-            .collect()
-    };
-    for (user, addr, owner) in moved {
-        debug!(%user, %owner, "session reports to its account's new owner");
-        let _ = addr.try_send(ReportAttach { owner });
     }
 }
 
@@ -880,6 +947,9 @@ impl FrameHandler for Inbound {
                     router.retry_parked();
                 }
             }
+            FrameKind::SessionsWanted(w) => {
+                link.report_sessions(from, &w.shards.into_iter().collect(), router);
+            }
             FrameKind::PresenceFanout(_) | FrameKind::RoomBroadcast(_) => {
                 debug!(peer = %from, "frame kind not used by this version skipped");
             }
@@ -920,8 +990,14 @@ pub fn reroute_undelivered(router: &Router, peer: &NodeId, frames: Vec<FrameKind
 pub fn give_up(router: &Router, msg: ToOwner, why: &str) {
     let error = StanzaError::with_text(StanzaErrorCondition::ResourceConstraint, why);
     match msg {
-        ToOwner::Route(r, _) => router.bounce(&r.stanza, error, r.since),
-        ToOwner::FromSession(f) => router.bounce(&f.stanza, error, f.since),
+        ToOwner::Route(r, _) => {
+            info!(to = ?r.stanza.to, "stanza bounced: {why}");
+            router.bounce(&r.stanza, error, r.since);
+        }
+        ToOwner::FromSession(f) => {
+            info!(from = %f.from, "stanza bounced: {why}");
+            router.bounce(&f.stanza, error, f.since);
+        }
         ToOwner::Unbind(u) => warn!(jid = %u.jid, "unbind lost: {why}"),
         ToOwner::Gone(g) => warn!(jid = %g.jid, "departed session not purged: {why}"),
     }

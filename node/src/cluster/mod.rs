@@ -11,3 +11,25 @@ pub mod link;
 pub mod membership;
 pub mod runtime;
 pub mod shards;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+/// A connection for the cluster's coordination (membership, leases, directory): every
+/// request fails within a third of the lease TTL instead of waiting for a reconnect, so
+/// a round that cannot reach Redis fails in time and the node stops serving before its
+/// leases can expire elsewhere.
+pub async fn connect(
+    client: redis::Client,
+    lease_ttl: Duration,
+) -> redis::RedisResult<ConnectionManager> {
+    let step = lease_ttl / 3;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(step))
+        .set_response_timeout(Some(step))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(step);
+    ConnectionManager::new_with_config(client, config).await
+}

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use metrics::Gauge;
-use redis::aio::ConnectionManager;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -50,6 +49,8 @@ pub trait Drain: Send + Sync + 'static {
 pub struct ShardView {
     /// The round that produced this view, counting from 1.
     pub generation: u64,
+    /// Whether the last round reached Redis; false after a failed one.
+    pub reachable: bool,
     /// Each live node's cluster endpoint, by id.
     pub endpoints: BTreeMap<String, String>,
     /// Shards this node holds, with the instant its lease stops being valid.
@@ -69,6 +70,8 @@ impl ShardView {
 
 /// A running cluster membership.
 pub struct Cluster {
+    /// Shards claimed by each round, for the node to ask for their sessions.
+    gains: Option<mpsc::UnboundedReceiver<Vec<ShardId>>>,
     coordinator: Arc<Mutex<Coordinator>>,
     drain: Arc<dyn Drain>,
     view: watch::Receiver<ShardView>,
@@ -83,7 +86,7 @@ impl Cluster {
         metrics: Metrics,
     ) -> redis::RedisResult<Self> {
         let client = redis::Client::open(settings.redis_url.as_str())?;
-        let redis = ConnectionManager::new(client.clone()).await?;
+        let redis = super::connect(client.clone(), settings.lease_ttl).await?;
         let membership = Membership::new(
             redis.clone(),
             &settings.prefix,
@@ -100,25 +103,31 @@ impl Cluster {
         let coordinator = Coordinator::new(membership, leases, settings.shards);
         coordinator.join().await?;
         let coordinator = Arc::new(Mutex::new(coordinator));
+        let (gains_tx, gains) = mpsc::unbounded_channel();
         let observer = Observer {
             owned: metrics.shards_owned(&settings.node.id),
             metrics,
+            gains: gains_tx,
         };
         let first = round(&coordinator, settings.shards, drain.as_ref(), &observer, 1).await?;
         let (tx, view) = watch::channel(first);
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(&events).await?;
+        let subscription = subscribe(&client, &events).await?;
         let task = tokio::spawn(run(
             coordinator.clone(),
             drain.clone(),
             observer,
             tx,
-            pubsub,
+            Events {
+                client,
+                channel: events,
+                stream: Some(subscription),
+            },
             settings.shards,
             settings.lease_ttl / 3,
         ));
         info!(node = %settings.node.id, "joined the cluster");
         Ok(Self {
+            gains: Some(gains),
             coordinator,
             drain,
             view,
@@ -127,6 +136,12 @@ impl Cluster {
     }
 
     /// The shard view, updated after every round.
+    /// The shards each round claimed (taken once): the node asks every node for the
+    /// sessions of their accounts.
+    pub fn gains(&mut self) -> mpsc::UnboundedReceiver<Vec<ShardId>> {
+        self.gains.take().expect("gains taken once")
+    }
+
     pub fn view(&self) -> watch::Receiver<ShardView> {
         self.view.clone()
     }
@@ -176,6 +191,7 @@ impl Cluster {
 struct Observer {
     metrics: Metrics,
     owned: Gauge,
+    gains: mpsc::UnboundedSender<Vec<ShardId>>,
 }
 
 impl Observer {
@@ -203,12 +219,15 @@ async fn round(
     let metrics = &observer.metrics;
     metrics.shard_change(ShardChange::Gained, round.gained.len());
     if !round.gained.is_empty() {
+        let _ = observer.gains.send(round.gained.clone());
         c.announce_gains().await?;
     }
     if !round.lost.is_empty() {
         warn!(shards = ?round.lost, "shard leases were taken over by other nodes");
         metrics.shard_change(ShardChange::Lost, round.lost.len());
-        drain.drain(round.lost.clone(), generation).await;
+        // Nothing to hand over: the shards are someone else's already. Not waited
+        // for, so the renewals of the shards still held are not delayed.
+        tokio::spawn(drain.drain(round.lost.clone(), generation));
     }
     if !round.moving.is_empty() {
         info!(count = round.moving.len(), "handing shards off");
@@ -227,6 +246,7 @@ async fn round(
     observer.owned.set(mine.len() as f64);
     Ok(ShardView {
         generation,
+        reachable: true,
         endpoints: round.endpoints,
         mine,
         owners: c.leases().owners(shards).await?,
@@ -234,35 +254,79 @@ async fn round(
     })
 }
 
+/// The membership events subscription, re-established after Redis comes back.
+struct Events {
+    client: redis::Client,
+    channel: String,
+    stream: Option<redis::aio::PubSubStream>,
+}
+
+impl Events {
+    /// The next event; `None` when the subscription broke (then periodic rounds carry
+    /// on, and the subscription is tried again on the next tick).
+    async fn next(&mut self) -> Option<()> {
+        match &mut self.stream {
+            Some(stream) => {
+                let event = stream.next().await;
+                if event.is_none() {
+                    warn!("cluster events subscription closed; relying on periodic rounds");
+                    self.stream = None;
+                }
+                event.map(drop)
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn resubscribe(&mut self) {
+        if self.stream.is_none()
+            && let Ok(stream) = subscribe(&self.client, &self.channel).await
+        {
+            info!("cluster events subscription restored");
+            self.stream = Some(stream);
+        }
+    }
+}
+
+async fn subscribe(
+    client: &redis::Client,
+    channel: &str,
+) -> redis::RedisResult<redis::aio::PubSubStream> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub.into_on_message())
+}
+
 async fn run(
     coordinator: Arc<Mutex<Coordinator>>,
     drain: Arc<dyn Drain>,
     observer: Observer,
     tx: watch::Sender<ShardView>,
-    mut pubsub: redis::aio::PubSub,
+    mut events: Events,
     shards: u32,
     period: Duration,
 ) {
-    let mut events = pubsub.on_message().boxed();
     let mut tick = tokio::time::interval(period);
     let mut generation = 1;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
-            event = events.next() => {
-                if event.is_none() {
-                    // The subscription connection closed; periodic rounds go on.
-                    warn!("cluster events subscription closed; relying on periodic rounds");
-                    events = futures_util::stream::pending().boxed();
-                }
+            _ = tick.tick() => {
+                // Bounded: a Redis that does not answer must not hold the round up.
+                let _ = tokio::time::timeout(period, events.resubscribe()).await;
             }
+            _ = events.next() => {}
         }
         generation += 1;
         match round(&coordinator, shards, drain.as_ref(), &observer, generation).await {
             Ok(view) => {
                 let _ = tx.send(view);
             }
-            Err(e) => warn!(error = %e, "cluster round failed; leases lapse unless renewed"),
+            Err(e) => {
+                warn!(error = %e, "cluster round failed; leases lapse unless renewed");
+                // Not ready while Redis cannot be reached (the rest of the view stands,
+                // and the leases' own validity stops serving in time).
+                tx.send_if_modified(|view| std::mem::replace(&mut view.reachable, false));
+            }
         }
     }
 }
