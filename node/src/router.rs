@@ -225,8 +225,15 @@ impl Router {
             // Session id 0: whichever session of that full JID lived on that node.
             ToOwner::Gone(g) => session_event(&g.jid, &g.node, 0),
         };
-        if let Err(e) = link.forward(node, frame) {
-            link::give_up(self, msg, &forward_failure(e));
+        match link.forward(node, frame) {
+            Ok(()) => {}
+            // The view is changing (the peer link was just dropped): wait for the next.
+            Err(ForwardError::UnknownPeer) => {
+                if let Some(msg) = link.park(msg) {
+                    link::give_up(self, msg, "too much work waiting for a shard owner");
+                }
+            }
+            Err(e) => link::give_up(self, msg, &forward_failure(e)),
         }
     }
 
@@ -338,14 +345,11 @@ impl Router {
             full_jid: jid.to_string(),
             session_id: id,
         });
-        if link.forward(node, frame).is_err() {
-            // Unreachable: the session counts as gone.
-            self.attached_here(Attached {
-                jid,
-                id,
-                handle: None,
-                facts: None,
-            });
+        // Unreachable for now (the view is changing): the session reports itself
+        // when its node asks for this node's sessions, or counts as gone when the
+        // owner stops waiting.
+        if let Err(e) = link.forward(node, frame) {
+            debug!(%node, error = %e, "reattach request not sent");
         }
     }
 

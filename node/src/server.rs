@@ -271,6 +271,7 @@ pub async fn run_until(
             max_blocklist: config.limits.max_blocklist_items,
         }),
         max_offline: config.limits.max_offline_messages,
+        attach_timeout: config.cluster.lease_ttl.max(Duration::from_secs(2)),
     };
     let hosts = workers
         .iter()

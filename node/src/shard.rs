@@ -53,12 +53,11 @@ const IDLE_TTL: Duration = Duration::from_secs(60);
 /// How often idle users are looked for.
 const IDLE_SWEEP: Duration = Duration::from_secs(10);
 
+/// How often a new owner repeats unanswered reattach requests.
+const ATTACH_RETRY: Duration = Duration::from_millis(500);
+
 /// Most users without sessions one host keeps loaded.
 const IDLE_MAX: usize = 50_000;
-
-/// How long a new owner waits for the nodes holding an account's sessions to report
-/// them before it serves the account without the ones that did not answer.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A session as the shard sees it: an actor on this node, or a binding on another node
 /// (cluster mode), reached through frames.
@@ -225,7 +224,7 @@ enum Slot {
     Attaching {
         state: UserState<SessionHandle>,
         queue: VecDeque<UserMsg>,
-        waiting: Vec<(FullJid, SessionId)>,
+        waiting: Vec<(FullJid, SessionId, NodeId)>,
     },
     Ready(UserState<SessionHandle>),
 }
@@ -235,6 +234,11 @@ enum Slot {
 pub struct ShardConfig {
     pub limits: Arc<UserLimits>,
     pub max_offline: usize,
+    /// Cluster mode: how long a new owner waits for the nodes holding an account's
+    /// sessions to report them before it serves the account without the ones that
+    /// did not answer (the lease TTL: a node that is alive is back in the membership
+    /// well within it).
+    pub attach_timeout: Duration,
 }
 
 pub struct ShardHost {
@@ -378,7 +382,7 @@ impl ShardHost {
                 Ok(node) if self.router.cluster().is_some_and(|l| l.is_live(&node)) => {
                     self.router
                         .request_attach(&node, jid.clone(), entry.session);
-                    waiting.push((jid, entry.session));
+                    waiting.push((jid, entry.session, node));
                 }
                 _ => gone.push((jid, entry)),
             }
@@ -393,7 +397,7 @@ impl ShardHost {
             user.clone(),
             Slot::Attaching {
                 state,
-                queue: queue.into(),
+                queue,
                 waiting,
             },
         );
@@ -402,7 +406,8 @@ impl ShardHost {
         {
             return self.attach_done(&user);
         }
-        ctx.run_later(ATTACH_TIMEOUT, move |act, _| {
+        self.ask_again(user.clone(), ctx);
+        ctx.run_later(self.config.attach_timeout, move |act, _| {
             if let Some(Slot::Attaching { waiting, .. }) = act.users.get(&user) {
                 warn!(%user, missing = waiting.len(), "sessions did not report to the new owner in time");
                 for _ in 0..waiting.len() {
@@ -410,6 +415,21 @@ impl ShardHost {
                 }
                 act.attach_done(&user);
             }
+        });
+    }
+
+    /// Repeats the reattach requests still unanswered every [`ATTACH_RETRY`] while the
+    /// user waits for them: a request or its answer may have met a peer link being
+    /// replaced while the cluster's view changed.
+    fn ask_again(&mut self, user: BareJid, ctx: &mut Context<Self>) {
+        ctx.run_later(ATTACH_RETRY, move |act, ctx| {
+            let Some(Slot::Attaching { waiting, .. }) = act.users.get(&user) else {
+                return;
+            };
+            for (jid, id, node) in waiting.clone() {
+                act.router.request_attach(&node, jid, id);
+            }
+            act.ask_again(user, ctx);
         });
     }
 
@@ -444,7 +464,7 @@ impl ShardHost {
             _ => return,
         };
         if let Some(waiting) = waiting {
-            waiting.retain(|(jid, id)| !(jid == &msg.jid && *id == msg.id));
+            waiting.retain(|(jid, id, _)| !(jid == &msg.jid && *id == msg.id));
         }
         let effects = match (msg.handle, msg.facts) {
             (Some(handle), Some(facts)) => {
@@ -962,6 +982,7 @@ mod tests {
         let config = ShardConfig {
             limits: crate::user::tests::limits(),
             max_offline: 10,
+            attach_timeout: Duration::from_secs(2),
         };
         let host = ShardHost::new(router.clone(), storage, config).start();
         router.set_hosts(vec![host.clone()]);

@@ -405,6 +405,17 @@ impl ClusterLink {
 
     // ---- parking -------------------------------------------------------------------
 
+    /// Parks `work` ahead of everything parked, in its order (however full the park
+    /// is: it was already accepted once).
+    fn park_front(&self, work: Vec<ToOwner>) {
+        let until = Instant::now() + self.park_for;
+        let mut parked = self.parked.lock();
+        for msg in work.into_iter().rev() {
+            self.metrics.parked();
+            parked.push_front(Parked { msg, until });
+        }
+    }
+
     /// How much work is parked.
     pub fn parked(&self) -> usize {
         self.parked.lock().len()
@@ -516,11 +527,16 @@ impl ClusterLink {
             .filter(|n| **n != self.me)
             .cloned()
             .collect();
+        self.ask_peers(&peers, shards);
+    }
+
+    /// Asks `peers` for the sessions of the accounts of `shards`.
+    fn ask_peers(&self, peers: &[NodeId], shards: Vec<u32>) {
         for peer in peers {
             let frame = FrameKind::SessionsWanted(v1::SessionsWanted {
                 shards: shards.clone(),
             });
-            if let Err(e) = self.forward(&peer, frame) {
+            if let Err(e) = self.forward(peer, frame) {
                 debug!(%peer, error = %e, "sessions request not sent");
             }
         }
@@ -609,6 +625,22 @@ pub async fn follow_view(
             Arc::new(table)
         };
         let before = link.table.read().clone();
+        // Shards of a node that is gone from the membership now have other owners:
+        // what was queued for it is taken back before the new owners are routed to,
+        // so it goes ahead of everything sent to them.
+        for node in taken_over(&before, &table) {
+            if let Some(task) = peers.remove(&node) {
+                let _ = tokio::time::timeout(link.park_for / 2, task).await;
+            }
+            // A fresh link: the node may yet be alive (it lost Redis for a while) and
+            // its sessions still need reaching; if it is dead, the link only queues
+            // until the node is given up.
+            if let Some(endpoint) = endpoints.get(node.as_str())
+                && let Some(addr) = resolve(endpoint).await
+            {
+                peers.add(node, addr);
+            }
+        }
         link.note_owners(&before, &table);
         let complete = table.complete();
         *link.table.write() = table;
@@ -651,6 +683,17 @@ pub async fn follow_view(
                 purge(&router, &link, &gone).await;
             }
         }
+        // A node that (re)appears may hold sessions of accounts this node took over
+        // while it was missing (after a Redis restart, say): it reports them.
+        let appeared: Vec<NodeId> = now_live
+            .difference(&live)
+            .filter(|id| id.as_str() != link.me.as_str())
+            .filter_map(|id| NodeId::new(id).ok())
+            .collect();
+        if !appeared.is_empty() {
+            let mine: Vec<u32> = snapshot.mine.keys().copied().collect();
+            link.ask_peers(&appeared, mine);
+        }
         live = now_live;
         ready(complete && snapshot.reachable && live.contains(link.me.as_str()));
         router.retry_parked();
@@ -682,10 +725,28 @@ pub async fn follow_view(
     }
 }
 
+/// Nodes missing from `after`'s membership that owned shards in `before` which
+/// another node owns in `after`.
+fn taken_over(before: &RouteTable, after: &RouteTable) -> Vec<NodeId> {
+    let mut nodes: Vec<NodeId> = Vec::new();
+    for (old, new) in before.owners.iter().zip(&after.owners) {
+        if let (Some(old), Some(new)) = (old, new)
+            && old != new
+            && !after.live.contains(old)
+            && !nodes.contains(old)
+        {
+            nodes.push(old.clone());
+        }
+    }
+    nodes
+}
+
 /// The peer links a view change adds and removes.
 pub trait PeerSet: Send + Sync {
     fn add(&self, node: NodeId, addr: SocketAddr);
-    fn remove(&self, node: &NodeId);
+    /// Drops the link; the task it returns ends once the frames the node did not
+    /// acknowledge were handed back.
+    fn remove(&self, node: &NodeId) -> Option<tokio::task::JoinHandle<()>>;
 }
 
 impl PeerSet for super::forward::grpc::GrpcForwarder {
@@ -693,8 +754,8 @@ impl PeerSet for super::forward::grpc::GrpcForwarder {
         self.add_peer(node, addr);
     }
 
-    fn remove(&self, node: &NodeId) {
-        self.remove_peer(node);
+    fn remove(&self, node: &NodeId) -> Option<tokio::task::JoinHandle<()>> {
+        self.remove_peer(node)
     }
 }
 
@@ -769,6 +830,64 @@ pub fn to_wire_kind(kind: FromSessionKind) -> FromKind {
     }
 }
 
+/// The work for accounts' owners a frame carries: a stanza for an account, a
+/// session's own stanza, a session event; a delivery to a session that is not there
+/// (any more) becomes its unbind and the stanza routed again, after it on the same
+/// path. Other kinds carry none.
+fn owner_work(kind: FrameKind, now: Instant) -> Vec<ToOwner> {
+    match kind {
+        FrameKind::ToBare(f) => match decode(&f.stanza) {
+            Some(stanza) => vec![ToOwner::Route(RouteToUser { stanza, since: now }, f.hops)],
+            None => {
+                warn!("undecodable stanza from a peer dropped");
+                Vec::new()
+            }
+        },
+        FrameKind::ToFull(f) => {
+            let Ok(jid) = f.to.parse::<FullJid>() else {
+                return Vec::new();
+            };
+            let mut work = vec![ToOwner::Unbind(Unbind {
+                jid,
+                id: f.session_id,
+            })];
+            if let Some(stanza) = decode(&f.stanza) {
+                work.push(ToOwner::Route(RouteToUser { stanza, since: now }, 0));
+            }
+            work
+        }
+        FrameKind::FromSession(f) => {
+            let (Ok(from), Some(kind), Some(stanza)) = (
+                f.from.parse::<FullJid>(),
+                from_session_kind(f.kind()),
+                decode(&f.stanza),
+            ) else {
+                return Vec::new();
+            };
+            vec![ToOwner::FromSession(FromSession {
+                from,
+                kind,
+                stanza,
+                since: now,
+            })]
+        }
+        FrameKind::SessionEvent(e) if e.kind() == EventKind::Unbound => {
+            let Ok(jid) = e.full_jid.parse::<FullJid>() else {
+                return Vec::new();
+            };
+            vec![match NodeId::new(&e.node) {
+                // Session id 0: whichever session of that full JID lived on that node.
+                Ok(node) if e.session_id == 0 => ToOwner::Gone(SessionGone { jid, node }),
+                _ => ToOwner::Unbind(Unbind {
+                    jid,
+                    id: e.session_id,
+                }),
+            }]
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Frames from other nodes, handed to this node's router.
 pub struct Inbound(pub Router);
 
@@ -778,13 +897,11 @@ impl FrameHandler for Inbound {
         let Some(link) = router.cluster() else { return };
         let now = Instant::now();
         match kind {
-            FrameKind::ToBare(f) => match decode(&f.stanza) {
-                Some(stanza) => router.to_owner_from(
-                    ToOwner::Route(RouteToUser { stanza, since: now }, f.hops),
-                    Some(from),
-                ),
-                None => warn!(peer = %from, "undecodable stanza from a peer dropped"),
-            },
+            FrameKind::ToBare(_) | FrameKind::FromSession(_) | FrameKind::SessionEvent(_) => {
+                for msg in owner_work(kind, now) {
+                    router.to_owner_from(msg, Some(from));
+                }
+            }
             FrameKind::ToFull(f) => {
                 let Ok(jid) = f.to.parse::<FullJid>() else {
                     return;
@@ -798,14 +915,8 @@ impl FrameHandler for Inbound {
                     .is_ok()
                 });
                 if !delivered {
-                    // The owner's entry is stale: tell it, then route the stanza again
-                    // (it follows the unbind on the same ordered stream).
-                    router.to_owner(ToOwner::Unbind(Unbind {
-                        jid,
-                        id: f.session_id,
-                    }));
-                    if let Some(stanza) = decode(&f.stanza) {
-                        router.route(stanza, now);
+                    for msg in owner_work(FrameKind::ToFull(f), now) {
+                        router.to_owner(msg);
                     }
                 }
             }
@@ -863,24 +974,6 @@ impl FrameHandler for Inbound {
                     }));
                 }
             }
-            FrameKind::FromSession(f) => {
-                let (Ok(from_jid), Some(kind), Some(stanza)) = (
-                    f.from.parse::<FullJid>(),
-                    from_session_kind(f.kind()),
-                    decode(&f.stanza),
-                ) else {
-                    return;
-                };
-                router.to_owner_from(
-                    ToOwner::FromSession(FromSession {
-                        from: from_jid,
-                        kind,
-                        stanza,
-                        since: now,
-                    }),
-                    Some(from),
-                );
-            }
             FrameKind::SharedState(s) => {
                 if let Ok(user) = s.user.parse::<BareJid>() {
                     link.update_shared(&user, &s.blocklist, s.carbons as usize);
@@ -895,21 +988,6 @@ impl FrameHandler for Inbound {
                 };
                 if let Some(addr) = link.local_session(&jid, c.session_id) {
                     let _ = addr.try_send(Close(condition));
-                }
-            }
-            FrameKind::SessionEvent(e) => {
-                let Ok(jid) = e.full_jid.parse::<FullJid>() else {
-                    return;
-                };
-                if e.kind() == EventKind::Unbound {
-                    let msg = match NodeId::new(&e.node) {
-                        Ok(node) if e.session_id == 0 => ToOwner::Gone(SessionGone { jid, node }),
-                        _ => ToOwner::Unbind(Unbind {
-                            jid,
-                            id: e.session_id,
-                        }),
-                    };
-                    router.to_owner_from(msg, Some(from));
                 }
             }
             FrameKind::Reattach(r) => {
@@ -966,13 +1044,10 @@ pub fn reroute_undelivered(router: &Router, peer: &NodeId, frames: Vec<FrameKind
     info!(%peer, frames = frames.len(), "routing again what a departed node did not acknowledge");
     link.metrics
         .rerouted(RerouteReason::DepartedPeer, frames.len());
-    let inbound = Inbound(router.clone());
+    let now = Instant::now();
+    let mut work = Vec::new();
     for kind in frames {
         match kind {
-            FrameKind::ToBare(_)
-            | FrameKind::ToFull(_)
-            | FrameKind::FromSession(_)
-            | FrameKind::SessionEvent(_) => inbound.handle(link.me(), kind),
             FrameKind::BindRequest(b) => {
                 if let Some(p) = link.binds.lock().remove(&b.session_id) {
                     let _ = p.reply.send(Err(StanzaError::with_text(
@@ -981,9 +1056,12 @@ pub fn reroute_undelivered(router: &Router, peer: &NodeId, frames: Vec<FrameKind
                     )));
                 }
             }
-            _ => {}
+            kind => work.extend(owner_work(kind, now)),
         }
     }
+    // Ahead of anything parked since: these are older.
+    link.park_front(work);
+    router.retry_parked();
 }
 
 /// Bounces or counts what could not be parked or whose time ran out.

@@ -329,9 +329,6 @@ pub struct GrpcForwarder {
 
 struct SenderSide {
     node: NodeId,
-    /// Random per process start: lets a receiver tell a reconnect (same incarnation,
-    /// resume) from a restart (new incarnation, count from 1).
-    incarnation: u64,
     config: ForwardConfig,
     metrics: Metrics,
     links: RwLock<HashMap<NodeId, Link>>,
@@ -353,6 +350,8 @@ impl Drop for SenderSide {
 struct Link {
     addr: SocketAddr,
     queue: mpsc::Sender<Frame>,
+    /// Ends after handing back what the peer did not acknowledge.
+    task: JoinHandle<()>,
     /// Frames written to the peer and not yet acknowledged.
     unacked: Arc<AtomicUsize>,
     peer: PeerMetrics,
@@ -365,7 +364,6 @@ impl GrpcForwarder {
         Self {
             inner: Arc::new(SenderSide {
                 node,
-                incarnation: rand::random(),
                 config,
                 metrics,
                 links: RwLock::new(HashMap::new()),
@@ -399,7 +397,10 @@ impl GrpcForwarder {
             shutdown: side.stop.clone(),
             unacked_shared: unacked.clone(),
             me: side.node.clone(),
-            incarnation: side.incarnation,
+            // Random per link: lets the receiver tell a reconnect of this link (same
+            // incarnation, resume) from a new link after a restart or after the peer
+            // was removed and added again (new incarnation, seqs count from 1).
+            incarnation: rand::random(),
             peer: peer.clone(),
             addr,
             config: side.config.clone(),
@@ -412,10 +413,11 @@ impl GrpcForwarder {
             next_seq: 1,
             undelivered: side.undelivered.get().cloned(),
         };
-        tokio::spawn(task.run(stop.clone()));
+        let task = tokio::spawn(task.run(stop.clone()));
         let link = Link {
             addr,
             queue,
+            task,
             unacked,
             peer: peer_metrics,
             status,
@@ -436,10 +438,13 @@ impl GrpcForwarder {
     /// Ends the link to `peer` (it left the cluster); frames still queued or
     /// unacknowledged go to the [`on_undelivered`](Self::on_undelivered) handler, or
     /// are counted as dropped.
-    pub fn remove_peer(&self, peer: &NodeId) {
-        if let Some(link) = self.inner.links.write().remove(peer) {
-            link.stop.cancel();
-        }
+    ///
+    /// Returns the link's task, which ends once the frames were handed back: from the
+    /// moment this returns, `forward` to `peer` is refused with `UnknownPeer`.
+    pub fn remove_peer(&self, peer: &NodeId) -> Option<JoinHandle<()>> {
+        let link = self.inner.links.write().remove(peer)?;
+        link.stop.cancel();
+        Some(link.task)
     }
 
     /// The link's state, or `None` for an unknown peer.
