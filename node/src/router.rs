@@ -225,15 +225,25 @@ impl Router {
             // Session id 0: whichever session of that full JID lived on that node.
             ToOwner::Gone(g) => session_event(&g.jid, &g.node, 0),
         };
-        match link.forward(node, frame) {
-            Ok(()) => {}
-            // The view is changing (the peer link was just dropped): wait for the next.
-            Err(ForwardError::UnknownPeer) => {
-                if let Some(msg) = link.park(msg) {
-                    link::give_up(self, msg, "too much work waiting for a shard owner");
-                }
+        if let Err(e) = link.forward(node, frame) {
+            self.not_forwarded(link, e, [msg]);
+        }
+    }
+
+    /// Work whose frame the forwarder refused: parked when the peer link is just
+    /// being replaced (the view is changing), bounced otherwise.
+    fn not_forwarded(
+        &self,
+        link: &ClusterLink,
+        error: ForwardError,
+        work: impl IntoIterator<Item = ToOwner>,
+    ) {
+        for msg in work {
+            if error != ForwardError::UnknownPeer {
+                link::give_up(self, msg, &forward_failure(error));
+            } else if let Some(msg) = link.park(msg) {
+                link::give_up(self, msg, "too much work waiting for a shard owner");
             }
-            Err(e) => link::give_up(self, msg, &forward_failure(e)),
         }
     }
 
@@ -504,6 +514,63 @@ impl Router {
             return self.to_server(stanza, since);
         }
         self.to_owner(ToOwner::Route(RouteToUser { stanza, since }, 0));
+    }
+
+    /// Routes copies of one presence broadcast (equal but for `to`, each to a local
+    /// account): each node owning some of the recipients gets the stanza once with
+    /// the list of recipients (DESIGN.md "presence fan-out"); recipients owned here or
+    /// by no node right now are routed one by one.
+    pub fn route_fanout(&self, stanzas: Vec<Stanza>, since: Instant) {
+        let Some(link) = self.cluster() else {
+            for stanza in stanzas {
+                self.route(stanza, since);
+            }
+            return;
+        };
+        let mut by_node: Vec<(NodeId, Vec<Stanza>)> = Vec::new();
+        for stanza in stanzas {
+            let remote = match stanza.to.as_ref() {
+                Some(to) if self.is_local(to) && to.node().is_some() => {
+                    match link.owner_for(self.shard(&to.to_bare()), None) {
+                        Owner::Node(node) => Some(node),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            match remote {
+                Some(node) => match by_node.iter_mut().find(|(n, _)| *n == node) {
+                    Some((_, group)) => group.push(stanza),
+                    None => by_node.push((node, vec![stanza])),
+                },
+                None => self.route(stanza, since),
+            }
+        }
+        for (node, group) in by_node {
+            if group.len() == 1 {
+                for stanza in group {
+                    self.route(stanza, since);
+                }
+                continue;
+            }
+            let recipients = group
+                .iter()
+                .filter_map(|s| s.to.as_ref().map(ToString::to_string))
+                .collect();
+            debug!(%node, recipients = group.len(), "presence fan-out");
+            let mut template = group[0].clone();
+            template.to = None;
+            let frame = FrameKind::PresenceFanout(v1::PresenceFanout {
+                stanza: Bytes::from(template.to_xml()),
+                recipients,
+            });
+            if let Err(e) = link.forward(&node, frame) {
+                let work = group
+                    .into_iter()
+                    .map(|stanza| ToOwner::Route(RouteToUser { stanza, since }, 0));
+                self.not_forwarded(link, e, work);
+            }
+        }
     }
 
     /// Stanzas for the server itself (RFC 6120 §10.3 "to the server").

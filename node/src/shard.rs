@@ -669,7 +669,27 @@ impl ShardHost {
     }
 
     fn apply(&mut self, user: &BareJid, effects: Vec<Effect<SessionHandle>>, since: Instant) {
+        // A presence broadcast is one stanza to many contacts: consecutive copies that
+        // differ only in `to` leave as one fan-out per node (cluster mode). Any other
+        // effect first sends what was gathered, so effects keep their order.
+        let mut fanout: Vec<Stanza> = Vec::new();
         for effect in effects {
+            let effect = match effect {
+                Effect::Route(stanza) if matches!(stanza.kind, Kind::Presence(_)) => {
+                    if fanout
+                        .first()
+                        .is_some_and(|first| !same_but_to(first, &stanza))
+                    {
+                        self.router.route_fanout(std::mem::take(&mut fanout), since);
+                    }
+                    fanout.push(stanza);
+                    continue;
+                }
+                other => other,
+            };
+            if !fanout.is_empty() {
+                self.router.route_fanout(std::mem::take(&mut fanout), since);
+            }
             match effect {
                 Effect::Deliver(sessions, stanza) => self.deliver(user, sessions, stanza, since),
                 Effect::Route(stanza) => self.router.route(stanza, since),
@@ -693,6 +713,9 @@ impl ShardHost {
                 }
                 Effect::Job(job) => self.job(user, job, since),
             }
+        }
+        if !fanout.is_empty() {
+            self.router.route_fanout(fanout, since);
         }
     }
 
@@ -922,6 +945,15 @@ impl Handler<DrainStorage> for ShardHost {
             let _ = msg.done.send(());
         });
     }
+}
+
+/// Whether two stanzas are copies of one broadcast: everything but `to` equal.
+fn same_but_to(a: &Stanza, b: &Stanza) -> bool {
+    a.kind == b.kind
+        && a.from == b.from
+        && a.id == b.id
+        && a.payload == b.payload
+        && a.extra_attrs == b.extra_attrs
 }
 
 /// The node of binding `id` of `jid`, if bound: `Some(None)` for this node.

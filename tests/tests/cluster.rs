@@ -412,3 +412,97 @@ async fn cluster_recovers_after_redis_restart() {
     }
     assert_eq!(got, [want], "nothing else reached romeo");
 }
+
+/// The same full JID bound on two nodes: the older session gets the `<conflict/>`
+/// stream error (RFC 6120 §7.7.2.2), its contacts see it go, and the new one works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_resource_on_two_nodes_conflicts() {
+    let cluster = TestCluster::start(2, USERS);
+    cluster.settled().await;
+    let mut romeo = online(cluster.node(1), "romeo", "orchard").await;
+    let mut old = online(cluster.node(0), "juliet", "balcony").await;
+    befriend(&mut old, &mut romeo).await;
+    let mut new = login(cluster.node(1), "juliet", "balcony").await;
+    assert_eq!(old.expect_stream_error().await.unwrap(), "conflict");
+    let (full, r_bare) = (jid(&new), bare(&romeo));
+    assert_eq!(
+        next(&mut romeo).await,
+        format!("<presence to='{r_bare}' from='{full}' type='unavailable'/>")
+    );
+    new.ping().await.unwrap();
+    romeo.send(&chat(&full, "which one?")).await.unwrap();
+    assert_eq!(
+        next(&mut new).await,
+        format!(
+            "<message to='{full}' from='{}' type='chat'><body>which one?</body></message>",
+            jid(&romeo)
+        )
+    );
+}
+
+/// `a` and `b` subscribe to each other (RFC 6121 §3.1, checked in full by
+/// [`befriend`]); returns once each has the other's available presence, with the
+/// stanzas of the handshake read.
+async fn mutual_subscription(a: &mut Client, b: &mut Client) {
+    let (a_full, b_full) = (jid(a), jid(b));
+    let (a_bare, b_bare) = (bare(a), bare(b));
+    for (x, y_bare) in [(&mut *a, &b_bare), (&mut *b, &a_bare)] {
+        x.send(&format!("<presence to='{y_bare}' type='subscribe'/>"))
+            .await
+            .unwrap();
+    }
+    for (x, y_bare) in [(&mut *a, &b_bare), (&mut *b, &a_bare)] {
+        let mut seen = next(x).await;
+        while !(seen.starts_with("<presence") && seen.contains("type='subscribe'")) {
+            seen = next(x).await;
+        }
+        x.send(&format!("<presence to='{y_bare}' type='subscribed'/>"))
+            .await
+            .unwrap();
+    }
+    for (x, y_full) in [(a, &b_full), (b, &a_full)] {
+        let want = format!("from='{y_full}'/>");
+        while !next(x).await.ends_with(&want) {}
+        // The roster pushes of the handshake, in no fixed order around the presence.
+        while x.recv_within(QUIET).await.unwrap().is_some() {}
+    }
+}
+
+/// A presence change of a user whose contacts' accounts live on another node reaches
+/// each contact exactly once (the node gets the stanza once with the recipient list).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_fans_out_to_contacts_owned_by_another_node() {
+    // The hub's account lives on node0, its contacts' on node1.
+    let hub = account_owned_by(0, 2, "hub", "localhost");
+    let contacts: Vec<String> = (0..3)
+        .map(|i| account_owned_by(1, 2, &format!("friend{i}x"), "localhost"))
+        .collect();
+    let mut users: Vec<(&str, &str)> = vec![(&hub, PW)];
+    users.extend(contacts.iter().map(|c| (c.as_str(), PW)));
+    let cluster = TestCluster::start(2, &users);
+    cluster.settled().await;
+    let mut juliet = online(cluster.node(0), &hub, "balcony").await;
+    let mut friends = Vec::new();
+    for c in &contacts {
+        let mut f = online(cluster.node(0), c, "home").await;
+        mutual_subscription(&mut juliet, &mut f).await;
+        friends.push(f);
+    }
+    let full = jid(&juliet);
+    juliet
+        .send("<presence><show>dnd</show></presence>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut juliet).await,
+        format!("<presence from='{full}'><show>dnd</show></presence>")
+    );
+    for f in &mut friends {
+        let me = bare(f);
+        assert_eq!(
+            next(f).await,
+            format!("<presence to='{me}' from='{full}'><show>dnd</show></presence>")
+        );
+        expect_nothing(f).await;
+    }
+}

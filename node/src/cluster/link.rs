@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use bytes::Bytes;
-use jid::{BareJid, FullJid};
+use jid::{BareJid, FullJid, Jid};
 use parking_lot::{Mutex, RwLock};
 use shoal_proto::v1::{self, from_session::Kind as FromKind, session_event::Kind as EventKind};
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
@@ -843,6 +843,22 @@ fn owner_work(kind: FrameKind, now: Instant) -> Vec<ToOwner> {
                 Vec::new()
             }
         },
+        // One copy per recipient, each one hop along.
+        FrameKind::PresenceFanout(f) => {
+            let Some(template) = decode(&f.stanza) else {
+                warn!("undecodable presence fan-out from a peer dropped");
+                return Vec::new();
+            };
+            f.recipients
+                .iter()
+                .filter_map(|r| r.parse::<Jid>().ok())
+                .map(|to| {
+                    let mut stanza = template.clone();
+                    stanza.to = Some(to);
+                    ToOwner::Route(RouteToUser { stanza, since: now }, 1)
+                })
+                .collect()
+        }
         FrameKind::ToFull(f) => {
             let Ok(jid) = f.to.parse::<FullJid>() else {
                 return Vec::new();
@@ -897,7 +913,10 @@ impl FrameHandler for Inbound {
         let Some(link) = router.cluster() else { return };
         let now = Instant::now();
         match kind {
-            FrameKind::ToBare(_) | FrameKind::FromSession(_) | FrameKind::SessionEvent(_) => {
+            FrameKind::ToBare(_)
+            | FrameKind::PresenceFanout(_)
+            | FrameKind::FromSession(_)
+            | FrameKind::SessionEvent(_) => {
                 for msg in owner_work(kind, now) {
                     router.to_owner_from(msg, Some(from));
                 }
@@ -1028,7 +1047,7 @@ impl FrameHandler for Inbound {
             FrameKind::SessionsWanted(w) => {
                 link.report_sessions(from, &w.shards.into_iter().collect(), router);
             }
-            FrameKind::PresenceFanout(_) | FrameKind::RoomBroadcast(_) => {
+            FrameKind::RoomBroadcast(_) => {
                 debug!(peer = %from, "frame kind not used by this version skipped");
             }
         }
