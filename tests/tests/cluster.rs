@@ -506,3 +506,116 @@ async fn presence_fans_out_to_contacts_owned_by_another_node() {
         expect_nothing(f).await;
     }
 }
+
+/// Carbons and blocking with an account's two resources on two nodes and its state on
+/// a third: what one resource turns on (carbons, a block) takes effect on the other
+/// node at once (XEP-0280 §6, §7; XEP-0191 §3.3, §3.4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carbons_and_blocking_across_nodes() {
+    let owned = account_owned_by(2, 3, "owned", "localhost");
+    let mut users: Vec<(&str, &str)> = USERS.to_vec();
+    users.push((&owned, PW));
+    let cluster = TestCluster::start(3, &users);
+    cluster.settled().await;
+    let mut r = login(cluster.node(2), "romeo", "orchard").await;
+    let mut a = login(cluster.node(0), &owned, "a").await;
+    let mut b = login(cluster.node(1), &owned, "b").await;
+    let (a_full, b_full, me) = (jid(&a), jid(&b), bare(&a));
+    assert_eq!(
+        ask(&mut a, "<presence/>").await,
+        format!("<presence from='{a_full}'/>")
+    );
+    b.send("<presence/>").await.unwrap();
+    next_unordered(
+        &mut b,
+        &[
+            format!("<presence from='{b_full}'/>"),
+            format!("<presence to='{b_full}' from='{a_full}'/>"),
+        ],
+    )
+    .await;
+    assert_eq!(next(&mut a).await, format!("<presence from='{b_full}'/>"));
+    assert_eq!(
+        ask(
+            &mut a,
+            "<iq type='set' id='c1'><enable xmlns='urn:xmpp:carbons:2'/></iq>"
+        )
+        .await,
+        format!("<iq to='{a_full}' id='c1' type='result'/>")
+    );
+
+    // Received: a chat to b is copied to a.
+    r.send(&format!(
+        "<message to='{b_full}' id='m1' type='chat'><body>To b</body></message>"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut b).await,
+        format!(
+            "<message to='{b_full}' from='romeo@localhost/orchard' id='m1' type='chat'><body>To b</body></message>"
+        )
+    );
+    assert_eq!(
+        next(&mut a).await,
+        format!(
+            "<message to='{a_full}' from='{me}' type='chat'><received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' to='{b_full}' from='romeo@localhost/orchard' id='m1' type='chat'><body>To b</body></message></forwarded></received></message>"
+        )
+    );
+
+    // Sent: b's node learned that a wants carbons, so what b sends is copied too.
+    b.send(
+        "<message to='romeo@localhost/orchard' id='m2' type='chat'><body>From b</body></message>",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        format!(
+            "<message to='romeo@localhost/orchard' from='{b_full}' id='m2' type='chat'><body>From b</body></message>"
+        )
+    );
+    assert_eq!(
+        next(&mut a).await,
+        format!(
+            "<message to='{a_full}' from='{me}' type='chat'><sent xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' to='romeo@localhost/orchard' from='{b_full}' id='m2' type='chat'><body>From b</body></message></forwarded></sent></message>"
+        )
+    );
+
+    // a blocks romeo; b, on another node, is refused at once when writing to him.
+    assert_eq!(
+        ask(
+            &mut a,
+            "<iq type='set' id='bl1'><block xmlns='urn:xmpp:blocking'><item jid='romeo@localhost'/></block></iq>"
+        )
+        .await,
+        format!("<iq to='{a_full}' id='bl1' type='result'/>")
+    );
+    let mut refused = false;
+    for i in 0..20 {
+        b.send(&format!(
+            "<message to='romeo@localhost' id='x{i}' type='chat'><body>hi</body></message>"
+        ))
+        .await
+        .unwrap();
+        match b.recv_within(QUIET).await.unwrap() {
+            Some(Received::Stanza(got)) => {
+                assert_eq!(
+                    got.to_xml(),
+                    format!(
+                        "<message to='{b_full}' from='romeo@localhost' id='x{i}' type='error'><error type='cancel'><not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><blocked xmlns='urn:xmpp:blocking:errors'/></error></message>"
+                    )
+                );
+                refused = true;
+                break;
+            }
+            Some(other) => panic!("unexpected {other:?}"),
+            // Only while the block is on its way to b's node: the chat went out then.
+            None => {
+                assert!(next(&mut r).await.contains(&format!("id='x{i}'")));
+                assert!(next(&mut a).await.contains("<sent"));
+            }
+        }
+    }
+    assert!(refused, "the block reached b's node");
+}
