@@ -195,28 +195,37 @@ async fn receive_numbered(reader: &mut ClientReader, count: usize) -> (Vec<usize
     (numbers, others)
 }
 
-/// A killed node: the account owned by it moves to a survivor (lease expiry), messages
-/// between users on the surviving nodes keep flowing without loss or reordering, the
-/// contacts of the session that lived on it see it go unavailable, and messages to that
-/// now offline user are stored and delivered at its next login.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_node_loses_no_message_between_survivors() {
-    // `owned` is an account whose shard node2 owns while the three nodes run.
+/// Chats sent in the departure scenarios.
+const COUNT: usize = 60;
+
+/// The setting of the departure scenarios: three nodes; `to`, an account node2 owns,
+/// online on node0 (split for reading) and befriended with nurse, online on node2;
+/// romeo, on node1, sends [`COUNT`] numbered chats to `to`, one every 50 ms, started
+/// half a second before this returns.
+struct Departure {
+    cluster: TestCluster,
+    reader: ClientReader,
+    writer: ClientWriter,
+    nurse: Client,
+    nurse_full: String,
+    to: String,
+    traffic: tokio::task::JoinHandle<ClientWriter>,
+    _romeo: ClientReader,
+}
+
+async fn departure_under_traffic() -> Departure {
     let owned = account_owned_by(2, 3, "owned", "localhost");
     let mut users: Vec<(&str, &str)> = USERS.to_vec();
     users.push((&owned, PW));
-    let mut cluster = TestCluster::start(3, &users);
+    let cluster = TestCluster::start(3, &users);
     cluster.settled().await;
-
     let mut receiver = online(cluster.node(0), &owned, "desk").await;
     let mut nurse = online(cluster.node(2), "nurse", "ward").await;
     befriend(&mut receiver, &mut nurse).await;
     let nurse_full = jid(&nurse);
     let sender = online(cluster.node(1), "romeo", "r").await;
-    let (mut reader, writer) = receiver.split().unwrap();
-    let (_sender_reader, sender_writer) = sender.split().unwrap();
-
-    const COUNT: usize = 60;
+    let (reader, writer) = receiver.split().unwrap();
+    let (romeo, sender_writer) = sender.split().unwrap();
     let to = format!("{owned}@localhost");
     let traffic = tokio::spawn(send_numbered(
         sender_writer,
@@ -225,38 +234,69 @@ async fn killed_node_loses_no_message_between_survivors() {
         Duration::from_millis(50),
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cluster = tokio::task::spawn_blocking(move || {
+    Departure {
+        cluster,
+        reader,
+        writer,
+        nurse,
+        nurse_full,
+        to,
+        traffic,
+        _romeo: romeo,
+    }
+}
+
+impl Departure {
+    /// Every chat arrives once and in order, and besides them only nurse's
+    /// unavailable presence (her node is gone).
+    async fn nothing_lost(&mut self) {
+        let (numbers, mut others) = receive_numbered(&mut self.reader, COUNT).await;
+        assert_eq!(
+            numbers,
+            (0..COUNT).collect::<Vec<_>>(),
+            "all, once, in order"
+        );
+        let unavailable = format!(
+            "<presence to='{}' from='{}' type='unavailable'/>",
+            self.to, self.nurse_full
+        );
+        while !others.contains(&unavailable) {
+            match self.reader.recv().await.unwrap() {
+                Received::Stanza(st) => others.push(st.to_xml()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(others, [unavailable]);
+    }
+}
+
+/// A killed node: the account owned by it moves to a survivor (lease expiry), messages
+/// between users on the surviving nodes keep flowing without loss or reordering, the
+/// contacts of the session that lived on it see it go unavailable (the purge of its
+/// sessions), and messages to that now offline user are stored and delivered at its
+/// next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_loses_no_message_between_survivors() {
+    let mut d = departure_under_traffic().await;
+    let mut cluster = d.cluster;
+    d.cluster = tokio::task::spawn_blocking(move || {
         cluster.kill(2);
         cluster
     })
     .await
     .unwrap();
-    let (numbers, mut others) = receive_numbered(&mut reader, COUNT).await;
-    assert_eq!(
-        numbers,
-        (0..COUNT).collect::<Vec<_>>(),
-        "all, once, in order"
-    );
-    traffic.await.unwrap();
-    // The purge of node2's sessions tells nurse's contacts she is gone.
-    let unavailable = format!("<presence to='{to}' from='{nurse_full}' type='unavailable'/>");
-    while !others.contains(&unavailable) {
-        match reader.recv().await.unwrap() {
-            Received::Stanza(st) => others.push(st.to_xml()),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(others, [unavailable]);
-    cluster.settled().await;
+    d.nothing_lost().await;
+    d.traffic.await.unwrap();
+    d.cluster.settled().await;
 
     // nurse is offline now: a chat to her is stored, and delivered when she returns.
-    let mut receiver = reader.unsplit(writer);
+    let mut receiver = d.reader.unsplit(d.writer);
     receiver
         .send(&chat("nurse@localhost", "are you there"))
         .await
         .unwrap();
     expect_nothing(&mut receiver).await;
-    let mut nurse = login(cluster.node(0), "nurse", "ward").await;
+    let mut nurse = login(d.cluster.node(0), "nurse", "ward").await;
     nurse.send("<presence/>").await.unwrap();
     let mut got = Vec::new();
     while !got.iter().any(|x: &String| x.contains("are you there")) {
@@ -278,56 +318,22 @@ async fn killed_node_loses_no_message_between_survivors() {
 /// unavailable by its contact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_leave_loses_nothing() {
-    let owned = account_owned_by(2, 3, "owned", "localhost");
-    let mut users: Vec<(&str, &str)> = USERS.to_vec();
-    users.push((&owned, PW));
-    let mut cluster = TestCluster::start(3, &users);
-    cluster.settled().await;
-
-    let mut receiver = online(cluster.node(0), &owned, "desk").await;
-    let mut nurse = online(cluster.node(2), "nurse", "ward").await;
-    befriend(&mut receiver, &mut nurse).await;
-    let nurse_full = jid(&nurse);
-    let sender = online(cluster.node(1), "romeo", "r").await;
-    let (mut reader, writer) = receiver.split().unwrap();
-    let (_sender_reader, sender_writer) = sender.split().unwrap();
-
-    const COUNT: usize = 60;
-    let to = format!("{owned}@localhost");
-    let traffic = tokio::spawn(send_numbered(
-        sender_writer,
-        to.clone(),
-        COUNT,
-        Duration::from_millis(50),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut d = departure_under_traffic().await;
+    let mut cluster = d.cluster;
     let stopping = tokio::task::spawn_blocking(move || {
         cluster.stop(2);
         cluster
     });
     assert_eq!(
-        nurse.expect_stream_error().await.unwrap(),
+        d.nurse.expect_stream_error().await.unwrap(),
         "system-shutdown"
     );
-    let cluster = stopping.await.unwrap();
-    let (numbers, mut others) = receive_numbered(&mut reader, COUNT).await;
-    assert_eq!(
-        numbers,
-        (0..COUNT).collect::<Vec<_>>(),
-        "all, once, in order"
-    );
-    traffic.await.unwrap();
-    let unavailable = format!("<presence to='{to}' from='{nurse_full}' type='unavailable'/>");
-    while !others.contains(&unavailable) {
-        match reader.recv().await.unwrap() {
-            Received::Stanza(st) => others.push(st.to_xml()),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(others, [unavailable]);
-    cluster.settled().await;
+    d.cluster = stopping.await.unwrap();
+    d.nothing_lost().await;
+    d.traffic.await.unwrap();
+    d.cluster.settled().await;
     // The account is served by a survivor now.
-    let mut receiver = reader.unsplit(writer);
+    let mut receiver = d.reader.unsplit(d.writer);
     receiver.ping().await.unwrap();
 }
 
@@ -345,7 +351,6 @@ async fn joining_node_takes_its_shards_while_traffic_flows() {
     let sender = online(cluster.node(1), "romeo", "r").await;
     let (mut reader, _writer) = receiver.split().unwrap();
     let (_sender_reader, sender_writer) = sender.split().unwrap();
-    const COUNT: usize = 60;
     let traffic = tokio::spawn(send_numbered(
         sender_writer,
         format!("{owned}@localhost"),

@@ -228,10 +228,7 @@ impl ClusterLink {
         op: RedisOp,
         f: impl Future<Output = redis::RedisResult<T>>,
     ) -> redis::RedisResult<T> {
-        let start = Instant::now();
-        let result = f.await;
-        self.metrics.redis_op(op, start.elapsed(), result.is_ok());
-        result
+        super::timed(&self.metrics, op, f).await
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -16,6 +16,20 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use crate::metrics::{Metrics, RedisOp};
+
+/// Runs one of the cluster's Redis operations, recording its duration and outcome.
+pub async fn timed<T>(
+    metrics: &Metrics,
+    op: RedisOp,
+    f: impl Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    let start = std::time::Instant::now();
+    let result = f.await;
+    metrics.redis_op(op, start.elapsed(), result.is_ok());
+    result
+}
+
 /// A connection for the cluster's coordination (membership, leases, directory): every
 /// request fails within a third of the lease TTL instead of waiting for a reconnect, so
 /// a round that cannot reach Redis fails in time and the node stops serving before its
