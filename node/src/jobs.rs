@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Mailbox;
 use crate::router::Router;
-use crate::shard::SessionHandle;
+use crate::shard::{Reload, SessionHandle};
 use crate::storage::{Storage, StorageError, new_credentials};
 use crate::user::{Job, Write};
 
@@ -349,6 +349,18 @@ pub async fn run(cx: JobContext, user: BareJid, job: Job<SessionHandle>) {
                 }
                 Err(e) => {
                     warn!(%user, error = %e, "account removal failed");
+                    // The account was already cleared in memory; serve it as stored.
+                    if cx
+                        .router
+                        .host_for(&user)
+                        .try_send(Reload {
+                            user: user.clone(),
+                            attempts: 60,
+                        })
+                        .is_err()
+                    {
+                        cx.router.metrics().mailbox_drop(Mailbox::Shard);
+                    }
                     answer(
                         request.error_reply(&StanzaError::new(
                             StanzaErrorCondition::InternalServerError,

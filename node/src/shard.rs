@@ -172,6 +172,17 @@ pub struct ReleaseShards {
     pub done: oneshot::Sender<()>,
 }
 
+/// Storage refused a change already made in memory (a failed account removal): read
+/// the account again and serve it as stored.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reload {
+    pub user: BareJid,
+    /// Attempts left should reading fail (the store being down is why the change
+    /// failed in the first place); one per second.
+    pub attempts: u32,
+}
+
 /// Node shutdown: close every session with `<system-shutdown/>`.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -903,6 +914,40 @@ impl Handler<Attached> for ShardHost {
             }
             _ => {}
         }
+    }
+}
+
+impl Handler<Reload> for ShardHost {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reload, ctx: &mut Self::Context) {
+        if !matches!(self.users.get(&msg.user), Some(Slot::Ready(_))) {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let storage = self.queue.storage.clone();
+        let u = msg.user.clone();
+        self.queue.submit(&msg.user, async move {
+            let _ = tx.send(storage.loader.load_user(u.as_str()).await);
+        });
+        let (user, attempts) = (msg.user, msg.attempts);
+        ctx.spawn(rx.into_actor(self).map(move |result, act, ctx| {
+            match (result, act.users.get_mut(&user)) {
+                (Ok(Ok(data)), Some(Slot::Ready(state))) => state.restore(data),
+                (Ok(Err(e)), _) if attempts > 0 => {
+                    warn!(%user, error = %e, "reading the account again failed; retrying");
+                    ctx.notify_later(
+                        Reload {
+                            user,
+                            attempts: attempts - 1,
+                        },
+                        Duration::from_secs(1),
+                    );
+                }
+                (Ok(Err(e)), _) => warn!(%user, error = %e, "reading the account again failed"),
+                _ => {}
+            }
+        }));
     }
 }
 

@@ -312,6 +312,13 @@ impl<H: Clone + PartialEq> UserState<H> {
         old
     }
 
+    /// Puts back the stored data after an in-memory change that storage refused (a
+    /// failed account removal), keeping the bound sessions.
+    pub fn restore(&mut self, data: UserData) {
+        *self.shared.blocklist.write() = data.blocklist.iter().cloned().collect();
+        self.data = data;
+    }
+
     /// The binding id and handle of the session bound to `jid`.
     pub fn session(&self, jid: &FullJid) -> Option<(SessionId, &H)> {
         self.sessions

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use shoal_node::testing::RedisServer;
 use shoal_tests::im::*;
-use shoal_tests::{Client, TestNode, TestNodeBuilder};
+use shoal_tests::{Client, Received, TestNode, TestNodeBuilder};
 
 const STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 
@@ -1599,4 +1599,63 @@ async fn user_data_survives(first: TestNode, restart: impl FnOnce() -> TestNode)
         next(&mut n).await,
         "<presence to='nurse@localhost' from='romeo@localhost' type='subscribe'/>"
     );
+}
+
+/// An account removal the store refuses (Redis is down) is answered with
+/// `<internal-server-error/>` and undone: once the store is back the account, its
+/// roster and its session are as they were.
+#[tokio::test]
+async fn failed_account_removal_keeps_the_account() {
+    let mut redis = RedisServer::start();
+    let node = users(
+        TestNode::builder()
+            .set("storage.backend", "redis")
+            .set("storage.redis_url", redis.url()),
+    )
+    .start();
+    let mut r = online(&node, "romeo", "orchard").await;
+    let mut j = online(&node, "juliet", "balcony").await;
+    befriend(&mut r, &mut j).await;
+    // A vCard set is answered after it is stored, and juliet's writes are stored in
+    // order: once it is answered, the handshake's roster writes have landed too.
+    assert_eq!(
+        ask(
+            &mut j,
+            "<iq type='set' id='v1'><vCard xmlns='vcard-temp'><FN>J</FN></vCard></iq>"
+        )
+        .await,
+        result("juliet@localhost/balcony", "v1")
+    );
+    let roster = "<iq to='juliet@localhost/balcony' id='r1' type='result'><query xmlns='jabber:iq:roster' ver='3'><item jid='romeo@localhost' subscription='both'/></query></iq>";
+
+    redis.kill();
+    assert_eq!(
+        ask(
+            &mut j,
+            "<iq type='set' id='unreg1'><query xmlns='jabber:iq:register'><remove/></query></iq>"
+        )
+        .await,
+        format!(
+            "<iq to='juliet@localhost/balcony' id='unreg1' type='error'>{}</iq>",
+            error("cancel", "internal-server-error")
+        )
+    );
+    redis.restart();
+    // The account is served as stored again: same roster, same session.
+    // Until the account is read again, a roster request finds nothing to answer from.
+    let mut answer = None;
+    for _ in 0..50 {
+        j.send("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>")
+            .await
+            .unwrap();
+        answer = j.recv_within(QUIET).await.unwrap();
+        if answer.is_some() {
+            break;
+        }
+    }
+    match answer {
+        Some(Received::Stanza(st)) => assert_eq!(st.to_xml(), roster),
+        other => panic!("no roster: {other:?}"),
+    }
+    login(&node, "juliet", "phone").await;
 }
