@@ -82,7 +82,10 @@ impl Shared {
             router,
             metrics,
             open: AtomicUsize::new(0),
-            next_session: AtomicU64::new(1),
+            // Random start: binding ids name sessions across the cluster (and a
+            // restarted node's new sessions must not match its old ones); below 2^63
+            // so counting never wraps to 0, which frames use for "any binding".
+            next_session: AtomicU64::new((rand::random::<u64>() >> 1).max(1)),
             shutdown,
         }
     }
