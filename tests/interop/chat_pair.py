@@ -31,8 +31,8 @@ async def exchange(args: argparse.Namespace, c1: Client, c2: Client, summary: di
     # Connect straight to the given address: connect(host, port) disables the
     # SRV/DNS lookup of the JID's domain.  (This slixmpp API takes host and
     # port separately; older ones took address=(host, port).)
-    for c in (c1, c2):
-        c.connect(args.host, args.port)
+    for c, port in ((c1, args.port), (c2, args.port2 or args.port)):
+        c.connect(args.host, port)
     await asyncio.gather(c1.ready, c2.ready)
 
     tag = uuid.uuid4().hex
@@ -91,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pass1", required=True)
     p.add_argument("--user2", required=True)
     p.add_argument("--pass2", required=True)
+    p.add_argument("--port2", type=int,
+                   help="port for the second client (another node of a cluster); default --port")
     p.add_argument("--register", action="store_true",
                    help="create both accounts first with XEP-0077 (existing ones are fine)")
     add_run_args(p, timeout=30.0)

@@ -12,6 +12,7 @@ use jid::BareJid;
 use shoal_node::cluster::shards::target;
 use shoal_node::router::shard_of;
 use shoal_node::testing::RedisServer;
+use tempfile::TempDir;
 
 use crate::{TestNode, eventually};
 
@@ -40,13 +41,23 @@ pub struct TestCluster {
     nodes: Vec<Option<TestNode>>,
     pub redis: RedisServer,
     users: Vec<(String, String)>,
+    /// One certificate for every node, as a deployment behind one name has.
+    tls: TempDir,
 }
 
 impl TestCluster {
     /// Starts Redis and `n` nodes, with these accounts created, and waits until every
     /// node is ready (member, every shard owned).
     pub fn start(n: usize, users: &[(&str, &str)]) -> Self {
+        let tls = TempDir::new().expect("temp dir");
+        shoal_node::tls::generate_self_signed(
+            "localhost",
+            &tls.path().join("cert.pem"),
+            &tls.path().join("key.pem"),
+        )
+        .expect("test certificate");
         let mut cluster = Self {
+            tls,
             nodes: Vec::new(),
             redis: RedisServer::start(),
             users: users
@@ -68,7 +79,9 @@ impl TestCluster {
             .set("cluster.node_id", format!("node{i}"))
             .set("cluster.listen", "127.0.0.1:0")
             .set("cluster.shards", SHARDS)
-            .set("cluster.lease_ttl_ms", LEASE_TTL.as_millis());
+            .set("cluster.lease_ttl_ms", LEASE_TTL.as_millis())
+            .set("tls.cert", self.tls.path().join("cert.pem").display())
+            .set("tls.key", self.tls.path().join("key.pem").display());
         for (u, p) in &self.users {
             builder = builder.user(u, p);
         }

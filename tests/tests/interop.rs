@@ -2,8 +2,8 @@
 //! into `.venv` by `scripts/test-deps.sh`) log in with SCRAM over STARTTLS, bind and
 //! exchange messages through a real node.
 
-use shoal_tests::TestNode;
 use shoal_tests::interop::run_script;
+use shoal_tests::{TestCluster, TestNode};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_clients_chat_over_starttls_with_scram() {
@@ -39,4 +39,33 @@ async fn slixmpp_clients_chat_over_starttls_with_scram() {
     );
     // And the server counted the SCRAM logins.
     assert!(node.metric("shoal_auth_success_total{mechanism=\"scram_sha_256\"}") >= 2.0);
+}
+
+/// The same exchange with the two slixmpp clients on two nodes of a cluster.
+#[tokio::test(flavor = "multi_thread")]
+async fn slixmpp_clients_on_two_cluster_nodes_chat() {
+    let cluster = TestCluster::start(2, &[("juliet", "pencil"), ("romeo", "r0m30!")]);
+    cluster.settled().await;
+    let port2 = cluster.node(1).c2s.port().to_string();
+    let summary = run_script(
+        cluster.node(0),
+        "chat_pair.py",
+        &[
+            "--port2",
+            &port2,
+            "--user1",
+            "juliet",
+            "--pass1",
+            "pencil",
+            "--user2",
+            "romeo",
+            "--pass2",
+            "r0m30!",
+            "--timeout",
+            "30",
+        ],
+    )
+    .await;
+    assert!(summary.contains("\"ok\": true"), "{summary}");
+    assert!(summary.contains("\"messages\": 2"), "{summary}");
 }
