@@ -866,12 +866,19 @@ impl Handler<RouteToUser> for ShardHost {
         };
         // A user that is not loaded has no session: available and unavailable presence
         // for it is silently ignored (RFC 6121 §8.5.1, §8.5.2.2.1, §8.5.3.2.2), so
-        // there is nothing to load it for.
+        // there is nothing to load it for. Except just after this node claimed the
+        // account's shard (cluster mode): its sessions elsewhere may not have reported
+        // yet, and loading it finds them in the directory.
         let broadcast = matches!(
             msg.stanza.kind,
             Kind::Presence(PresenceType::Available | PresenceType::Unavailable)
         );
-        if broadcast && !self.users.contains_key(&user) {
+        let settling = || {
+            self.router
+                .cluster()
+                .is_some_and(|l| l.settling(self.router.shard(&user)))
+        };
+        if broadcast && !self.users.contains_key(&user) && !settling() {
             return;
         }
         self.dispatch(user, UserMsg::Route(msg), ctx);

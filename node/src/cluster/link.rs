@@ -189,6 +189,8 @@ pub struct ClusterLink {
     awaiting_count: std::sync::atomic::AtomicUsize,
     /// The last owner seen for each shard, to know whom a gained shard comes from.
     last_owner: Mutex<Vec<Option<NodeId>>>,
+    /// When this node last claimed each shard it claimed (see [`ClusterLink::settling`]).
+    claimed_at: Mutex<HashMap<u32, Instant>>,
     directory: Directory,
     park_for: Duration,
     metrics: Metrics,
@@ -216,6 +218,7 @@ impl ClusterLink {
             awaiting: Mutex::new(HashMap::new()),
             awaiting_count: std::sync::atomic::AtomicUsize::new(0),
             last_owner: Mutex::new(vec![None; shards as usize]),
+            claimed_at: Mutex::new(HashMap::new()),
             directory,
             park_for: lease_ttl * 2,
             metrics,
@@ -512,9 +515,23 @@ impl ClusterLink {
         }
     }
 
+    /// Whether `shard` was claimed so recently (within twice the lease TTL) that the
+    /// sessions of its accounts may not all have reported yet: then an account that is
+    /// not loaded may still have sessions, and presence for it must not be ignored.
+    pub fn settling(&self, shard: u32) -> bool {
+        let mut claimed = self.claimed_at.lock();
+        let now = Instant::now();
+        claimed.retain(|_, at| now.duration_since(*at) < self.park_for);
+        claimed.contains_key(&shard)
+    }
+
     /// This node claimed `shards`: its own sessions of their accounts and every other
     /// node's report to it.
     fn want_sessions(&self, shards: Vec<u32>, router: &Router) {
+        let now = Instant::now();
+        self.claimed_at
+            .lock()
+            .extend(shards.iter().map(|&s| (s, now)));
         self.report_sessions(&self.me, &shards.iter().copied().collect(), router);
         let peers: Vec<NodeId> = self
             .table
