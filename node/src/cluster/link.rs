@@ -189,6 +189,8 @@ pub struct ClusterLink {
     awaiting_count: std::sync::atomic::AtomicUsize,
     /// The last owner seen for each shard, to know whom a gained shard comes from.
     last_owner: Mutex<Vec<Option<NodeId>>>,
+    /// Handoff completions that arrived before this node saw itself the new owner.
+    early_completions: Mutex<HashMap<u32, (NodeId, Instant)>>,
     /// When this node last claimed each shard it claimed (see [`ClusterLink::settling`]).
     claimed_at: Mutex<HashMap<u32, Instant>>,
     directory: Directory,
@@ -219,6 +221,7 @@ impl ClusterLink {
             awaiting_count: std::sync::atomic::AtomicUsize::new(0),
             last_owner: Mutex::new(vec![None; shards as usize]),
             claimed_at: Mutex::new(HashMap::new()),
+            early_completions: Mutex::new(HashMap::new()),
             directory,
             park_for: lease_ttl * 2,
             metrics,
@@ -275,6 +278,8 @@ impl ClusterLink {
         let now = Instant::now();
         let mut last = self.last_owner.lock();
         let mut awaiting = self.awaiting.lock();
+        let mut early = self.early_completions.lock();
+        early.retain(|_, (_, until)| now < *until);
         for shard in 0..self.shards {
             let i = shard as usize;
             let gained = after.owner(shard, &self.me, now) == Owner::Here
@@ -283,6 +288,9 @@ impl ClusterLink {
                 && let Some(previous) = last[i].clone()
                 && previous != self.me
                 && after.live.contains(&previous)
+                && early
+                    .remove(&shard)
+                    .is_none_or(|(from, _)| from != previous)
             {
                 debug!(shard, from = %previous, "awaiting the previous owner's handoff");
                 awaiting.insert(shard, (previous, now + self.park_for / 2));
@@ -310,13 +318,20 @@ impl ClusterLink {
             .store(awaiting.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The previous owner of `shard` says everything for it was passed on.
+    /// The previous owner of `shard` says everything for it was passed on. It may say
+    /// so before this node's view shows the shard as its own: then it is remembered
+    /// (for a lease TTL) and no wait starts.
     pub fn handoff_complete(&self, shard: u32, from: &NodeId) {
         let mut awaiting = self.awaiting.lock();
         if awaiting.get(&shard).is_some_and(|(p, _)| p == from) {
             awaiting.remove(&shard);
             self.awaiting_count
                 .store(awaiting.len(), std::sync::atomic::Ordering::Relaxed);
+        } else {
+            let until = Instant::now() + self.park_for / 2;
+            self.early_completions
+                .lock()
+                .insert(shard, (from.clone(), until));
         }
     }
 
