@@ -1158,3 +1158,153 @@ pub fn retry_parked(router: &Router, link: &ClusterLink) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::forward::ForwardConfig;
+    use crate::cluster::forward::memory::MemoryNetwork;
+    use crate::testing::RedisServer;
+
+    fn node(id: &str) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    /// A view of 4 shards: `me` holds `mine` (valid for a minute), owners as given.
+    fn view(generation: u64, mine: &[u32], owners: [&str; 4], live: &[&str]) -> ShardView {
+        let until = Instant::now() + Duration::from_secs(60);
+        ShardView {
+            generation,
+            reachable: true,
+            endpoints: BTreeMap::new(),
+            mine: mine.iter().map(|&s| (s, until)).collect(),
+            owners: owners
+                .iter()
+                .map(|o| (!o.is_empty()).then(|| o.to_string()))
+                .collect(),
+            live: live.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn route_table_owners_and_withdrawn_shards() {
+        let me = node("a");
+        let v = view(5, &[0, 1], ["a", "a", "b", "c"], &["a", "b"]);
+        let t = RouteTable::from_view(&v, 4, &HashMap::new());
+        let now = Instant::now();
+        assert_eq!(t.owner(0, &me, now), Owner::Here);
+        assert_eq!(t.owner(2, &me, now), Owner::Node(node("b")));
+        // c is not live: its shard has no owner to route to.
+        assert_eq!(t.owner(3, &me, now), Owner::Unknown);
+        assert!(!t.complete());
+        // Past its validity a held shard is not served.
+        assert_eq!(
+            t.owner(0, &me, now + Duration::from_secs(61)),
+            Owner::Unknown
+        );
+
+        // Shard 1 was drained by round 6: views of earlier rounds do not bring it back,
+        // the view of round 6 (or later) is believed.
+        let withdrawn = HashMap::from([(1, 6)]);
+        let t = RouteTable::from_view(&v, 4, &withdrawn);
+        assert_ne!(t.owner(1, &me, now), Owner::Here);
+        let v6 = view(6, &[0, 1], ["a", "a", "b", "b"], &["a", "b"]);
+        let t = RouteTable::from_view(&v6, 4, &withdrawn);
+        assert_eq!(t.owner(1, &me, now), Owner::Here);
+        assert!(t.complete());
+    }
+
+    #[test]
+    fn taken_over_lists_departed_owners_whose_shards_moved() {
+        let before = RouteTable::from_view(
+            &view(1, &[], ["a", "b", "c", "c"], &["a", "b", "c"]),
+            4,
+            &HashMap::new(),
+        );
+        // c left the membership; one of its shards has a new owner already.
+        let after = RouteTable::from_view(
+            &view(2, &[], ["a", "b", "b", "c"], &["a", "b"]),
+            4,
+            &HashMap::new(),
+        );
+        assert_eq!(taken_over(&before, &after), [node("c")]);
+        // Merely missing (no shard moved yet): nothing is taken back.
+        let missing = RouteTable::from_view(
+            &view(2, &[], ["a", "b", "c", "c"], &["a", "b"]),
+            4,
+            &HashMap::new(),
+        );
+        assert!(taken_over(&before, &missing).is_empty());
+    }
+
+    fn link(redis: &RedisServer, runtime: &tokio::runtime::Handle) -> ClusterLink {
+        let net = MemoryNetwork::new(&ForwardConfig::default(), Metrics::new());
+        let forwarder = Arc::new(net.join(node("a"), Arc::new(Ignore)));
+        let client = redis::Client::open(redis.url()).unwrap();
+        let conn = runtime
+            .block_on(crate::cluster::connect(client, Duration::from_secs(3)))
+            .unwrap();
+        ClusterLink::new(
+            node("a"),
+            4,
+            forwarder,
+            Directory::new(conn, "t:"),
+            Duration::from_secs(3),
+            Metrics::new(),
+        )
+    }
+
+    struct Ignore;
+
+    impl FrameHandler for Ignore {
+        fn handle(&self, _: &NodeId, _: FrameKind) {}
+    }
+
+    fn apply(link: &ClusterLink, v: &ShardView) {
+        let table = Arc::new(RouteTable::from_view(v, 4, &HashMap::new()));
+        let before = link.table.read().clone();
+        link.note_owners(&before, &table);
+        *link.table.write() = table;
+    }
+
+    /// A shard gained from a live node serves only that node's work until it says the
+    /// handoff is complete; a completion that arrives first means no wait at all.
+    #[test]
+    fn gained_shards_wait_for_the_previous_owner() {
+        let redis = RedisServer::start();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let link = link(&redis, rt.handle());
+        let b = node("b");
+        apply(&link, &view(1, &[0, 1], ["a", "a", "b", "b"], &["a", "b"]));
+        assert_eq!(link.owner_for(2, None), Owner::Node(b.clone()));
+
+        // b hands shard 2 over.
+        apply(
+            &link,
+            &view(2, &[0, 1, 2], ["a", "a", "a", "b"], &["a", "b"]),
+        );
+        assert_eq!(link.owner_for(2, None), Owner::Unknown, "parked meanwhile");
+        assert_eq!(
+            link.owner_for(2, Some(&b)),
+            Owner::Here,
+            "b's own work passes"
+        );
+        assert_eq!(link.owner_for(0, None), Owner::Here);
+        link.handoff_complete(2, &node("c"));
+        assert_eq!(
+            link.owner_for(2, None),
+            Owner::Unknown,
+            "only b completes it"
+        );
+        link.handoff_complete(2, &b);
+        assert_eq!(link.owner_for(2, None), Owner::Here);
+
+        // b completes shard 3 before this node has seen the claim: no wait.
+        link.handoff_complete(3, &b);
+        apply(
+            &link,
+            &view(3, &[0, 1, 2, 3], ["a", "a", "a", "a"], &["a", "b"]),
+        );
+        assert_eq!(link.owner_for(3, None), Owner::Here);
+    }
+}
