@@ -36,7 +36,18 @@ pub struct Config {
     pub registration: RegistrationConfig,
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
+    pub muc: MucConfig,
     pub shutdown: ShutdownConfig,
+}
+
+/// `[muc]`: the multi-user chat service (XEP-0045).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MucConfig {
+    /// `muc.enabled`, default `true`: group chat is something users of a server expect.
+    pub enabled: bool,
+    /// `muc.service`, default `conference.<domain>`: the service's domain; rooms are
+    /// `room@<service>`. The conventional name clients look for first.
+    pub service: String,
 }
 
 /// Which storage backend holds accounts and the rest of the persistent state.
@@ -393,6 +404,18 @@ fn read_config(r: &mut Reader) -> Config {
         max_roster_groups: r.get_at_least("limits.max_roster_groups", 32, 1),
         max_blocklist_items: r.get_at_least("limits.max_blocklist_items", 1000, 1),
     };
+    let muc = MucConfig {
+        enabled: r.get("muc.enabled", true),
+        service: r.get("muc.service", format!("conference.{domain}")),
+    };
+    if let Err(reason) = validate_domain(&muc.service) {
+        r.invalid("muc.service", reason);
+    } else if muc.service == domain {
+        r.invalid(
+            "muc.service",
+            "must differ from domain: rooms and accounts would share addresses".to_owned(),
+        );
+    }
     let registration = RegistrationConfig {
         enabled: r.get("registration.enabled", true),
         per_ip_per_hour: r.get("registration.per_ip_per_hour", 10),
@@ -433,6 +456,7 @@ fn read_config(r: &mut Reader) -> Config {
         registration,
         admin,
         cluster,
+        muc,
         shutdown,
     }
 }

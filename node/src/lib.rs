@@ -9,6 +9,7 @@ pub mod config;
 pub mod jobs;
 pub mod metrics;
 pub mod model;
+pub mod muc;
 pub mod ratelimit;
 pub mod roster;
 pub mod router;

@@ -40,6 +40,8 @@ struct Inner {
     info: ServerInfo,
     /// Cluster mode: shard owners, peers, remote sessions.
     cluster: Option<Arc<ClusterLink>>,
+    /// The multi-user chat service's domain, when it is on.
+    muc: Option<BareJid>,
 }
 
 /// See [`Router::downgrade`].
@@ -68,14 +70,16 @@ pub struct Router {
 
 impl Router {
     pub fn new(domain: BareJid, shard_count: u32, metrics: Metrics) -> Self {
-        Self::with_cluster(domain, shard_count, metrics, None)
+        Self::with_parts(domain, shard_count, metrics, None, None)
     }
 
-    pub fn with_cluster(
+    /// A router with cluster mode (`cluster`) and the MUC service at `muc`.
+    pub fn with_parts(
         domain: BareJid,
         shard_count: u32,
         metrics: Metrics,
         cluster: Option<Arc<ClusterLink>>,
+        muc: Option<BareJid>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -87,6 +91,7 @@ impl Router {
                     started: Instant::now(),
                 },
                 cluster,
+                muc,
             }),
         }
     }
@@ -487,9 +492,18 @@ impl Router {
         }
     }
 
-    /// Whether `jid` is served here (the domain or an account on it).
+    /// Whether `jid` is served here (the domain, an account on it, the MUC service or
+    /// one of its rooms).
     pub fn is_local(&self, jid: &Jid) -> bool {
-        jid.domain() == self.inner.domain.domain()
+        jid.domain() == self.inner.domain.domain() || self.is_muc(jid)
+    }
+
+    /// Whether `jid` is the MUC service or an address in it.
+    pub fn is_muc(&self, jid: &Jid) -> bool {
+        self.inner
+            .muc
+            .as_ref()
+            .is_some_and(|m| jid.domain() == m.domain())
     }
 
     /// Routes a stanza whose `from` is already trustworthy. `since` is when it entered
@@ -511,6 +525,12 @@ impl Router {
             );
         }
         if to.node().is_none() {
+            if self.is_muc(&to) {
+                if let Some(reply) = crate::muc::service_iq(&stanza) {
+                    self.route_reply(reply, since);
+                }
+                return;
+            }
             return self.to_server(stanza, since);
         }
         self.to_owner(ToOwner::Route(RouteToUser { stanza, since }, 0));

@@ -253,11 +253,16 @@ pub async fn run_until(
         Some(l) => Some(start_cluster(&config, l, &metrics).await?),
         None => None,
     };
-    let router = Router::with_cluster(
+    let muc = match config.muc.enabled {
+        true => Some(BareJid::new(&config.muc.service).context("invalid MUC service")?),
+        false => None,
+    };
+    let router = Router::with_parts(
         domain.clone(),
         config.cluster.shards,
         metrics.clone(),
         cluster_start.as_ref().map(|(link, _, _)| link.clone()),
+        muc,
     );
     let shard_config = ShardConfig {
         limits: Arc::new(UserLimits {

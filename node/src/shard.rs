@@ -34,6 +34,7 @@ use crate::cluster::link::ToOwner;
 use crate::jobs::{self, JobContext, StorageQueue};
 use crate::metrics::{AttachResult, DirectoryLookup, Mailbox, Metrics, RedisOp, RerouteReason};
 use crate::model::UserData;
+use crate::muc::Room;
 use crate::router::{Router, SendFail};
 use crate::storage::Storage;
 use crate::user::{Effect, Job, SessionFacts, SessionId, UserLimits, UserShared, UserState};
@@ -254,6 +255,8 @@ pub struct ShardConfig {
 
 pub struct ShardHost {
     users: HashMap<BareJid, Slot>,
+    /// The MUC rooms whose shard maps here.
+    rooms: HashMap<BareJid, Room>,
     /// Loaded users without sessions, and since when.
     idle: HashMap<BareJid, Instant>,
     router: Router,
@@ -267,6 +270,7 @@ impl ShardHost {
         let metrics = router.metrics().clone();
         Self {
             users: HashMap::new(),
+            rooms: HashMap::new(),
             idle: HashMap::new(),
             router,
             metrics,
@@ -801,10 +805,31 @@ impl ShardHost {
         }
     }
 
-    /// Forgets the users of `shards` (cluster mode: they moved away or were lost),
-    /// passing their waiting work back to the router.
+    /// A stanza for a room (created by its first occupant, gone with its last).
+    fn room(&mut self, jid: BareJid, msg: RouteToUser) {
+        if !self.router.serves(&jid) {
+            self.metrics.rerouted(RerouteReason::NotOwner, 1);
+            return self.router.to_owner(ToOwner::Route(msg, 0));
+        }
+        let stamp = jobs::format_timestamp(jobs::now_ms());
+        let room = self
+            .rooms
+            .entry(jid.clone())
+            .or_insert_with(|| Room::new(jid.clone()));
+        let out = room.handle(msg.stanza, &stamp);
+        if room.is_empty() {
+            self.rooms.remove(&jid);
+        }
+        let effects = out.into_iter().map(Effect::Route).collect();
+        self.apply(&jid, effects, msg.since);
+    }
+
+    /// Forgets the users and rooms of `shards` (cluster mode: they moved away or were
+    /// lost), passing their waiting work back to the router.
     fn release(&mut self, shards: &HashSet<u32>) {
         let router = self.router.clone();
+        self.rooms
+            .retain(|room, _| !shards.contains(&router.shard(room)));
         let leaving: Vec<BareJid> = self
             .users
             .keys()
@@ -864,6 +889,14 @@ impl Handler<RouteToUser> for ShardHost {
         let Some(user) = msg.stanza.to.as_ref().map(|t| t.to_bare()) else {
             return;
         };
+        if msg
+            .stanza
+            .to
+            .as_ref()
+            .is_some_and(|t| self.router.is_muc(t))
+        {
+            return self.room(user, msg);
+        }
         // A user that is not loaded has no session: available and unavailable presence
         // for it is silently ignored (RFC 6121 §8.5.1, §8.5.2.2.1, §8.5.3.2.2), so
         // there is nothing to load it for. Except just after this node claimed the

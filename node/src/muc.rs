@@ -1,0 +1,601 @@
+//! Multi-user chat rooms (XEP-0045): the core of a room as a plain struct, like the
+//! user state: stanzas in, stanzas to route out, no I/O.
+//!
+//! A room lives at `room@<muc service>` and is hosted by the shard host that owns its
+//! bare JID (so, in a cluster, by the node holding that shard). This covers the core
+//! flows: entering (instant rooms, created by the first occupant, who becomes owner
+//! and moderator), the occupant list, self-presence with status 110 (and 201 on
+//! creation), discussion history and the subject on entry, groupchat messages to
+//! every occupant, private messages between occupants, presence updates, nick changes
+//! (303) and conflicts (`<conflict/>`), and leaving; a room with no occupant left
+//! vanishes. Rooms are semi-anonymous: occupants see each other's real JIDs only when
+//! they are moderators.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use jid::{BareJid, FullJid, Jid};
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
+use shoal_xmpp::ns;
+use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
+use shoal_xmpp::xml::{Element, Node};
+
+/// `http://jabber.org/protocol/muc`: the join element.
+pub const NS_MUC: &str = "http://jabber.org/protocol/muc";
+/// `http://jabber.org/protocol/muc#user`: occupant items and status codes.
+pub const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+
+/// Groupchat messages kept for new occupants when they ask for no limit (XEP-0045 §7.2.15
+/// leaves the number to the service; 20 is what common services send).
+const HISTORY: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affiliation {
+    Owner,
+    None,
+}
+
+impl Affiliation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Affiliation::Owner => "owner",
+            Affiliation::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Moderator,
+    Participant,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Moderator => "moderator",
+            Role::Participant => "participant",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Occupant {
+    nick: String,
+    jid: FullJid,
+    affiliation: Affiliation,
+    role: Role,
+    /// The occupant's presence payload (show, status, priority …), without the MUC
+    /// element it was sent with.
+    presence: Bytes,
+}
+
+/// A groupchat message kept for the history sent on entry.
+#[derive(Debug, Clone)]
+struct Past {
+    nick: String,
+    /// The message payload as sent.
+    payload: Bytes,
+    id: Option<Box<str>>,
+    /// When the room broadcast it, for the delay stamp (XEP-0203).
+    stamp: String,
+}
+
+/// One room. Plain data: the shard host calls it and routes what it returns.
+#[derive(Debug)]
+pub struct Room {
+    jid: BareJid,
+    occupants: Vec<Occupant>,
+    subject: Option<(String, String)>,
+    history: VecDeque<Past>,
+}
+
+impl Room {
+    pub fn new(jid: BareJid) -> Self {
+        Self {
+            jid,
+            occupants: Vec::new(),
+            subject: None,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// No occupant left: a temporary room goes away.
+    pub fn is_empty(&self) -> bool {
+        self.occupants.is_empty()
+    }
+
+    /// Handles a stanza addressed to the room or to an occupant's room JID. `stamp`
+    /// is the current time as XEP-0082 text (for history). Returns what to route.
+    pub fn handle(&mut self, stanza: Stanza, stamp: &str) -> Vec<Stanza> {
+        let Some(from) = stanza.from.clone().and_then(|f| f.try_into_full().ok()) else {
+            return Vec::new();
+        };
+        let nick = stanza
+            .to
+            .as_ref()
+            .and_then(|t| t.resource())
+            .map(|r| r.as_str().to_owned());
+        match (stanza.kind, nick) {
+            (Kind::Presence(PresenceType::Available), Some(nick)) => {
+                self.presence(from, nick, stanza)
+            }
+            (Kind::Presence(PresenceType::Unavailable), Some(_)) => self.leave(&from, &stanza),
+            (Kind::Presence(PresenceType::Error), _) => self.leave_quietly(&from),
+            (Kind::Presence(_), _) => Vec::new(),
+            (Kind::Message(MessageType::Groupchat), None) => self.groupchat(&from, stanza, stamp),
+            (Kind::Message(MessageType::Error), _) => self.leave_quietly(&from),
+            (Kind::Message(MessageType::Groupchat), Some(_)) => {
+                refuse(&stanza, StanzaErrorCondition::BadRequest)
+            }
+            (Kind::Message(_), Some(nick)) => self.private(&from, &nick, stanza),
+            (Kind::Message(_), None) => refuse(&stanza, StanzaErrorCondition::BadRequest),
+            (Kind::Iq(IqType::Get), None) => self.iq(&stanza),
+            (Kind::Iq(IqType::Get | IqType::Set), _) => {
+                refuse(&stanza, StanzaErrorCondition::FeatureNotImplemented)
+            }
+            (Kind::Iq(_), _) => Vec::new(),
+        }
+    }
+
+    fn position(&self, jid: &FullJid) -> Option<usize> {
+        self.occupants.iter().position(|o| &o.jid == jid)
+    }
+
+    fn room_jid(&self, nick: &str) -> Option<Jid> {
+        self.jid.with_resource_str(nick).ok().map(Jid::from)
+    }
+
+    /// Available presence to `room/nick`: entering, a nick change, or a presence
+    /// update (XEP-0045 §7.2, §7.6, §7.7).
+    fn presence(&mut self, from: FullJid, nick: String, stanza: Stanza) -> Vec<Stanza> {
+        let payload = without_muc_elements(&stanza);
+        let taken = self
+            .occupants
+            .iter()
+            .any(|o| o.nick == nick && o.jid != from);
+        match self.position(&from) {
+            _ if taken => refuse(&stanza, StanzaErrorCondition::Conflict),
+            Some(i) if self.occupants[i].nick == nick => {
+                self.occupants[i].presence = payload;
+                let occupant = self.occupants[i].clone();
+                self.broadcast_presence(&occupant, &[])
+            }
+            Some(i) => self.change_nick(i, nick, payload),
+            None => self.enter(from, nick, payload, &stanza),
+        }
+    }
+
+    fn enter(&mut self, from: FullJid, nick: String, payload: Bytes, join: &Stanza) -> Vec<Stanza> {
+        let created = self.occupants.is_empty();
+        let (affiliation, role) = if created {
+            (Affiliation::Owner, Role::Moderator)
+        } else {
+            (Affiliation::None, Role::Participant)
+        };
+        let occupant = Occupant {
+            nick,
+            jid: from.clone(),
+            affiliation,
+            role,
+            presence: payload,
+        };
+        // §7.2.3: first the others' presence, then the others learn of the newcomer,
+        // then its own presence (110, and 201 for a new room), history, subject.
+        let mut out: Vec<Stanza> = self
+            .occupants
+            .iter()
+            .map(|o| self.presence_of(o, &occupant, &[]))
+            .collect();
+        self.occupants.push(occupant.clone());
+        let own: &[&str] = if created { &["110", "201"] } else { &["110"] };
+        out.extend(self.broadcast_presence(&occupant, own));
+        out.extend(self.history_for(&from, join));
+        out.push(self.subject_for(&from));
+        out
+    }
+
+    fn change_nick(&mut self, i: usize, nick: String, payload: Bytes) -> Vec<Stanza> {
+        // §7.6: unavailable from the old nick with the new one and status 303, then
+        // available from the new nick.
+        let old = self.occupants[i].clone();
+        let mut out = Vec::new();
+        for o in &self.occupants {
+            let mut codes = vec!["303"];
+            if o.jid == old.jid {
+                codes.push("110");
+            }
+            let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+            p.from = self.room_jid(&old.nick);
+            p.to = Some(Jid::from(o.jid.clone()));
+            let x = user_x(
+                &old,
+                old.role.as_str(),
+                o.role == Role::Moderator,
+                Some(&nick),
+                &codes,
+            );
+            p.payload = Bytes::from(x);
+            out.push(p);
+        }
+        self.occupants[i].nick = nick;
+        self.occupants[i].presence = payload;
+        let occupant = self.occupants[i].clone();
+        out.extend(self.broadcast_presence(&occupant, &[]));
+        out
+    }
+
+    /// Unavailable presence from an occupant: it leaves (§7.14).
+    fn leave(&mut self, from: &FullJid, stanza: &Stanza) -> Vec<Stanza> {
+        let Some(i) = self.position(from) else {
+            return Vec::new();
+        };
+        let gone = self.occupants.remove(i);
+        let status = stanza.status();
+        let mut out = Vec::new();
+        for o in self.occupants.iter().chain(std::iter::once(&gone)) {
+            let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+            p.from = self.room_jid(&gone.nick);
+            p.to = Some(Jid::from(o.jid.clone()));
+            let codes: &[&str] = if o.jid == gone.jid { &["110"] } else { &[] };
+            let mut payload = status
+                .as_ref()
+                .map(|s| {
+                    Element::new("status", ns::CLIENT)
+                        .text(s.clone())
+                        .to_xml(ns::CLIENT)
+                })
+                .unwrap_or_default();
+            payload.push_str(&user_x(
+                &gone,
+                "none",
+                o.role == Role::Moderator,
+                None,
+                codes,
+            ));
+            p.payload = Bytes::from(payload);
+            out.push(p);
+        }
+        out
+    }
+
+    /// An occupant whose client answered with an error is gone (§7.2: a service may
+    /// remove it); nobody else is told anything more than that it left.
+    fn leave_quietly(&mut self, from: &FullJid) -> Vec<Stanza> {
+        let unavailable = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+        self.leave(from, &unavailable)
+    }
+
+    /// A groupchat message from an occupant, to every occupant (§7.4).
+    fn groupchat(&mut self, from: &FullJid, stanza: Stanza, stamp: &str) -> Vec<Stanza> {
+        let Some(i) = self.position(from) else {
+            return refuse(&stanza, StanzaErrorCondition::NotAcceptable);
+        };
+        let nick = self.occupants[i].nick.clone();
+        if let Ok(elements) = stanza.payload_elements()
+            && let Some(subject) = elements.iter().find(|e| e.is("subject", ns::CLIENT))
+        {
+            self.subject = Some((nick.clone(), subject.text_content()));
+        }
+        let out = self
+            .occupants
+            .iter()
+            .map(|o| {
+                let mut m = stanza.clone();
+                m.from = self.room_jid(&nick);
+                m.to = Some(Jid::from(o.jid.clone()));
+                m
+            })
+            .collect();
+        if has_body(&stanza) {
+            if self.history.len() == HISTORY {
+                self.history.pop_front();
+            }
+            self.history.push_back(Past {
+                nick,
+                payload: stanza.payload.clone(),
+                id: stanza.id.clone(),
+                stamp: stamp.to_owned(),
+            });
+        }
+        out
+    }
+
+    /// A private message from one occupant to another (§7.5).
+    fn private(&self, from: &FullJid, to_nick: &str, stanza: Stanza) -> Vec<Stanza> {
+        let Some(sender) = self.position(from).map(|i| &self.occupants[i]) else {
+            return refuse(&stanza, StanzaErrorCondition::NotAcceptable);
+        };
+        let Some(target) = self.occupants.iter().find(|o| o.nick == to_nick) else {
+            return refuse(&stanza, StanzaErrorCondition::ItemNotFound);
+        };
+        let mut m = stanza.clone();
+        m.from = self.room_jid(&sender.nick);
+        m.to = Some(Jid::from(target.jid.clone()));
+        let mut payload = String::from_utf8_lossy(&stanza.payload).into_owned();
+        payload.push_str(&Element::new("x", NS_MUC_USER).to_xml(ns::CLIENT));
+        m.payload = Bytes::from(payload);
+        vec![m]
+    }
+
+    /// Service discovery on the room (XEP-0045 §6.4).
+    fn iq(&self, iq: &Stanza) -> Vec<Stanza> {
+        match iq.iq_payload() {
+            Ok(Some(q)) if q.is("query", ns::DISCO_INFO) => {
+                let mut info = Element::new("query", ns::DISCO_INFO).child(
+                    Element::new("identity", ns::DISCO_INFO)
+                        .attr("category", "conference")
+                        .attr("type", "text")
+                        .attr("name", self.jid.node().map_or("", |n| n.as_str())),
+                );
+                for feature in [
+                    NS_MUC,
+                    "muc_public",
+                    "muc_open",
+                    "muc_unmoderated",
+                    "muc_semianonymous",
+                    "muc_temporary",
+                    "muc_unsecured",
+                ] {
+                    info = info.child(Element::new("feature", ns::DISCO_INFO).attr("var", feature));
+                }
+                vec![iq.iq_result(Some(&info))]
+            }
+            _ => refuse(iq, StanzaErrorCondition::FeatureNotImplemented),
+        }
+    }
+
+    /// `occupant`'s presence as `to` sees it, with `codes`.
+    fn presence_of(&self, occupant: &Occupant, to: &Occupant, codes: &[&str]) -> Stanza {
+        let mut p = Stanza::new(Kind::Presence(PresenceType::Available));
+        p.from = self.room_jid(&occupant.nick);
+        p.to = Some(Jid::from(to.jid.clone()));
+        let mut payload = String::from_utf8_lossy(&occupant.presence).into_owned();
+        let moderator_view = to.role == Role::Moderator;
+        payload.push_str(&user_x(
+            occupant,
+            occupant.role.as_str(),
+            moderator_view,
+            None,
+            codes,
+        ));
+        p.payload = Bytes::from(payload);
+        p
+    }
+
+    /// `occupant`'s presence to every occupant; it sees its own with `own_codes`.
+    fn broadcast_presence(&self, occupant: &Occupant, own_codes: &[&str]) -> Vec<Stanza> {
+        self.occupants
+            .iter()
+            .map(|o| {
+                let own: &[&str] = match o.jid == occupant.jid {
+                    true if own_codes.is_empty() => &["110"],
+                    true => own_codes,
+                    false => &[],
+                };
+                self.presence_of(occupant, o, own)
+            })
+            .collect()
+    }
+
+    /// The discussion history for a newcomer, within the limits of its join request
+    /// (§7.2.15: `maxstanzas`; `maxchars='0'` and `seconds='0'` ask for none).
+    fn history_for(&self, to: &FullJid, join: &Stanza) -> Vec<Stanza> {
+        let limits = join
+            .payload_elements()
+            .ok()
+            .and_then(|es| es.into_iter().find(|e| e.is("x", NS_MUC)))
+            .and_then(|x| x.get_child("history", NS_MUC).cloned());
+        let attr = |name: &str| {
+            limits
+                .as_ref()
+                .and_then(|h| h.get_attr(name))
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        let mut max = attr("maxstanzas").unwrap_or(HISTORY);
+        if attr("maxchars") == Some(0) || attr("seconds") == Some(0) {
+            max = 0;
+        }
+        let skip = self.history.len().saturating_sub(max);
+        self.history
+            .iter()
+            .skip(skip)
+            .map(|past| {
+                let mut m = Stanza::new(Kind::Message(MessageType::Groupchat));
+                m.from = self.room_jid(&past.nick);
+                m.to = Some(Jid::from(to.clone()));
+                m.id = past.id.clone();
+                let mut payload = String::from_utf8_lossy(&past.payload).into_owned();
+                payload.push_str(
+                    &Element::new("delay", ns::DELAY)
+                        .attr("from", self.jid.as_str())
+                        .attr("stamp", past.stamp.clone())
+                        .to_xml(ns::CLIENT),
+                );
+                m.payload = Bytes::from(payload);
+                m
+            })
+            .collect()
+    }
+
+    /// The subject message every newcomer gets last, empty when none was set (§7.2.15).
+    fn subject_for(&self, to: &FullJid) -> Stanza {
+        let mut m = Stanza::new(Kind::Message(MessageType::Groupchat));
+        m.to = Some(Jid::from(to.clone()));
+        let subject = Element::new("subject", ns::CLIENT);
+        match &self.subject {
+            Some((nick, text)) => {
+                m.from = self.room_jid(nick);
+                m.payload = Bytes::from(subject.text(text.clone()).to_xml(ns::CLIENT));
+            }
+            None => {
+                m.from = Some(Jid::from(self.jid.clone()));
+                m.payload = Bytes::from(subject.to_xml(ns::CLIENT));
+            }
+        }
+        m
+    }
+}
+
+/// What the service itself answers (XEP-0045 §6.1, §6.2): disco#info with the
+/// conference identity, disco#items (rooms are spread over shards and not listed
+/// yet: an empty list), and errors for anything else that asks for an answer.
+pub fn service_iq(stanza: &Stanza) -> Option<Stanza> {
+    if !matches!(stanza.kind, Kind::Iq(IqType::Get | IqType::Set)) {
+        return None;
+    }
+    match stanza.iq_payload() {
+        Ok(Some(q)) if stanza.kind == Kind::Iq(IqType::Get) && q.is("query", ns::DISCO_INFO) => {
+            let mut info = Element::new("query", ns::DISCO_INFO).child(
+                Element::new("identity", ns::DISCO_INFO)
+                    .attr("category", "conference")
+                    .attr("type", "text")
+                    .attr("name", "Chatrooms"),
+            );
+            for feature in [ns::DISCO_INFO, ns::DISCO_ITEMS, NS_MUC] {
+                info = info.child(Element::new("feature", ns::DISCO_INFO).attr("var", feature));
+            }
+            Some(stanza.iq_result(Some(&info)))
+        }
+        Ok(Some(q)) if stanza.kind == Kind::Iq(IqType::Get) && q.is("query", ns::DISCO_ITEMS) => {
+            Some(stanza.iq_result(Some(&Element::new("query", ns::DISCO_ITEMS))))
+        }
+        _ => stanza.error_reply(&StanzaError::new(
+            StanzaErrorCondition::FeatureNotImplemented,
+        )),
+    }
+}
+
+/// The error reply for `stanza`, if it may have one.
+fn refuse(stanza: &Stanza, condition: StanzaErrorCondition) -> Vec<Stanza> {
+    stanza
+        .error_reply(&StanzaError::new(condition))
+        .into_iter()
+        .collect()
+}
+
+fn has_body(stanza: &Stanza) -> bool {
+    stanza
+        .payload_elements()
+        .is_ok_and(|es| es.iter().any(|e| e.is("body", ns::CLIENT)))
+}
+
+/// A presence payload without its MUC join element (which is not broadcast).
+fn without_muc_elements(stanza: &Stanza) -> Bytes {
+    let Ok(nodes) = stanza.payload() else {
+        return Bytes::new();
+    };
+    let mut out = String::new();
+    for node in nodes {
+        if let Node::Element(e) = node
+            && !e.is("x", NS_MUC)
+        {
+            e.write_to(&mut out, ns::CLIENT);
+        }
+    }
+    Bytes::from(out)
+}
+
+/// `<x xmlns='…muc#user'><item …/><status code='…'/>…</x>` for `occupant` in `role`,
+/// with its real JID when the receiver is a moderator, and the new nick of a nick
+/// change.
+fn user_x(
+    occupant: &Occupant,
+    role: &str,
+    moderator_view: bool,
+    new_nick: Option<&str>,
+    codes: &[&str],
+) -> String {
+    let mut item = Element::new("item", NS_MUC_USER)
+        .attr("affiliation", occupant.affiliation.as_str())
+        .attr("role", role);
+    if moderator_view {
+        item = item.attr("jid", occupant.jid.as_str());
+    }
+    if let Some(nick) = new_nick {
+        item = item.attr("nick", nick);
+    }
+    let mut x = Element::new("x", NS_MUC_USER).child(item);
+    for code in codes {
+        x = x.child(Element::new("status", NS_MUC_USER).attr("code", *code));
+    }
+    x.to_xml(ns::CLIENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_xmpp::stanza::{TopLevel, parse_top_level};
+    use shoal_xmpp::xml::NsContext;
+
+    use super::*;
+
+    fn stanza(xml: &str) -> Stanza {
+        match parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT) {
+            Ok(TopLevel::Stanza(s)) => s,
+            other => panic!("not a stanza: {other:?}"),
+        }
+    }
+
+    fn room() -> Room {
+        let mut room = Room::new("coven@conference.localhost".parse().unwrap());
+        for (who, nick) in [("a@localhost/x", "first"), ("b@localhost/y", "second")] {
+            room.handle(
+                stanza(&format!(
+                    "<presence from='{who}' to='coven@conference.localhost/{nick}'/>"
+                )),
+                "2026-11-22T00:00:00.000Z",
+            );
+        }
+        room
+    }
+
+    fn xml(out: &[Stanza]) -> Vec<String> {
+        out.iter().map(Stanza::to_xml).collect()
+    }
+
+    #[test]
+    fn wrong_addresses_get_the_xep_0045_errors() {
+        let mut room = room();
+        // §7.5: a groupchat message to an occupant's room JID is a bad request.
+        let out = room.handle(
+            stanza("<message from='a@localhost/x' to='coven@conference.localhost/second' type='groupchat'><body>x</body></message>"),
+            "t",
+        );
+        assert!(xml(&out)[0].contains("<bad-request"), "{out:?}");
+        // A private message to a nick nobody has.
+        let out = room.handle(
+            stanza("<message from='a@localhost/x' to='coven@conference.localhost/ghost' type='chat'><body>x</body></message>"),
+            "t",
+        );
+        assert!(xml(&out)[0].contains("<item-not-found"), "{out:?}");
+        // Not an occupant: no private messages either.
+        let out = room.handle(
+            stanza("<message from='c@localhost/z' to='coven@conference.localhost/first' type='chat'><body>x</body></message>"),
+            "t",
+        );
+        assert!(xml(&out)[0].contains("<not-acceptable"), "{out:?}");
+    }
+
+    #[test]
+    fn history_keeps_the_last_messages_and_the_room_empties() {
+        let mut room = room();
+        for i in 0..(HISTORY + 5) {
+            room.handle(
+                stanza(&format!("<message from='a@localhost/x' to='coven@conference.localhost' type='groupchat'><body>{i}</body></message>")),
+                "t",
+            );
+        }
+        assert_eq!(room.history.len(), HISTORY);
+        assert_eq!(&room.history[0].payload[..], b"<body>5</body>");
+        // An error bounced by an occupant's client takes it out (§7.2).
+        room.handle(
+            stanza("<message from='b@localhost/y' to='coven@conference.localhost' type='error'/>"),
+            "t",
+        );
+        room.handle(
+            stanza("<presence from='a@localhost/x' to='coven@conference.localhost/first' type='unavailable'/>"),
+            "t",
+        );
+        assert!(room.is_empty());
+    }
+}

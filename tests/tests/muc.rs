@@ -1,0 +1,322 @@
+//! Multi-user chat (XEP-0045) over real TCP and TLS: entering a room (creation, the
+//! occupant list, self-presence with status codes, history and subject), groupchat and
+//! private messages, nick changes and conflicts, leaving, service discovery; also with
+//! the occupants on two nodes of a cluster.
+
+use shoal_tests::im::*;
+use shoal_tests::{Client, TestCluster, TestNode};
+
+const ROOM: &str = "coven@conference.localhost";
+const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+
+fn node() -> TestNode {
+    TestNode::builder()
+        .user("juliet", PW)
+        .user("romeo", PW)
+        .user("nurse", PW)
+        .start()
+}
+
+fn join(nick: &str) -> String {
+    format!("<presence to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>")
+}
+
+/// A presence from `ROOM/nick` to `to` with the occupant item and status codes.
+fn occupant(nick: &str, to: &str, item: &str, codes: &[&str]) -> String {
+    let codes: String = codes
+        .iter()
+        .map(|c| format!("<status code='{c}'/>"))
+        .collect();
+    format!(
+        "<presence to='{to}' from='{ROOM}/{nick}'><x xmlns='{MUC_USER}'>{item}{codes}</x></presence>"
+    )
+}
+
+fn empty_subject(to: &str) -> String {
+    format!("<message to='{to}' from='{ROOM}' type='groupchat'><subject/></message>")
+}
+
+fn groupchat(to: &str, nick: &str, id: &str, body: &str) -> String {
+    format!(
+        "<message to='{to}' from='{ROOM}/{nick}' id='{id}' type='groupchat'><body>{body}</body></message>"
+    )
+}
+
+/// juliet creates the room, romeo enters: the stanzas XEP-0045 §7.2 and §10.1 require,
+/// in their order.
+async fn two_in_room(j: &mut Client, r: &mut Client) {
+    let (jf, rf) = (jid(j), jid(r));
+    j.send(&join("juliet")).await.unwrap();
+    assert_eq!(
+        next(j).await,
+        occupant(
+            "juliet",
+            &jf,
+            &format!("<item affiliation='owner' role='moderator' jid='{jf}'/>"),
+            &["110", "201"]
+        )
+    );
+    assert_eq!(next(j).await, empty_subject(&jf));
+
+    r.send(&join("romeo")).await.unwrap();
+    // The occupants already there (a participant does not see real JIDs), then its
+    // own presence, then the subject.
+    assert_eq!(
+        next(r).await,
+        occupant(
+            "juliet",
+            &rf,
+            "<item affiliation='owner' role='moderator'/>",
+            &[]
+        )
+    );
+    assert_eq!(
+        next(r).await,
+        occupant(
+            "romeo",
+            &rf,
+            "<item affiliation='none' role='participant'/>",
+            &["110"]
+        )
+    );
+    assert_eq!(next(r).await, empty_subject(&rf));
+    // The moderator sees the newcomer with its real JID.
+    assert_eq!(
+        next(j).await,
+        occupant(
+            "romeo",
+            &jf,
+            &format!("<item affiliation='none' role='participant' jid='{rf}'/>"),
+            &[]
+        )
+    );
+}
+
+#[tokio::test]
+async fn enter_talk_change_nick_and_leave() {
+    let node = node();
+    let mut j = login(&node, "juliet", "balcony").await;
+    let mut r = login(&node, "romeo", "orchard").await;
+    two_in_room(&mut j, &mut r).await;
+    let (jf, rf) = (jid(&j), jid(&r));
+
+    // §7.4: a groupchat message reaches every occupant, the sender too.
+    j.send(&format!(
+        "<message to='{ROOM}' id='g1' type='groupchat'><body>Hail</body></message>"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next(&mut j).await, groupchat(&jf, "juliet", "g1", "Hail"));
+    assert_eq!(next(&mut r).await, groupchat(&rf, "juliet", "g1", "Hail"));
+
+    // §7.5: a private message between occupants.
+    r.send(&format!(
+        "<message to='{ROOM}/juliet' id='p1' type='chat'><body>psst</body></message>"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        format!(
+            "<message to='{jf}' from='{ROOM}/romeo' id='p1' type='chat'><body>psst</body><x xmlns='{MUC_USER}'/></message>"
+        )
+    );
+
+    // §7.2.9: a nick in use is a conflict; the room is unchanged.
+    let mut n = login(&node, "nurse", "kitchen").await;
+    n.send(&join("romeo")).await.unwrap();
+    let err = next(&mut n).await;
+    assert!(
+        err.starts_with(&format!(
+            "<presence to='{}' from='{ROOM}/romeo' type='error'>",
+            jid(&n)
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "<error type='cancel'><conflict xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"
+        ),
+        "{err}"
+    );
+    expect_nothing(&mut j).await;
+
+    // §7.6: romeo becomes montague: unavailable with the new nick and 303, then
+    // available under the new nick.
+    r.send(&format!("<presence to='{ROOM}/montague'/>"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        format!(
+            "<presence to='{rf}' from='{ROOM}/romeo' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='participant' nick='montague'/><status code='303'/><status code='110'/></x></presence>"
+        )
+    );
+    assert_eq!(
+        next(&mut r).await,
+        occupant(
+            "montague",
+            &rf,
+            "<item affiliation='none' role='participant'/>",
+            &["110"]
+        )
+    );
+    assert_eq!(
+        next(&mut j).await,
+        format!(
+            "<presence to='{jf}' from='{ROOM}/romeo' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='participant' jid='{rf}' nick='montague'/><status code='303'/></x></presence>"
+        )
+    );
+    assert_eq!(
+        next(&mut j).await,
+        occupant(
+            "montague",
+            &jf,
+            &format!("<item affiliation='none' role='participant' jid='{rf}'/>"),
+            &[]
+        )
+    );
+
+    // §7.14: leaving, with a status.
+    r.send(&format!(
+        "<presence to='{ROOM}/montague' type='unavailable'><status>farewell</status></presence>"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        format!(
+            "<presence to='{rf}' from='{ROOM}/montague' type='unavailable'><status>farewell</status><x xmlns='{MUC_USER}'><item affiliation='none' role='none'/><status code='110'/></x></presence>"
+        )
+    );
+    assert_eq!(
+        next(&mut j).await,
+        format!(
+            "<presence to='{jf}' from='{ROOM}/montague' type='unavailable'><status>farewell</status><x xmlns='{MUC_USER}'><item affiliation='none' role='none' jid='{rf}'/></x></presence>"
+        )
+    );
+    // Not an occupant any more: its groupchat messages are refused.
+    let refused = ask(
+        &mut r,
+        &format!("<message to='{ROOM}' id='g2' type='groupchat'><body>hello?</body></message>"),
+    )
+    .await;
+    assert!(refused.contains("type='error'"), "{refused}");
+    assert!(refused.contains("<not-acceptable"), "{refused}");
+}
+
+/// §7.2.15: history on entry, limited by the request, with delay stamps; then the
+/// subject last. A closed connection leaves the room (its directed presence ends).
+#[tokio::test]
+async fn history_subject_and_leaving_by_disconnect() {
+    let node = node();
+    let mut j = login(&node, "juliet", "balcony").await;
+    let mut r = login(&node, "romeo", "orchard").await;
+    two_in_room(&mut j, &mut r).await;
+    let (jf, rf) = (jid(&j), jid(&r));
+    for (i, body) in ["one", "two", "three"].iter().enumerate() {
+        j.send(&format!(
+            "<message to='{ROOM}' id='h{i}' type='groupchat'><body>{body}</body></message>"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            next(&mut j).await,
+            groupchat(&jf, "juliet", &format!("h{i}"), body)
+        );
+        assert_eq!(
+            next(&mut r).await,
+            groupchat(&rf, "juliet", &format!("h{i}"), body)
+        );
+    }
+    j.send(&format!(
+        "<message to='{ROOM}' id='s1' type='groupchat'><subject>Plots</subject></message>"
+    ))
+    .await
+    .unwrap();
+    next(&mut j).await;
+    next(&mut r).await;
+
+    let mut n = login(&node, "nurse", "kitchen").await;
+    let nf = jid(&n);
+    n.send(&format!("<presence to='{ROOM}/nurse'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='2'/></x></presence>"))
+        .await
+        .unwrap();
+    next(&mut n).await; // juliet
+    next(&mut n).await; // romeo
+    assert_eq!(
+        next(&mut n).await,
+        occupant(
+            "nurse",
+            &nf,
+            "<item affiliation='none' role='participant'/>",
+            &["110"]
+        )
+    );
+    for (i, body) in [(1, "two"), (2, "three")] {
+        let got = next(&mut n).await;
+        let prefix = format!(
+            "<message to='{nf}' from='{ROOM}/juliet' id='h{i}' type='groupchat'><body>{body}</body><delay xmlns='urn:xmpp:delay' from='{ROOM}' stamp='"
+        );
+        assert!(got.starts_with(&prefix), "{got}");
+    }
+    assert_eq!(
+        next(&mut n).await,
+        format!(
+            "<message to='{nf}' from='{ROOM}/juliet' type='groupchat'><subject>Plots</subject></message>"
+        )
+    );
+    next(&mut j).await; // nurse entered
+    next(&mut r).await;
+
+    // romeo's connection closes: the others see him leave.
+    r.close().await.unwrap();
+    assert_eq!(
+        next(&mut n).await,
+        format!(
+            "<presence to='{nf}' from='{ROOM}/romeo' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='none'/></x></presence>"
+        )
+    );
+}
+
+#[tokio::test]
+async fn service_and_room_discovery() {
+    let node = node();
+    let mut j = login(&node, "juliet", "balcony").await;
+    let jf = jid(&j);
+    assert_eq!(
+        ask(&mut j, "<iq to='conference.localhost' id='d1' type='get'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await,
+        format!("<iq to='{jf}' from='conference.localhost' id='d1' type='result'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='conference' type='text' name='Chatrooms'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='http://jabber.org/protocol/muc'/></query></iq>")
+    );
+    j.send(&join("juliet")).await.unwrap();
+    next(&mut j).await;
+    next(&mut j).await;
+    let info = ask(&mut j, &format!("<iq to='{ROOM}' id='d2' type='get'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")).await;
+    assert!(
+        info.contains("<identity category='conference' type='text' name='coven'/>"),
+        "{info}"
+    );
+    assert!(
+        info.contains("<feature var='http://jabber.org/protocol/muc'/>"),
+        "{info}"
+    );
+}
+
+/// Occupants on two nodes of a cluster: the room lives on one node, and every
+/// occupant gets the room's stanzas wherever its session is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn occupants_on_two_cluster_nodes() {
+    let cluster = TestCluster::start(2, &[("juliet", PW), ("romeo", PW)]);
+    cluster.settled().await;
+    let mut j = login(cluster.node(0), "juliet", "balcony").await;
+    let mut r = login(cluster.node(1), "romeo", "orchard").await;
+    two_in_room(&mut j, &mut r).await;
+    let (jf, rf) = (jid(&j), jid(&r));
+    r.send(&format!(
+        "<message to='{ROOM}' id='g1' type='groupchat'><body>Across</body></message>"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next(&mut r).await, groupchat(&rf, "romeo", "g1", "Across"));
+    assert_eq!(next(&mut j).await, groupchat(&jf, "romeo", "g1", "Across"));
+}
