@@ -29,25 +29,56 @@ pub const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
 /// leaves the number to the service; 20 is what common services send).
 const HISTORY: usize = 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `http://jabber.org/protocol/muc#admin`: role and affiliation changes.
+pub const NS_MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
+
+/// A user's long-lived standing in a room (XEP-0045 §5.2), by bare JID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Affiliation {
-    Owner,
+    Outcast,
     None,
+    Member,
+    Admin,
+    Owner,
 }
 
 impl Affiliation {
     fn as_str(self) -> &'static str {
         match self {
             Affiliation::Owner => "owner",
+            Affiliation::Admin => "admin",
+            Affiliation::Member => "member",
             Affiliation::None => "none",
+            Affiliation::Outcast => "outcast",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "owner" => Affiliation::Owner,
+            "admin" => Affiliation::Admin,
+            "member" => Affiliation::Member,
+            "none" => Affiliation::None,
+            "outcast" => Affiliation::Outcast,
+            _ => return None,
+        })
+    }
+
+    /// The role an occupant with this affiliation gets on entering (§5.1.2).
+    fn default_role(self) -> Role {
+        match self {
+            Affiliation::Owner | Affiliation::Admin => Role::Moderator,
+            _ => Role::Participant,
         }
     }
 }
 
+/// An occupant's role for this visit (XEP-0045 §5.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Moderator,
     Participant,
+    Visitor,
 }
 
 impl Role {
@@ -55,8 +86,17 @@ impl Role {
         match self {
             Role::Moderator => "moderator",
             Role::Participant => "participant",
+            Role::Visitor => "visitor",
         }
     }
+}
+
+/// What a muc#admin item asks for.
+enum Change {
+    /// A new role for the occupant with this nick; `None` is a kick.
+    Role(String, Option<Role>),
+    /// A new affiliation for a bare JID.
+    Affiliation(BareJid, Affiliation),
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +126,8 @@ struct Past {
 pub struct Room {
     jid: BareJid,
     occupants: Vec<Occupant>,
+    /// Affiliations other than `none`, by bare JID.
+    affiliations: std::collections::HashMap<BareJid, Affiliation>,
     subject: Option<(String, String)>,
     history: VecDeque<Past>,
 }
@@ -95,6 +137,7 @@ impl Room {
         Self {
             jid,
             occupants: Vec::new(),
+            affiliations: std::collections::HashMap::new(),
             subject: None,
             history: VecDeque::new(),
         }
@@ -131,6 +174,7 @@ impl Room {
             (Kind::Message(_), Some(nick)) => self.private(&from, &nick, stanza),
             (Kind::Message(_), None) => refuse(&stanza, StanzaErrorCondition::BadRequest),
             (Kind::Iq(IqType::Get), None) => self.iq(&stanza),
+            (Kind::Iq(IqType::Set), None) => self.admin(&from, &stanza),
             (Kind::Iq(IqType::Get | IqType::Set), _) => {
                 refuse(&stanza, StanzaErrorCondition::FeatureNotImplemented)
             }
@@ -168,11 +212,15 @@ impl Room {
 
     fn enter(&mut self, from: FullJid, nick: String, payload: Bytes, join: &Stanza) -> Vec<Stanza> {
         let created = self.occupants.is_empty();
-        let (affiliation, role) = if created {
-            (Affiliation::Owner, Role::Moderator)
-        } else {
-            (Affiliation::None, Role::Participant)
-        };
+        if created && self.affiliations.is_empty() {
+            self.affiliations.insert(from.to_bare(), Affiliation::Owner);
+        }
+        let affiliation = self.affiliation(&from.to_bare());
+        if affiliation == Affiliation::Outcast {
+            // §7.2.7: banned.
+            return refuse(join, StanzaErrorCondition::Forbidden);
+        }
+        let role = affiliation.default_role();
         let occupant = Occupant {
             nick,
             jid: from.clone(),
@@ -271,6 +319,10 @@ impl Room {
         let Some(i) = self.position(from) else {
             return refuse(&stanza, StanzaErrorCondition::NotAcceptable);
         };
+        if self.occupants[i].role == Role::Visitor {
+            // §7.4: no voice.
+            return refuse(&stanza, StanzaErrorCondition::Forbidden);
+        }
         let nick = self.occupants[i].nick.clone();
         if let Ok(elements) = stanza.payload_elements()
             && let Some(subject) = elements.iter().find(|e| e.is("subject", ns::CLIENT))
@@ -316,6 +368,194 @@ impl Room {
         payload.push_str(&Element::new("x", NS_MUC_USER).to_xml(ns::CLIENT));
         m.payload = Bytes::from(payload);
         vec![m]
+    }
+
+    fn affiliation(&self, jid: &BareJid) -> Affiliation {
+        self.affiliations
+            .get(jid)
+            .copied()
+            .unwrap_or(Affiliation::None)
+    }
+
+    /// A muc#admin request (§8: kick, voice; §9: ban, membership, admins, owners).
+    fn admin(&mut self, from: &FullJid, iq: &Stanza) -> Vec<Stanza> {
+        let Some(actor) = self.position(from).map(|i| self.occupants[i].clone()) else {
+            return refuse(iq, StanzaErrorCondition::Forbidden);
+        };
+        let Ok(Some(query)) = iq.iq_payload() else {
+            return refuse(iq, StanzaErrorCondition::BadRequest);
+        };
+        if !query.is("query", NS_MUC_ADMIN) {
+            return refuse(iq, StanzaErrorCondition::FeatureNotImplemented);
+        }
+        let mut changes = Vec::new();
+        for item in query.elements().filter(|e| e.is("item", NS_MUC_ADMIN)) {
+            let change = match (
+                item.get_attr("nick"),
+                item.get_attr("role"),
+                item.get_attr("jid"),
+                item.get_attr("affiliation"),
+            ) {
+                (Some(nick), Some(role), _, None) => Change::Role(
+                    nick.to_owned(),
+                    match role {
+                        "none" => None,
+                        "visitor" => Some(Role::Visitor),
+                        "participant" => Some(Role::Participant),
+                        "moderator" => Some(Role::Moderator),
+                        _ => return refuse(iq, StanzaErrorCondition::BadRequest),
+                    },
+                ),
+                (_, None, Some(jid), Some(aff)) => {
+                    match (jid.parse::<BareJid>(), Affiliation::parse(aff)) {
+                        (Ok(jid), Some(aff)) => Change::Affiliation(jid, aff),
+                        _ => return refuse(iq, StanzaErrorCondition::BadRequest),
+                    }
+                }
+                _ => return refuse(iq, StanzaErrorCondition::BadRequest),
+            };
+            let reason = item
+                .get_child("reason", NS_MUC_ADMIN)
+                .map(|r| r.text_content());
+            if let Err(condition) = self.allowed(&actor, &change) {
+                return refuse(iq, condition);
+            }
+            changes.push((change, reason));
+        }
+        let mut out = vec![iq.iq_result(None)];
+        for (change, reason) in changes {
+            out.extend(self.apply_change(&actor, change, reason.as_deref()));
+        }
+        out
+    }
+
+    /// Whether `actor` may make `change` (§8, §9, and the table of §5.2.1).
+    fn allowed(&self, actor: &Occupant, change: &Change) -> Result<(), StanzaErrorCondition> {
+        let actor_aff = actor.affiliation;
+        match change {
+            Change::Role(nick, role) => {
+                let target = self
+                    .occupants
+                    .iter()
+                    .find(|o| &o.nick == nick)
+                    .ok_or(StanzaErrorCondition::ItemNotFound)?;
+                if actor.role != Role::Moderator {
+                    return Err(StanzaErrorCondition::Forbidden);
+                }
+                // Admins and owners cannot be kicked or silenced (§8.2); moderator
+                // status is given and taken by admins and owners (§9.6).
+                let touches_moderators =
+                    *role == Some(Role::Moderator) || target.role == Role::Moderator;
+                if target.affiliation >= Affiliation::Admin && *role != Some(Role::Moderator)
+                    || touches_moderators && actor_aff < Affiliation::Admin
+                {
+                    return Err(StanzaErrorCondition::NotAllowed);
+                }
+                Ok(())
+            }
+            Change::Affiliation(jid, aff) => {
+                let current = self.affiliation(jid);
+                let needs = if *aff >= Affiliation::Admin || current >= Affiliation::Admin {
+                    Affiliation::Owner
+                } else {
+                    Affiliation::Admin
+                };
+                if actor_aff < needs {
+                    return Err(StanzaErrorCondition::Forbidden);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn apply_change(
+        &mut self,
+        actor: &Occupant,
+        change: Change,
+        reason: Option<&str>,
+    ) -> Vec<Stanza> {
+        match change {
+            Change::Role(nick, None) => self.remove_occupant(&nick, actor, reason, "307"),
+            Change::Role(nick, Some(role)) => {
+                let Some(i) = self.occupants.iter().position(|o| o.nick == nick) else {
+                    return Vec::new();
+                };
+                self.occupants[i].role = role;
+                let occupant = self.occupants[i].clone();
+                self.broadcast_presence(&occupant, &[])
+            }
+            Change::Affiliation(jid, aff) => {
+                if aff == Affiliation::None {
+                    self.affiliations.remove(&jid);
+                } else {
+                    self.affiliations.insert(jid.clone(), aff);
+                }
+                let present: Vec<String> = self
+                    .occupants
+                    .iter()
+                    .filter(|o| o.jid.to_bare() == jid)
+                    .map(|o| o.nick.clone())
+                    .collect();
+                let mut out = Vec::new();
+                for nick in present {
+                    if aff == Affiliation::Outcast {
+                        out.extend(self.remove_occupant(&nick, actor, reason, "301"));
+                        continue;
+                    }
+                    if let Some(o) = self.occupants.iter_mut().find(|o| o.nick == nick) {
+                        o.affiliation = aff;
+                        o.role = aff.default_role();
+                    }
+                    if let Some(o) = self.occupants.iter().find(|o| o.nick == nick) {
+                        out.extend(self.broadcast_presence(&o.clone(), &[]));
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Removes the occupant `nick` (kicked: 307, banned: 301), telling everyone, with
+    /// the actor and reason (§8.2, §9.1).
+    fn remove_occupant(
+        &mut self,
+        nick: &str,
+        actor: &Occupant,
+        reason: Option<&str>,
+        code: &str,
+    ) -> Vec<Stanza> {
+        let Some(i) = self.occupants.iter().position(|o| o.nick == nick) else {
+            return Vec::new();
+        };
+        let gone = self.occupants.remove(i);
+        let mut out = Vec::new();
+        for o in self.occupants.iter().chain(std::iter::once(&gone)) {
+            let mut item = Element::new("item", NS_MUC_USER)
+                .attr(
+                    "affiliation",
+                    self.affiliation(&gone.jid.to_bare()).as_str(),
+                )
+                .attr("role", "none");
+            if o.role == Role::Moderator {
+                item = item.attr("jid", gone.jid.as_str());
+            }
+            item = item.child(Element::new("actor", NS_MUC_USER).attr("nick", actor.nick.clone()));
+            if let Some(reason) = reason {
+                item = item.child(Element::new("reason", NS_MUC_USER).text(reason));
+            }
+            let mut x = Element::new("x", NS_MUC_USER)
+                .child(item)
+                .child(Element::new("status", NS_MUC_USER).attr("code", code));
+            if o.jid == gone.jid {
+                x = x.child(Element::new("status", NS_MUC_USER).attr("code", "110"));
+            }
+            let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+            p.from = self.room_jid(&gone.nick);
+            p.to = Some(Jid::from(o.jid.clone()));
+            p.payload = Bytes::from(x.to_xml(ns::CLIENT));
+            out.push(p);
+        }
+        out
     }
 
     /// Service discovery on the room (XEP-0045 §6.4).

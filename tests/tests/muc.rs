@@ -320,3 +320,97 @@ async fn occupants_on_two_cluster_nodes() {
     assert_eq!(next(&mut r).await, groupchat(&rf, "romeo", "g1", "Across"));
     assert_eq!(next(&mut j).await, groupchat(&jf, "romeo", "g1", "Across"));
 }
+
+/// §8.2 kick, §8.4 voice, §9.1 ban: what the moderator, the target and the others see,
+/// and who may do what.
+#[tokio::test]
+async fn kick_voice_and_ban() {
+    let node = node();
+    let mut j = login(&node, "juliet", "balcony").await;
+    let mut r = login(&node, "romeo", "orchard").await;
+    two_in_room(&mut j, &mut r).await;
+    let (jf, rf) = (jid(&j), jid(&r));
+    let admin = |id: &str, item: &str| {
+        format!(
+            "<iq to='{ROOM}' id='{id}' type='set'><query xmlns='http://jabber.org/protocol/muc#admin'>{item}</query></iq>"
+        )
+    };
+
+    // A participant may not kick.
+    let no = ask(&mut r, &admin("k0", "<item nick='juliet' role='none'/>")).await;
+    assert!(
+        no.contains("type='error'") && no.contains("<forbidden"),
+        "{no}"
+    );
+
+    // Voice taken: romeo becomes a visitor and may not speak.
+    j.send(&admin("v1", "<item nick='romeo' role='visitor'/>"))
+        .await
+        .unwrap();
+    next_unordered(
+        &mut j,
+        &[
+            format!("<iq to='{jf}' from='{ROOM}' id='v1' type='result'/>"),
+            occupant(
+                "romeo",
+                &jf,
+                &format!("<item affiliation='none' role='visitor' jid='{rf}'/>"),
+                &[],
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        next(&mut r).await,
+        occupant(
+            "romeo",
+            &rf,
+            "<item affiliation='none' role='visitor'/>",
+            &["110"]
+        )
+    );
+    let silent = ask(
+        &mut r,
+        &format!("<message to='{ROOM}' id='g1' type='groupchat'><body>hey</body></message>"),
+    )
+    .await;
+    assert!(silent.contains("<forbidden"), "{silent}");
+
+    // Kicked, with a reason: status 307, the actor's nick, 110 for the one kicked.
+    j.send(&admin(
+        "k1",
+        "<item nick='romeo' role='none'><reason>Be gone</reason></item>",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        format!(
+            "<presence to='{rf}' from='{ROOM}/romeo' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='none'><actor nick='juliet'/><reason>Be gone</reason></item><status code='307'/><status code='110'/></x></presence>"
+        )
+    );
+    next_unordered(
+        &mut j,
+        &[
+            format!("<iq to='{jf}' from='{ROOM}' id='k1' type='result'/>"),
+            format!("<presence to='{jf}' from='{ROOM}/romeo' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='none' jid='{rf}'><actor nick='juliet'/><reason>Be gone</reason></item><status code='307'/></x></presence>"),
+        ],
+    )
+    .await;
+
+    // Banned by bare JID: entering is forbidden.
+    assert_eq!(
+        ask(
+            &mut j,
+            &admin("b1", "<item jid='romeo@localhost' affiliation='outcast'/>")
+        )
+        .await,
+        format!("<iq to='{jf}' from='{ROOM}' id='b1' type='result'/>")
+    );
+    r.send(&join("romeo")).await.unwrap();
+    let banned = next(&mut r).await;
+    assert!(
+        banned.contains("type='error'") && banned.contains("<forbidden"),
+        "{banned}"
+    );
+}
