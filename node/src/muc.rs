@@ -29,6 +29,10 @@ pub const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
 /// leaves the number to the service; 20 is what common services send).
 const HISTORY: usize = 20;
 
+/// `http://jabber.org/protocol/muc#owner`: room configuration and destruction.
+pub const NS_MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
+const NS_DATA: &str = "jabber:x:data";
+
 /// `http://jabber.org/protocol/muc#admin`: role and affiliation changes.
 pub const NS_MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
 
@@ -172,10 +176,14 @@ impl Room {
                 refuse(&stanza, StanzaErrorCondition::BadRequest)
             }
             (Kind::Message(_), Some(nick)) => self.private(&from, &nick, stanza),
-            (Kind::Message(_), None) => refuse(&stanza, StanzaErrorCondition::BadRequest),
+            (Kind::Message(_), None) => self.invite(&from, stanza),
             (Kind::Iq(IqType::Get), None) => self.iq(&stanza),
-            (Kind::Iq(IqType::Set), None) => self.admin(&from, &stanza),
-            (Kind::Iq(IqType::Get | IqType::Set), _) => {
+            (Kind::Iq(IqType::Set), None) => match stanza.iq_payload() {
+                Ok(Some(q)) if q.is("query", NS_MUC_OWNER) => self.owner(&from, &stanza, &q),
+                _ => self.admin(&from, &stanza),
+            },
+            (Kind::Iq(IqType::Get), Some(nick)) => self.self_ping(&from, &nick, &stanza),
+            (Kind::Iq(IqType::Set), _) => {
                 refuse(&stanza, StanzaErrorCondition::FeatureNotImplemented)
             }
             (Kind::Iq(_), _) => Vec::new(),
@@ -558,6 +566,98 @@ impl Room {
         out
     }
 
+    /// XEP-0410: an occupant pinging its own room JID learns whether it is still in
+    /// the room; pings to other occupants are not passed on (yet).
+    fn self_ping(&self, from: &FullJid, nick: &str, iq: &Stanza) -> Vec<Stanza> {
+        let occupant = self.position(from).map(|i| &self.occupants[i]);
+        match occupant {
+            None => refuse(iq, StanzaErrorCondition::NotAcceptable),
+            Some(o) if o.nick == nick && is_ping(iq) => vec![iq.iq_result(None)],
+            Some(_) => refuse(iq, StanzaErrorCondition::FeatureNotImplemented),
+        }
+    }
+
+    /// A mediated invitation (§7.8.2): an occupant asks the room to invite someone;
+    /// the room sends the invitation from itself, naming the inviter.
+    fn invite(&self, from: &FullJid, stanza: Stanza) -> Vec<Stanza> {
+        let invite = stanza
+            .payload_elements()
+            .ok()
+            .and_then(|es| es.into_iter().find(|e| e.is("x", NS_MUC_USER)))
+            .and_then(|x| x.get_child("invite", NS_MUC_USER).cloned());
+        let Some(invite) = invite else {
+            return refuse(&stanza, StanzaErrorCondition::BadRequest);
+        };
+        if self.position(from).is_none() {
+            return refuse(&stanza, StanzaErrorCondition::Forbidden);
+        }
+        let Some(to) = invite.get_attr("to").and_then(|t| t.parse::<Jid>().ok()) else {
+            return refuse(&stanza, StanzaErrorCondition::JidMalformed);
+        };
+        let mut forwarded = Element::new("invite", NS_MUC_USER).attr("from", from.as_str());
+        if let Some(reason) = invite.get_child("reason", NS_MUC_USER) {
+            forwarded =
+                forwarded.child(Element::new("reason", NS_MUC_USER).text(reason.text_content()));
+        }
+        let mut m = Stanza::new(Kind::Message(MessageType::Normal));
+        m.from = Some(Jid::from(self.jid.clone()));
+        m.to = Some(to);
+        m.payload = Bytes::from(
+            Element::new("x", NS_MUC_USER)
+                .child(forwarded)
+                .to_xml(ns::CLIENT),
+        );
+        vec![m]
+    }
+
+    /// The owner's requests (§10): accepting the instant room's default
+    /// configuration, and destroying the room (§10.9).
+    fn owner(&mut self, from: &FullJid, iq: &Stanza, query: &Element) -> Vec<Stanza> {
+        if self.affiliation(&from.to_bare()) != Affiliation::Owner {
+            return refuse(iq, StanzaErrorCondition::Forbidden);
+        }
+        if let Some(destroy) = query.get_child("destroy", NS_MUC_OWNER) {
+            return self.destroy(iq, destroy);
+        }
+        match query
+            .get_child("x", NS_DATA)
+            .and_then(|x| x.get_attr("type"))
+        {
+            // §10.1.2: the instant room; it is open already.
+            Some("submit") | Some("cancel") => vec![iq.iq_result(None)],
+            _ => refuse(iq, StanzaErrorCondition::FeatureNotImplemented),
+        }
+    }
+
+    /// Every occupant leaves with the `<destroy/>` element (alternate venue and reason
+    /// as the owner gave them); the host drops the empty room.
+    fn destroy(&mut self, iq: &Stanza, destroy: &Element) -> Vec<Stanza> {
+        let mut notice = Element::new("destroy", NS_MUC_USER);
+        if let Some(venue) = destroy.get_attr("jid") {
+            notice = notice.attr("jid", venue);
+        }
+        if let Some(reason) = destroy.get_child("reason", NS_MUC_OWNER) {
+            notice = notice.child(Element::new("reason", NS_MUC_USER).text(reason.text_content()));
+        }
+        let mut out = vec![iq.iq_result(None)];
+        for o in std::mem::take(&mut self.occupants) {
+            let x = Element::new("x", NS_MUC_USER)
+                .child(
+                    Element::new("item", NS_MUC_USER)
+                        .attr("affiliation", "none")
+                        .attr("role", "none"),
+                )
+                .child(notice.clone());
+            let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
+            p.from = self.room_jid(&o.nick);
+            p.to = Some(Jid::from(o.jid));
+            p.payload = Bytes::from(x.to_xml(ns::CLIENT));
+            out.push(p);
+        }
+        self.affiliations.clear();
+        out
+    }
+
     /// Service discovery on the room (XEP-0045 §6.4).
     fn iq(&self, iq: &Stanza) -> Vec<Stanza> {
         match iq.iq_payload() {
@@ -712,6 +812,10 @@ fn refuse(stanza: &Stanza, condition: StanzaErrorCondition) -> Vec<Stanza> {
         .error_reply(&StanzaError::new(condition))
         .into_iter()
         .collect()
+}
+
+fn is_ping(iq: &Stanza) -> bool {
+    matches!(iq.iq_payload(), Ok(Some(p)) if p.is("ping", ns::PING))
 }
 
 fn has_body(stanza: &Stanza) -> bool {

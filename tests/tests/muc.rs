@@ -414,3 +414,78 @@ async fn kick_voice_and_ban() {
         "{banned}"
     );
 }
+
+/// XEP-0410 self-ping, a mediated invitation (§7.8.2), accepting the instant room
+/// (§10.1.2) and destroying the room (§10.9).
+#[tokio::test]
+async fn self_ping_invitation_and_destruction() {
+    let node = node();
+    let mut j = login(&node, "juliet", "balcony").await;
+    let mut r = login(&node, "romeo", "orchard").await;
+    // Available, so that a message to her bare JID reaches this session (RFC 6121 §8.5.2).
+    let mut n = online(&node, "nurse", "kitchen").await;
+    two_in_room(&mut j, &mut r).await;
+    let (jf, rf) = (jid(&j), jid(&r));
+    let ping = |id: &str, nick: &str| {
+        format!("<iq to='{ROOM}/{nick}' id='{id}' type='get'><ping xmlns='urn:xmpp:ping'/></iq>")
+    };
+    assert_eq!(
+        ask(&mut r, &ping("p1", "romeo")).await,
+        format!("<iq to='{rf}' from='{ROOM}/romeo' id='p1' type='result'/>")
+    );
+    let out = ask(&mut n, &ping("p2", "nurse")).await;
+    assert!(
+        out.contains("type='error'") && out.contains("<not-acceptable"),
+        "{out}"
+    );
+
+    assert_eq!(
+        ask(&mut j, &format!("<iq to='{ROOM}' id='c1' type='set'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>")).await,
+        format!("<iq to='{jf}' from='{ROOM}' id='c1' type='result'/>")
+    );
+
+    r.send(&format!("<message to='{ROOM}'><x xmlns='{MUC_USER}'><invite to='nurse@localhost'><reason>Come</reason></invite></x></message>"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut n).await,
+        format!(
+            "<message to='nurse@localhost' from='{ROOM}'><x xmlns='{MUC_USER}'><invite from='{rf}'><reason>Come</reason></invite></x></message>"
+        )
+    );
+
+    // Only the owner destroys.
+    let destroy = |id: &str| {
+        format!(
+            "<iq to='{ROOM}' id='{id}' type='set'><query xmlns='http://jabber.org/protocol/muc#owner'><destroy jid='elsewhere@conference.localhost'><reason>Done</reason></destroy></query></iq>"
+        )
+    };
+    let no = ask(&mut r, &destroy("x0")).await;
+    assert!(no.contains("<forbidden"), "{no}");
+    j.send(&destroy("x1")).await.unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        format!(
+            "<presence to='{rf}' from='{ROOM}/romeo' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='none'/><destroy jid='elsewhere@conference.localhost'><reason>Done</reason></destroy></x></presence>"
+        )
+    );
+    next_unordered(
+        &mut j,
+        &[
+            format!("<iq to='{jf}' from='{ROOM}' id='x1' type='result'/>"),
+            format!("<presence to='{jf}' from='{ROOM}/juliet' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='none'/><destroy jid='elsewhere@conference.localhost'><reason>Done</reason></destroy></x></presence>"),
+        ],
+    )
+    .await;
+    // The room is gone: entering creates a new one, owned by whoever enters first.
+    r.send(&join("romeo")).await.unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        occupant(
+            "romeo",
+            &rf,
+            &format!("<item affiliation='owner' role='moderator' jid='{rf}'/>"),
+            &["110", "201"]
+        )
+    );
+}
