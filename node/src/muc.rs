@@ -125,10 +125,171 @@ struct Past {
     stamp: String,
 }
 
+/// A room's configuration (XEP-0045 §10.2, form `muc#roomconfig`). New rooms are
+/// instant: open, unmoderated, semi-anonymous, temporary, public, no password.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct RoomConfig {
+    name: String,
+    description: String,
+    persistent: bool,
+    hidden: bool,
+    members_only: bool,
+    moderated: bool,
+    /// The password, when the room is password-protected.
+    password: Option<String>,
+    /// Real JIDs visible to every occupant (`whois = anyone`), not only moderators.
+    non_anonymous: bool,
+    max_users: Option<usize>,
+    /// Participants may change the subject too, not only moderators.
+    change_subject: bool,
+}
+
+const NS_ROOMCONFIG: &str = "http://jabber.org/protocol/muc#roomconfig";
+
+impl RoomConfig {
+    /// The configuration form (§10.2), with the current values.
+    fn form(&self) -> Element {
+        let field = |var: &str, kind: &str, label: &str, value: String| {
+            Element::new("field", NS_DATA)
+                .attr("var", var)
+                .attr("type", kind)
+                .attr("label", label)
+                .child(Element::new("value", NS_DATA).text(value))
+        };
+        let flag = |b: bool| if b { "1" } else { "0" }.to_owned();
+        Element::new("x", NS_DATA)
+            .attr("type", "form")
+            .child(field("FORM_TYPE", "hidden", "", NS_ROOMCONFIG.to_owned()))
+            .child(field(
+                "muc#roomconfig_roomname",
+                "text-single",
+                "Name",
+                self.name.clone(),
+            ))
+            .child(field(
+                "muc#roomconfig_roomdesc",
+                "text-single",
+                "Description",
+                self.description.clone(),
+            ))
+            .child(field(
+                "muc#roomconfig_persistentroom",
+                "boolean",
+                "Persistent",
+                flag(self.persistent),
+            ))
+            .child(field(
+                "muc#roomconfig_publicroom",
+                "boolean",
+                "Listed in the directory",
+                flag(!self.hidden),
+            ))
+            .child(field(
+                "muc#roomconfig_membersonly",
+                "boolean",
+                "Members only",
+                flag(self.members_only),
+            ))
+            .child(field(
+                "muc#roomconfig_moderatedroom",
+                "boolean",
+                "Moderated",
+                flag(self.moderated),
+            ))
+            .child(field(
+                "muc#roomconfig_passwordprotectedroom",
+                "boolean",
+                "Password required",
+                flag(self.password.is_some()),
+            ))
+            .child(field(
+                "muc#roomconfig_roomsecret",
+                "text-private",
+                "Password",
+                self.password.clone().unwrap_or_default(),
+            ))
+            .child(field(
+                "muc#roomconfig_whois",
+                "list-single",
+                "Who may see real JIDs",
+                if self.non_anonymous {
+                    "anyone"
+                } else {
+                    "moderators"
+                }
+                .to_owned(),
+            ))
+            .child(field(
+                "muc#roomconfig_maxusers",
+                "list-single",
+                "Maximum occupants",
+                self.max_users.map_or("none".to_owned(), |n| n.to_string()),
+            ))
+            .child(field(
+                "muc#roomconfig_changesubject",
+                "boolean",
+                "Participants may change the subject",
+                flag(self.change_subject),
+            ))
+    }
+
+    /// Applies a submitted form; fields not given keep their values (§10.2). An
+    /// unusable value is a `<not-acceptable/>`.
+    fn submit(&mut self, form: &Element) -> Result<(), StanzaErrorCondition> {
+        let mut next = self.clone();
+        let mut protected = self.password.is_some();
+        let mut secret = self.password.clone();
+        for field in form.elements().filter(|e| e.is("field", NS_DATA)) {
+            let value = field
+                .get_child("value", NS_DATA)
+                .map(|v| v.text_content())
+                .unwrap_or_default();
+            let flag = || match value.as_str() {
+                "1" | "true" => Ok(true),
+                "0" | "false" => Ok(false),
+                _ => Err(StanzaErrorCondition::NotAcceptable),
+            };
+            match field.get_attr("var").unwrap_or_default() {
+                "muc#roomconfig_roomname" => next.name = value.clone(),
+                "muc#roomconfig_roomdesc" => next.description = value.clone(),
+                "muc#roomconfig_persistentroom" => next.persistent = flag()?,
+                "muc#roomconfig_publicroom" => next.hidden = !flag()?,
+                "muc#roomconfig_membersonly" => next.members_only = flag()?,
+                "muc#roomconfig_moderatedroom" => next.moderated = flag()?,
+                "muc#roomconfig_passwordprotectedroom" => protected = flag()?,
+                "muc#roomconfig_roomsecret" => secret = Some(value.clone()),
+                "muc#roomconfig_whois" => {
+                    next.non_anonymous = match value.as_str() {
+                        "anyone" => true,
+                        "moderators" => false,
+                        _ => return Err(StanzaErrorCondition::NotAcceptable),
+                    }
+                }
+                "muc#roomconfig_maxusers" => {
+                    next.max_users = match value.as_str() {
+                        "" | "none" | "0" => None,
+                        n => Some(n.parse().map_err(|_| StanzaErrorCondition::NotAcceptable)?),
+                    }
+                }
+                "muc#roomconfig_changesubject" => next.change_subject = flag()?,
+                _ => {}
+            }
+        }
+        next.password = match (protected, secret) {
+            (true, Some(s)) if !s.is_empty() => Some(s),
+            (true, _) => return Err(StanzaErrorCondition::NotAcceptable),
+            (false, _) => None,
+        };
+        *self = next;
+        Ok(())
+    }
+}
+
 /// One room. Plain data: the shard host calls it and routes what it returns.
 #[derive(Debug)]
 pub struct Room {
     jid: BareJid,
+    config: RoomConfig,
     occupants: Vec<Occupant>,
     /// Affiliations other than `none`, by bare JID.
     affiliations: std::collections::HashMap<BareJid, Affiliation>,
@@ -140,6 +301,7 @@ impl Room {
     pub fn new(jid: BareJid) -> Self {
         Self {
             jid,
+            config: RoomConfig::default(),
             occupants: Vec::new(),
             affiliations: std::collections::HashMap::new(),
             subject: None,
@@ -147,9 +309,10 @@ impl Room {
         }
     }
 
-    /// No occupant left: a temporary room goes away.
-    pub fn is_empty(&self) -> bool {
-        self.occupants.is_empty()
+    /// No occupant left in a temporary room: it goes away. (A persistent room stays
+    /// while its node runs; it is not stored yet.)
+    pub fn can_vanish(&self) -> bool {
+        self.occupants.is_empty() && !self.config.persistent
     }
 
     /// Handles a stanza addressed to the room or to an occupant's room JID. `stamp`
@@ -177,9 +340,9 @@ impl Room {
             }
             (Kind::Message(_), Some(nick)) => self.private(&from, &nick, stanza),
             (Kind::Message(_), None) => self.invite(&from, stanza),
-            (Kind::Iq(IqType::Get), None) => self.iq(&stanza),
-            (Kind::Iq(IqType::Set), None) => match stanza.iq_payload() {
+            (Kind::Iq(IqType::Get | IqType::Set), None) => match stanza.iq_payload() {
                 Ok(Some(q)) if q.is("query", NS_MUC_OWNER) => self.owner(&from, &stanza, &q),
+                _ if stanza.kind == Kind::Iq(IqType::Get) => self.iq(&stanza),
                 _ => self.admin(&from, &stanza),
             },
             (Kind::Iq(IqType::Get), Some(nick)) => self.self_ping(&from, &nick, &stanza),
@@ -224,11 +387,16 @@ impl Room {
             self.affiliations.insert(from.to_bare(), Affiliation::Owner);
         }
         let affiliation = self.affiliation(&from.to_bare());
-        if affiliation == Affiliation::Outcast {
-            // §7.2.7: banned.
-            return refuse(join, StanzaErrorCondition::Forbidden);
+        if let Err(condition) = self.admission(affiliation, join) {
+            return refuse(join, condition);
         }
-        let role = affiliation.default_role();
+        let role = match affiliation.default_role() {
+            // §7.2.1: newcomers to a moderated room have no voice.
+            Role::Participant if self.config.moderated && affiliation == Affiliation::None => {
+                Role::Visitor
+            }
+            role => role,
+        };
         let occupant = Occupant {
             nick,
             jid: from.clone(),
@@ -244,11 +412,56 @@ impl Room {
             .map(|o| self.presence_of(o, &occupant, &[]))
             .collect();
         self.occupants.push(occupant.clone());
-        let own: &[&str] = if created { &["110", "201"] } else { &["110"] };
+        // §7.2.3: 100 tells a newcomer that every occupant sees its real JID.
+        let own: &[&str] = match (created, self.config.non_anonymous) {
+            (true, true) => &["100", "110", "201"],
+            (true, false) => &["110", "201"],
+            (false, true) => &["100", "110"],
+            (false, false) => &["110"],
+        };
         out.extend(self.broadcast_presence(&occupant, own));
         out.extend(self.history_for(&from, join));
         out.push(self.subject_for(&from));
         out
+    }
+
+    /// Whether a user with `affiliation` may enter with `join` (§7.2.7 banned, §7.2.6
+    /// members only, §7.2.5 password, §7.2.10 full).
+    fn admission(
+        &self,
+        affiliation: Affiliation,
+        join: &Stanza,
+    ) -> Result<(), StanzaErrorCondition> {
+        if affiliation == Affiliation::Outcast {
+            return Err(StanzaErrorCondition::Forbidden);
+        }
+        if self.config.members_only && affiliation < Affiliation::Member {
+            return Err(StanzaErrorCondition::RegistrationRequired);
+        }
+        if let Some(password) = &self.config.password {
+            let given = join
+                .payload_elements()
+                .ok()
+                .and_then(|es| es.into_iter().find(|e| e.is("x", NS_MUC)))
+                .and_then(|x| x.get_child("password", NS_MUC).map(Element::text_content));
+            if given.as_deref() != Some(password.as_str()) {
+                return Err(StanzaErrorCondition::NotAuthorized);
+            }
+        }
+        if self
+            .config
+            .max_users
+            .is_some_and(|max| self.occupants.len() >= max)
+            && affiliation < Affiliation::Admin
+        {
+            return Err(StanzaErrorCondition::ServiceUnavailable);
+        }
+        Ok(())
+    }
+
+    /// Whether `to` sees occupants' real JIDs.
+    fn sees_jids(&self, to: &Occupant) -> bool {
+        self.config.non_anonymous || to.role == Role::Moderator
     }
 
     fn change_nick(&mut self, i: usize, nick: String, payload: Bytes) -> Vec<Stanza> {
@@ -267,7 +480,7 @@ impl Room {
             let x = user_x(
                 &old,
                 old.role.as_str(),
-                o.role == Role::Moderator,
+                self.sees_jids(o),
                 Some(&nick),
                 &codes,
             );
@@ -302,13 +515,7 @@ impl Room {
                         .to_xml(ns::CLIENT)
                 })
                 .unwrap_or_default();
-            payload.push_str(&user_x(
-                &gone,
-                "none",
-                o.role == Role::Moderator,
-                None,
-                codes,
-            ));
+            payload.push_str(&user_x(&gone, "none", self.sees_jids(o), None, codes));
             p.payload = Bytes::from(payload);
             out.push(p);
         }
@@ -335,6 +542,10 @@ impl Room {
         if let Ok(elements) = stanza.payload_elements()
             && let Some(subject) = elements.iter().find(|e| e.is("subject", ns::CLIENT))
         {
+            // §8.1: moderators change the subject, participants only if allowed.
+            if self.occupants[i].role != Role::Moderator && !self.config.change_subject {
+                return refuse(&stanza, StanzaErrorCondition::Forbidden);
+            }
             self.subject = Some((nick.clone(), subject.text_content()));
         }
         let out = self
@@ -544,7 +755,7 @@ impl Room {
                     self.affiliation(&gone.jid.to_bare()).as_str(),
                 )
                 .attr("role", "none");
-            if o.role == Role::Moderator {
+            if self.sees_jids(o) {
                 item = item.attr("jid", gone.jid.as_str());
             }
             item = item.child(Element::new("actor", NS_MUC_USER).attr("nick", actor.nick.clone()));
@@ -619,13 +830,38 @@ impl Room {
         if let Some(destroy) = query.get_child("destroy", NS_MUC_OWNER) {
             return self.destroy(iq, destroy);
         }
-        match query
-            .get_child("x", NS_DATA)
-            .and_then(|x| x.get_attr("type"))
-        {
-            // §10.1.2: the instant room; it is open already.
-            Some("submit") | Some("cancel") => vec![iq.iq_result(None)],
-            _ => refuse(iq, StanzaErrorCondition::FeatureNotImplemented),
+        let form = query.get_child("x", NS_DATA);
+        match (iq.kind, form.and_then(|x| x.get_attr("type"))) {
+            // §10.2: the configuration form.
+            (Kind::Iq(IqType::Get), _) => {
+                let answer = Element::new("query", NS_MUC_OWNER).child(self.config.form());
+                vec![iq.iq_result(Some(&answer))]
+            }
+            // §10.1.2 (an empty form: the instant room) and §10.2: the new values;
+            // occupants are told the configuration changed (104).
+            (_, Some("submit")) => {
+                let before = self.config.clone();
+                if let Err(condition) = self.config.submit(form.expect("typed form")) {
+                    return refuse(iq, condition);
+                }
+                let mut out = vec![iq.iq_result(None)];
+                if self.config != before {
+                    out.extend(self.occupants.iter().map(|o| {
+                        let mut m = Stanza::new(Kind::Message(MessageType::Groupchat));
+                        m.from = Some(Jid::from(self.jid.clone()));
+                        m.to = Some(Jid::from(o.jid.clone()));
+                        m.payload = Bytes::from(
+                            Element::new("x", NS_MUC_USER)
+                                .child(Element::new("status", NS_MUC_USER).attr("code", "104"))
+                                .to_xml(ns::CLIENT),
+                        );
+                        m
+                    }));
+                }
+                out
+            }
+            (_, Some("cancel")) => vec![iq.iq_result(None)],
+            _ => refuse(iq, StanzaErrorCondition::BadRequest),
         }
     }
 
@@ -666,16 +902,43 @@ impl Room {
                     Element::new("identity", ns::DISCO_INFO)
                         .attr("category", "conference")
                         .attr("type", "text")
-                        .attr("name", self.jid.node().map_or("", |n| n.as_str())),
+                        .attr(
+                            "name",
+                            match self.config.name.as_str() {
+                                "" => self.jid.node().map_or("", |n| n.as_str()),
+                                name => name,
+                            },
+                        ),
                 );
+                let c = &self.config;
                 for feature in [
                     NS_MUC,
-                    "muc_public",
-                    "muc_open",
-                    "muc_unmoderated",
-                    "muc_semianonymous",
-                    "muc_temporary",
-                    "muc_unsecured",
+                    if c.hidden { "muc_hidden" } else { "muc_public" },
+                    if c.members_only {
+                        "muc_membersonly"
+                    } else {
+                        "muc_open"
+                    },
+                    if c.moderated {
+                        "muc_moderated"
+                    } else {
+                        "muc_unmoderated"
+                    },
+                    if c.non_anonymous {
+                        "muc_nonanonymous"
+                    } else {
+                        "muc_semianonymous"
+                    },
+                    if c.persistent {
+                        "muc_persistent"
+                    } else {
+                        "muc_temporary"
+                    },
+                    if c.password.is_some() {
+                        "muc_passwordprotected"
+                    } else {
+                        "muc_unsecured"
+                    },
                 ] {
                     info = info.child(Element::new("feature", ns::DISCO_INFO).attr("var", feature));
                 }
@@ -691,7 +954,7 @@ impl Room {
         p.from = self.room_jid(&occupant.nick);
         p.to = Some(Jid::from(to.jid.clone()));
         let mut payload = String::from_utf8_lossy(&occupant.presence).into_owned();
-        let moderator_view = to.role == Role::Moderator;
+        let moderator_view = self.sees_jids(to);
         payload.push_str(&user_x(
             occupant,
             occupant.role.as_str(),
@@ -940,6 +1203,6 @@ mod tests {
             stanza("<presence from='a@localhost/x' to='coven@conference.localhost/first' type='unavailable'/>"),
             "t",
         );
-        assert!(room.is_empty());
+        assert!(room.can_vanish());
     }
 }

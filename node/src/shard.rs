@@ -817,7 +817,7 @@ impl ShardHost {
             .entry(jid.clone())
             .or_insert_with(|| Room::new(jid.clone()));
         let out = room.handle(msg.stanza, &stamp);
-        if room.is_empty() {
+        if room.can_vanish() {
             self.rooms.remove(&jid);
         }
         let effects = out.into_iter().map(Effect::Route).collect();

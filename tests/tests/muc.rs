@@ -489,3 +489,94 @@ async fn self_ping_invitation_and_destruction() {
         )
     );
 }
+
+/// §10.2 configuration: the form, then a password-protected, moderated, non-anonymous
+/// room of two at most, and what each setting does to newcomers (§7.2).
+#[tokio::test]
+async fn configured_room_admits_by_its_rules() {
+    let node = node();
+    let mut j = login(&node, "juliet", "balcony").await;
+    let mut r = login(&node, "romeo", "orchard").await;
+    let mut n = login(&node, "nurse", "kitchen").await;
+    let (jf, rf) = (jid(&j), jid(&r));
+    j.send(&join("juliet")).await.unwrap();
+    next(&mut j).await;
+    next(&mut j).await;
+    let form = ask(&mut j, &format!("<iq to='{ROOM}' id='f1' type='get'><query xmlns='http://jabber.org/protocol/muc#owner'/></iq>")).await;
+    assert!(form.starts_with(&format!("<iq to='{jf}' from='{ROOM}' id='f1' type='result'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='form'><field var='FORM_TYPE' type='hidden' label=''><value>http://jabber.org/protocol/muc#roomconfig</value></field>")), "{form}");
+    assert!(form.contains("<field var='muc#roomconfig_moderatedroom' type='boolean' label='Moderated'><value>0</value></field>"), "{form}");
+
+    let field =
+        |var: &str, value: &str| format!("<field var='{var}'><value>{value}</value></field>");
+    let submit = format!(
+        "<iq to='{ROOM}' id='f2' type='set'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'>{}{}{}{}{}{}</x></query></iq>",
+        field("FORM_TYPE", "http://jabber.org/protocol/muc#roomconfig"),
+        field("muc#roomconfig_passwordprotectedroom", "1"),
+        field("muc#roomconfig_roomsecret", "cauldron"),
+        field("muc#roomconfig_moderatedroom", "1"),
+        field("muc#roomconfig_whois", "anyone"),
+        field("muc#roomconfig_maxusers", "2"),
+    );
+    j.send(&submit).await.unwrap();
+    next_unordered(
+        &mut j,
+        &[
+            format!("<iq to='{jf}' from='{ROOM}' id='f2' type='result'/>"),
+            format!("<message to='{jf}' from='{ROOM}' type='groupchat'><x xmlns='{MUC_USER}'><status code='104'/></x></message>"),
+        ],
+    )
+    .await;
+
+    // No password: not authorized.
+    r.send(&join("romeo")).await.unwrap();
+    let err = next(&mut r).await;
+    assert!(
+        err.contains("type='error'") && err.contains("<not-authorized"),
+        "{err}"
+    );
+    // With it: in, as a visitor (moderated), told that everyone sees real JIDs (100).
+    let with_password = |nick: &str| {
+        format!(
+            "<presence to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><password>cauldron</password></x></presence>"
+        )
+    };
+    r.send(&with_password("romeo")).await.unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        occupant(
+            "juliet",
+            &rf,
+            &format!("<item affiliation='owner' role='moderator' jid='{jf}'/>"),
+            &[]
+        )
+    );
+    assert_eq!(
+        next(&mut r).await,
+        occupant(
+            "romeo",
+            &rf,
+            &format!("<item affiliation='none' role='visitor' jid='{rf}'/>"),
+            &["100", "110"]
+        )
+    );
+    next(&mut r).await; // subject
+    // Two occupants at most.
+    n.send(&with_password("nurse")).await.unwrap();
+    let full = next(&mut n).await;
+    assert!(full.contains("<service-unavailable"), "{full}");
+    // A visitor may not change the subject (nor speak).
+    let no = ask(
+        &mut r,
+        &format!("<message to='{ROOM}' id='s1' type='groupchat'><subject>Mine</subject></message>"),
+    )
+    .await;
+    assert!(no.contains("<forbidden"), "{no}");
+    // The room's discovery reflects the configuration.
+    let info = ask(&mut r, &format!("<iq to='{ROOM}' id='d1' type='get'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")).await;
+    for feature in ["muc_passwordprotected", "muc_moderated", "muc_nonanonymous"] {
+        assert!(
+            info.contains(&format!("<feature var='{feature}'/>")),
+            "{info}"
+        );
+    }
+}
