@@ -48,6 +48,11 @@ pub struct MucConfig {
     /// `muc.service`, default `conference.<domain>`: the service's domain; rooms are
     /// `room@<service>`. The conventional name clients look for first.
     pub service: String,
+    /// `muc.presence_broadcast_max`, default 0 = no limit: above this many occupants a
+    /// room tells only the moderators (and the occupant itself) of arrivals,
+    /// departures and presence changes, because that traffic grows with the square
+    /// of the occupants. Off by default, as XEP-0045 has every occupant told.
+    pub presence_broadcast_max: usize,
 }
 
 /// Which storage backend holds accounts and the rest of the persistent state.
@@ -407,8 +412,11 @@ fn read_config(r: &mut Reader) -> Config {
     let muc = MucConfig {
         enabled: r.get("muc.enabled", true),
         service: r.get("muc.service", format!("conference.{domain}")),
+        presence_broadcast_max: r.get("muc.presence_broadcast_max", 0),
     };
-    if let Err(reason) = validate_domain(&muc.service) {
+    if r.failed("domain") {
+        // The default service name is derived from the domain: one error is enough.
+    } else if let Err(reason) = validate_domain(&muc.service) {
         r.invalid("muc.service", reason);
     } else if muc.service == domain {
         r.invalid(
@@ -1086,6 +1094,17 @@ mod tests {
             env(&[("SHOAL_STORAGE_REDIS_URL", "redis+unix:///run/redis.sock")]),
         );
         assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn muc_keys() {
+        let c = Config::load(None, env(&[("SHOAL_DOMAIN", "example.org")])).unwrap();
+        assert!(c.muc.enabled);
+        assert_eq!(c.muc.service, "conference.example.org");
+        assert_eq!(c.muc.presence_broadcast_max, 0);
+        let errors = load_err(None, &[("SHOAL_MUC_SERVICE", "localhost")]);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("must differ from domain"));
     }
 
     #[test]

@@ -290,6 +290,10 @@ impl RoomConfig {
 pub struct Room {
     jid: BareJid,
     config: RoomConfig,
+    /// Above this many occupants (0: never), an occupant's arrival, departure and
+    /// presence changes are sent only to itself and the moderators: in very large
+    /// rooms presence traffic grows with the square of the occupants.
+    presence_max: usize,
     occupants: Vec<Occupant>,
     /// Affiliations other than `none`, by bare JID.
     affiliations: std::collections::HashMap<BareJid, Affiliation>,
@@ -298,10 +302,11 @@ pub struct Room {
 }
 
 impl Room {
-    pub fn new(jid: BareJid) -> Self {
+    pub fn new(jid: BareJid, presence_max: usize) -> Self {
         Self {
             jid,
             config: RoomConfig::default(),
+            presence_max,
             occupants: Vec::new(),
             affiliations: std::collections::HashMap::new(),
             subject: None,
@@ -459,6 +464,15 @@ impl Room {
         Ok(())
     }
 
+    /// Whether `to` is told of `about`'s presence: always below the room's presence
+    /// limit, else only itself and the moderators.
+    fn hears_presence(&self, to: &Occupant, about: &Occupant) -> bool {
+        self.presence_max == 0
+            || self.occupants.len() <= self.presence_max
+            || to.jid == about.jid
+            || to.role == Role::Moderator
+    }
+
     /// Whether `to` sees occupants' real JIDs.
     fn sees_jids(&self, to: &Occupant) -> bool {
         self.config.non_anonymous || to.role == Role::Moderator
@@ -502,7 +516,12 @@ impl Room {
         let gone = self.occupants.remove(i);
         let status = stanza.status();
         let mut out = Vec::new();
-        for o in self.occupants.iter().chain(std::iter::once(&gone)) {
+        let told = self.occupants.iter().filter(|o| {
+            self.presence_max == 0
+                || self.occupants.len() < self.presence_max
+                || o.role == Role::Moderator
+        });
+        for o in told.chain(std::iter::once(&gone)) {
             let mut p = Stanza::new(Kind::Presence(PresenceType::Unavailable));
             p.from = self.room_jid(&gone.nick);
             p.to = Some(Jid::from(o.jid.clone()));
@@ -970,6 +989,7 @@ impl Room {
     fn broadcast_presence(&self, occupant: &Occupant, own_codes: &[&str]) -> Vec<Stanza> {
         self.occupants
             .iter()
+            .filter(|o| self.hears_presence(o, occupant))
             .map(|o| {
                 let own: &[&str] = match o.jid == occupant.jid {
                     true if own_codes.is_empty() => &["110"],
@@ -1144,7 +1164,7 @@ mod tests {
     }
 
     fn room() -> Room {
-        let mut room = Room::new("coven@conference.localhost".parse().unwrap());
+        let mut room = Room::new("coven@conference.localhost".parse().unwrap(), 0);
         for (who, nick) in [("a@localhost/x", "first"), ("b@localhost/y", "second")] {
             room.handle(
                 stanza(&format!(
@@ -1181,6 +1201,46 @@ mod tests {
             "t",
         );
         assert!(xml(&out)[0].contains("<not-acceptable"), "{out:?}");
+    }
+
+    /// Above the presence limit, arrivals and departures reach only the moderators
+    /// and the occupant itself.
+    #[test]
+    fn presence_limit_spares_participants() {
+        let mut room = Room::new("coven@conference.localhost".parse().unwrap(), 2);
+        let join = |who: &str, nick: &str| {
+            stanza(&format!(
+                "<presence from='{who}' to='coven@conference.localhost/{nick}'/>"
+            ))
+        };
+        room.handle(join("a@localhost/x", "owner"), "t");
+        room.handle(join("b@localhost/y", "second"), "t");
+        let to = |out: &[Stanza]| -> Vec<String> {
+            out.iter()
+                .filter(|s| matches!(s.kind, Kind::Presence(_)))
+                .filter(|s| {
+                    s.from
+                        .as_ref()
+                        .and_then(|f| f.resource())
+                        .map(|r| r.as_str())
+                        == Some("third")
+                })
+                .map(|s| s.to.as_ref().unwrap().to_string())
+                .collect()
+        };
+        let out = room.handle(join("c@localhost/z", "third"), "t");
+        assert_eq!(to(&out), ["a@localhost/x", "c@localhost/z"]);
+        let out = room.handle(
+            stanza("<presence from='c@localhost/z' to='coven@conference.localhost/third' type='unavailable'/>"),
+            "t",
+        );
+        assert_eq!(to(&out), ["a@localhost/x", "c@localhost/z"]);
+        // Back at the limit: everyone hears again.
+        let out = room.handle(
+            stanza("<presence from='b@localhost/y' to='coven@conference.localhost/second'><show>away</show></presence>"),
+            "t",
+        );
+        assert_eq!(out.len(), 2);
     }
 
     #[test]

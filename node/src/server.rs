@@ -277,6 +277,7 @@ pub async fn run_until(
         }),
         max_offline: config.limits.max_offline_messages,
         attach_timeout: config.cluster.lease_ttl.max(Duration::from_secs(2)),
+        muc_presence_max: config.muc.presence_broadcast_max,
     };
     let hosts = workers
         .iter()

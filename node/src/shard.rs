@@ -251,6 +251,8 @@ pub struct ShardConfig {
     /// did not answer (the lease TTL: a node that is alive is back in the membership
     /// well within it).
     pub attach_timeout: Duration,
+    /// `muc.presence_broadcast_max`: see [`Room::new`].
+    pub muc_presence_max: usize,
 }
 
 pub struct ShardHost {
@@ -815,7 +817,7 @@ impl ShardHost {
         let room = self
             .rooms
             .entry(jid.clone())
-            .or_insert_with(|| Room::new(jid.clone()));
+            .or_insert_with(|| Room::new(jid.clone(), self.config.muc_presence_max));
         let out = room.handle(msg.stanza, &stamp);
         if room.can_vanish() {
             self.rooms.remove(&jid);
@@ -1100,6 +1102,7 @@ mod tests {
             limits: crate::user::tests::limits(),
             max_offline: 10,
             attach_timeout: Duration::from_secs(2),
+            muc_presence_max: 0,
         };
         let host = ShardHost::new(router.clone(), storage, config).start();
         router.set_hosts(vec![host.clone()]);
