@@ -193,6 +193,7 @@ impl Router {
                 .try_send(u)
                 .map_err(|e| ToOwner::Unbind(e.into_inner())),
             ToOwner::Gone(g) => host.try_send(g).map_err(|e| ToOwner::Gone(e.into_inner())),
+            ToOwner::Bind(b) => return self.bind_here(b),
         };
         if let Err(msg) = refused {
             self.inner.metrics.mailbox_drop(Mailbox::Shard);
@@ -202,7 +203,12 @@ impl Router {
 
     fn forward_to_owner(&self, node: &NodeId, msg: ToOwner) {
         let link = self.cluster().expect("only cluster mode has other owners");
+        let msg = match msg {
+            ToOwner::Bind(b) => return link.bind_remote(node, b),
+            other => other,
+        };
         let frame = match &msg {
+            ToOwner::Bind(_) => unreachable!("binds went out above"),
             ToOwner::Route(_, hops) if *hops >= MAX_HOPS => {
                 return link::give_up(self, msg, "no route to the account's node");
             }
@@ -253,23 +259,10 @@ impl Router {
     }
 
     /// Binds a new session of this node: at the local shard host, or through the
-    /// owning node; refused with `<resource-constraint/>` while the shard has no owner.
+    /// owning node; while the account's shard has no owner the bind waits in the park
+    /// (and is refused with `<resource-constraint/>` if no owner appears in time).
     pub fn bind(&self, bind: Bind) {
-        match self.owner_of(&bind.user) {
-            Owner::Here => self.bind_here(bind),
-            Owner::Node(node) => self
-                .cluster()
-                .expect("cluster mode")
-                .bind_remote(&node, bind),
-            Owner::Unknown => bind.reply.refuse(
-                self,
-                bind.id,
-                StanzaError::with_text(
-                    StanzaErrorCondition::ResourceConstraint,
-                    "the account is moving between nodes; try again",
-                ),
-            ),
-        }
+        self.to_owner(ToOwner::Bind(bind));
     }
 
     /// Hands a bind to the local shard host.

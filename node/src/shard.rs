@@ -211,6 +211,11 @@ impl UserMsg {
     /// Passes the message back to the router (the shard moved away meanwhile).
     fn reroute(self, router: &Router) {
         match self {
+            // A bind of a session of this node follows the account; one another node
+            // asked for is refused (that node's client retries).
+            UserMsg::Bind(b) if matches!(b.reply, BindReplyTo::Local(_)) => {
+                router.to_owner(ToOwner::Bind(b));
+            }
             UserMsg::Bind(b) => b.reply.refuse(
                 router,
                 b.id,

@@ -3,7 +3,7 @@
 //!
 //! Nodes can be stopped gracefully (`stop`: they hand their shards off), killed
 //! (`kill`: no goodbye, their leases expire), restarted under the same node id, and
-//! Redis itself can be restarted. Shard leases are short (1.5 s) so failover tests
+//! Redis itself can be restarted. Shard leases are short (3 s) so failover tests
 //! finish quickly.
 
 use std::time::Duration;
@@ -34,7 +34,7 @@ pub fn account_owned_by(owner: usize, nodes: usize, prefix: &str, domain: &str) 
 }
 
 /// Lease TTL of test nodes: a killed node's shards move within about this long.
-pub const LEASE_TTL: Duration = Duration::from_millis(1500);
+pub const LEASE_TTL: Duration = Duration::from_millis(3000);
 
 pub struct TestCluster {
     // Nodes first: fields drop in order, and nodes stop gracefully through Redis.

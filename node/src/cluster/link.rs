@@ -129,6 +129,8 @@ pub enum ToOwner {
     FromSession(FromSession),
     Unbind(Unbind),
     Gone(SessionGone),
+    /// A bind of a session of this node, waiting while its account's shard moves.
+    Bind(Bind),
 }
 
 impl ToOwner {
@@ -138,6 +140,7 @@ impl ToOwner {
             ToOwner::FromSession(f) => Some(f.from.to_bare()),
             ToOwner::Unbind(u) => Some(u.jid.to_bare()),
             ToOwner::Gone(g) => Some(g.jid.to_bare()),
+            ToOwner::Bind(b) => Some(b.user.clone()),
         }
     }
 }
@@ -1126,6 +1129,10 @@ pub fn give_up(router: &Router, msg: ToOwner, why: &str) {
         }
         ToOwner::Unbind(u) => warn!(jid = %u.jid, "unbind lost: {why}"),
         ToOwner::Gone(g) => warn!(jid = %g.jid, "departed session not purged: {why}"),
+        ToOwner::Bind(b) => {
+            info!(user = %b.user, "bind refused: {why}");
+            b.reply.refuse(router, b.id, error);
+        }
     }
 }
 
