@@ -284,9 +284,9 @@ async fn killed_node_loses_no_message_between_survivors() {
     })
     .await
     .unwrap();
-    // A crash may reorder what was in flight to the dead node against what follows
-    // it (rarely: the taken-back frames are routed ahead of newer ones); a graceful
-    // leave may not (below).
+    // Order is guaranteed across a graceful leave (below); across a crash the tests
+    // once saw a stanza overtake ones in flight at the time (one cause is fixed), so
+    // here only loss and duplicates are asserted.
     d.nothing_lost(false).await;
     d.traffic.await.unwrap();
     d.cluster.settled().await;
@@ -619,7 +619,8 @@ async fn carbons_and_blocking_across_nodes() {
             Some(other) => panic!("unexpected {other:?}"),
             // Either the block was still on its way to b's node and the chat went
             // out (with a's carbon), or the refusal is merely slow.
-            None => match r.recv_within(Duration::from_secs(3)).await.unwrap() {
+            // (A stanza can wait up to a lease TTL while a shard is handed over.)
+            None => match r.recv_within(Duration::from_secs(8)).await.unwrap() {
                 Some(Received::Stanza(st)) => {
                     assert!(st.to_xml().contains(&format!("id='x{i}'")));
                     assert!(next(&mut a).await.contains("<sent"));

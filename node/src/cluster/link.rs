@@ -660,7 +660,8 @@ pub async fn follow_view(
         // Shards of a node that is gone from the membership now have other owners:
         // what was queued for it is taken back before the new owners are routed to,
         // so it goes ahead of everything sent to them.
-        for node in taken_over(&before, &table) {
+        let last = link.last_owner.lock().clone();
+        for node in taken_over(&last, &table) {
             if let Some(task) = peers.remove(&node) {
                 let _ = tokio::time::timeout(link.park_for / 2, task).await;
             }
@@ -757,11 +758,12 @@ pub async fn follow_view(
     }
 }
 
-/// Nodes missing from `after`'s membership that owned shards in `before` which
-/// another node owns in `after`.
-fn taken_over(before: &RouteTable, after: &RouteTable) -> Vec<NodeId> {
+/// Nodes missing from `after`'s membership that were the last known owners (`last`,
+/// per shard, across views in which a shard may have had no owner for a while) of
+/// shards another node owns in `after`.
+fn taken_over(last: &[Option<NodeId>], after: &RouteTable) -> Vec<NodeId> {
     let mut nodes: Vec<NodeId> = Vec::new();
-    for (old, new) in before.owners.iter().zip(&after.owners) {
+    for (old, new) in last.iter().zip(&after.owners) {
         if let (Some(old), Some(new)) = (old, new)
             && old != new
             && !after.live.contains(old)
@@ -1234,14 +1236,35 @@ mod tests {
             4,
             &HashMap::new(),
         );
-        assert_eq!(taken_over(&before, &after), [node("c")]);
+        assert_eq!(taken_over(&before.owners, &after), [node("c")]);
         // Merely missing (no shard moved yet): nothing is taken back.
         let missing = RouteTable::from_view(
             &view(2, &[], ["a", "b", "c", "c"], &["a", "b"]),
             4,
             &HashMap::new(),
         );
-        assert!(taken_over(&before, &missing).is_empty());
+        assert!(taken_over(&before.owners, &missing).is_empty());
+    }
+
+    /// c's lease expires (a view in which its shard has no owner) before b claims it:
+    /// going by the last owner known, c's frames are still taken back.
+    #[test]
+    fn taken_over_remembers_owners_across_an_ownerless_view() {
+        let redis = RedisServer::start();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let link = link(&redis, rt.handle());
+        apply(
+            &link,
+            &view(1, &[0], ["a", "b", "c", "c"], &["a", "b", "c"]),
+        );
+        apply(&link, &view(2, &[0], ["a", "b", "", ""], &["a", "b"]));
+        let claimed = RouteTable::from_view(
+            &view(3, &[0], ["a", "b", "b", ""], &["a", "b"]),
+            4,
+            &HashMap::new(),
+        );
+        let last = link.last_owner.lock().clone();
+        assert_eq!(taken_over(&last, &claimed), [node("c")]);
     }
 
     fn link(redis: &RedisServer, runtime: &tokio::runtime::Handle) -> ClusterLink {
