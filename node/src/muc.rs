@@ -121,8 +121,9 @@ struct Past {
     /// The message payload as sent.
     payload: Bytes,
     id: Option<Box<str>>,
-    /// When the room broadcast it, for the delay stamp (XEP-0203).
-    stamp: String,
+    /// When the room broadcast it (ms since the Unix epoch), for the delay stamp
+    /// (XEP-0203) and the `seconds` limit.
+    at_ms: u64,
 }
 
 /// A room's configuration (XEP-0045 §10.2, form `muc#roomconfig`). New rooms are
@@ -320,9 +321,9 @@ impl Room {
         self.occupants.is_empty() && !self.config.persistent
     }
 
-    /// Handles a stanza addressed to the room or to an occupant's room JID. `stamp`
-    /// is the current time as XEP-0082 text (for history). Returns what to route.
-    pub fn handle(&mut self, stanza: Stanza, stamp: &str) -> Vec<Stanza> {
+    /// Handles a stanza addressed to the room or to an occupant's room JID, at `now_ms`
+    /// (ms since the Unix epoch). Returns what to route.
+    pub fn handle(&mut self, stanza: Stanza, now_ms: u64) -> Vec<Stanza> {
         let Some(from) = stanza.from.clone().and_then(|f| f.try_into_full().ok()) else {
             return Vec::new();
         };
@@ -333,12 +334,12 @@ impl Room {
             .map(|r| r.as_str().to_owned());
         match (stanza.kind, nick) {
             (Kind::Presence(PresenceType::Available), Some(nick)) => {
-                self.presence(from, nick, stanza)
+                self.presence(from, nick, stanza, now_ms)
             }
             (Kind::Presence(PresenceType::Unavailable), Some(_)) => self.leave(&from, &stanza),
             (Kind::Presence(PresenceType::Error), _) => self.leave_quietly(&from),
             (Kind::Presence(_), _) => Vec::new(),
-            (Kind::Message(MessageType::Groupchat), None) => self.groupchat(&from, stanza, stamp),
+            (Kind::Message(MessageType::Groupchat), None) => self.groupchat(&from, stanza, now_ms),
             (Kind::Message(MessageType::Error), _) => self.leave_quietly(&from),
             (Kind::Message(MessageType::Groupchat), Some(_)) => {
                 refuse(&stanza, StanzaErrorCondition::BadRequest)
@@ -368,7 +369,13 @@ impl Room {
 
     /// Available presence to `room/nick`: entering, a nick change, or a presence
     /// update (XEP-0045 §7.2, §7.6, §7.7).
-    fn presence(&mut self, from: FullJid, nick: String, stanza: Stanza) -> Vec<Stanza> {
+    fn presence(
+        &mut self,
+        from: FullJid,
+        nick: String,
+        stanza: Stanza,
+        now_ms: u64,
+    ) -> Vec<Stanza> {
         let payload = without_muc_elements(&stanza);
         let taken = self
             .occupants
@@ -382,11 +389,18 @@ impl Room {
                 self.broadcast_presence(&occupant, &[])
             }
             Some(i) => self.change_nick(i, nick, payload),
-            None => self.enter(from, nick, payload, &stanza),
+            None => self.enter(from, nick, payload, &stanza, now_ms),
         }
     }
 
-    fn enter(&mut self, from: FullJid, nick: String, payload: Bytes, join: &Stanza) -> Vec<Stanza> {
+    fn enter(
+        &mut self,
+        from: FullJid,
+        nick: String,
+        payload: Bytes,
+        join: &Stanza,
+        now_ms: u64,
+    ) -> Vec<Stanza> {
         let created = self.occupants.is_empty();
         if created && self.affiliations.is_empty() {
             self.affiliations.insert(from.to_bare(), Affiliation::Owner);
@@ -425,7 +439,7 @@ impl Room {
             (false, false) => &["110"],
         };
         out.extend(self.broadcast_presence(&occupant, own));
-        out.extend(self.history_for(&from, join));
+        out.extend(self.history_for(&from, join, now_ms));
         out.push(self.subject_for(&from));
         out
     }
@@ -549,7 +563,7 @@ impl Room {
     }
 
     /// A groupchat message from an occupant, to every occupant (§7.4).
-    fn groupchat(&mut self, from: &FullJid, stanza: Stanza, stamp: &str) -> Vec<Stanza> {
+    fn groupchat(&mut self, from: &FullJid, stanza: Stanza, now_ms: u64) -> Vec<Stanza> {
         let Some(i) = self.position(from) else {
             return refuse(&stanza, StanzaErrorCondition::NotAcceptable);
         };
@@ -585,7 +599,7 @@ impl Room {
                 nick,
                 payload: stanza.payload.clone(),
                 id: stanza.id.clone(),
-                stamp: stamp.to_owned(),
+                at_ms: now_ms,
             });
         }
         out
@@ -1003,7 +1017,7 @@ impl Room {
 
     /// The discussion history for a newcomer, within the limits of its join request
     /// (§7.2.15: `maxstanzas`; `maxchars='0'` and `seconds='0'` ask for none).
-    fn history_for(&self, to: &FullJid, join: &Stanza) -> Vec<Stanza> {
+    fn history_for(&self, to: &FullJid, join: &Stanza, now_ms: u64) -> Vec<Stanza> {
         let limits = join
             .payload_elements()
             .ok()
@@ -1013,32 +1027,47 @@ impl Room {
             limits
                 .as_ref()
                 .and_then(|h| h.get_attr(name))
-                .and_then(|v| v.parse::<usize>().ok())
+                .and_then(|v| v.parse::<u64>().ok())
         };
-        let mut max = attr("maxstanzas").unwrap_or(HISTORY);
-        if attr("maxchars") == Some(0) || attr("seconds") == Some(0) {
-            max = 0;
+        let max = attr("maxstanzas").map_or(HISTORY, |n| n as usize);
+        let oldest = attr("seconds").map(|s| now_ms.saturating_sub(s * 1000));
+        let mut chars_left = attr("maxchars");
+        // Newest first while the limits allow, then sent oldest first.
+        let mut out: Vec<Stanza> = Vec::new();
+        for past in self.history.iter().rev() {
+            if out.len() >= max || oldest.is_some_and(|t| past.at_ms < t) {
+                break;
+            }
+            let m = self.replay(past, to);
+            if let Some(left) = chars_left.as_mut() {
+                // §7.2.15: maxchars counts the characters of the whole XML stanzas.
+                let len = m.to_xml().chars().count() as u64;
+                if len > *left {
+                    break;
+                }
+                *left -= len;
+            }
+            out.push(m);
         }
-        let skip = self.history.len().saturating_sub(max);
-        self.history
-            .iter()
-            .skip(skip)
-            .map(|past| {
-                let mut m = Stanza::new(Kind::Message(MessageType::Groupchat));
-                m.from = self.room_jid(&past.nick);
-                m.to = Some(Jid::from(to.clone()));
-                m.id = past.id.clone();
-                let mut payload = String::from_utf8_lossy(&past.payload).into_owned();
-                payload.push_str(
-                    &Element::new("delay", ns::DELAY)
-                        .attr("from", self.jid.as_str())
-                        .attr("stamp", past.stamp.clone())
-                        .to_xml(ns::CLIENT),
-                );
-                m.payload = Bytes::from(payload);
-                m
-            })
-            .collect()
+        out.reverse();
+        out
+    }
+
+    /// A past groupchat message as a newcomer gets it, with its delay stamp.
+    fn replay(&self, past: &Past, to: &FullJid) -> Stanza {
+        let mut m = Stanza::new(Kind::Message(MessageType::Groupchat));
+        m.from = self.room_jid(&past.nick);
+        m.to = Some(Jid::from(to.clone()));
+        m.id = past.id.clone();
+        let mut payload = String::from_utf8_lossy(&past.payload).into_owned();
+        payload.push_str(
+            &Element::new("delay", ns::DELAY)
+                .attr("from", self.jid.as_str())
+                .attr("stamp", crate::jobs::format_timestamp(past.at_ms))
+                .to_xml(ns::CLIENT),
+        );
+        m.payload = Bytes::from(payload);
+        m
     }
 
     /// The subject message every newcomer gets last, empty when none was set (§7.2.15).
@@ -1170,7 +1199,7 @@ mod tests {
                 stanza(&format!(
                     "<presence from='{who}' to='coven@conference.localhost/{nick}'/>"
                 )),
-                "2026-11-22T00:00:00.000Z",
+                0,
             );
         }
         room
@@ -1186,21 +1215,71 @@ mod tests {
         // §7.5: a groupchat message to an occupant's room JID is a bad request.
         let out = room.handle(
             stanza("<message from='a@localhost/x' to='coven@conference.localhost/second' type='groupchat'><body>x</body></message>"),
-            "t",
+            0,
         );
         assert!(xml(&out)[0].contains("<bad-request"), "{out:?}");
         // A private message to a nick nobody has.
         let out = room.handle(
             stanza("<message from='a@localhost/x' to='coven@conference.localhost/ghost' type='chat'><body>x</body></message>"),
-            "t",
+            0,
         );
         assert!(xml(&out)[0].contains("<item-not-found"), "{out:?}");
         // Not an occupant: no private messages either.
         let out = room.handle(
             stanza("<message from='c@localhost/z' to='coven@conference.localhost/first' type='chat'><body>x</body></message>"),
-            "t",
+            0,
         );
         assert!(xml(&out)[0].contains("<not-acceptable"), "{out:?}");
+    }
+
+    /// §7.2.15: `seconds` keeps the recent messages, `maxchars` as many of the newest
+    /// as fit whole; both with `maxstanzas` the tightest wins.
+    #[test]
+    fn history_limits() {
+        let mut room = room();
+        for (i, at) in [(0, 1_000), (1, 50_000), (2, 90_000)] {
+            room.handle(
+                stanza(&format!("<message from='a@localhost/x' to='coven@conference.localhost' type='groupchat'><body>{i}</body></message>")),
+                at,
+            );
+        }
+        let enter = |room: &mut Room, who: &str, history: &str| {
+            let out = room.handle(
+                stanza(&format!("<presence from='{who}' to='coven@conference.localhost/{who}'><x xmlns='http://jabber.org/protocol/muc'>{history}</x></presence>")),
+                100_000,
+            );
+            out.iter()
+                .filter(|s| s.to_xml().contains("<delay"))
+                .map(|s| {
+                    String::from_utf8_lossy(&s.payload)
+                        .split("</body>")
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            enter(&mut room, "c@localhost/1", "<history seconds='60'/>"),
+            ["<body>1", "<body>2"]
+        );
+        assert_eq!(
+            enter(&mut room, "c@localhost/2", "<history maxstanzas='1'/>"),
+            ["<body>2"]
+        );
+        assert_eq!(
+            enter(&mut room, "c@localhost/3", "<history maxchars='0'/>"),
+            Vec::<String>::new()
+        );
+        // One replayed stanza is under 300 characters, two are over.
+        assert_eq!(
+            enter(&mut room, "c@localhost/4", "<history maxchars='300'/>"),
+            ["<body>2"]
+        );
+        assert_eq!(
+            enter(&mut room, "c@localhost/5", ""),
+            ["<body>0", "<body>1", "<body>2"]
+        );
     }
 
     /// Above the presence limit, arrivals and departures reach only the moderators
@@ -1213,8 +1292,8 @@ mod tests {
                 "<presence from='{who}' to='coven@conference.localhost/{nick}'/>"
             ))
         };
-        room.handle(join("a@localhost/x", "owner"), "t");
-        room.handle(join("b@localhost/y", "second"), "t");
+        room.handle(join("a@localhost/x", "owner"), 0);
+        room.handle(join("b@localhost/y", "second"), 0);
         let to = |out: &[Stanza]| -> Vec<String> {
             out.iter()
                 .filter(|s| matches!(s.kind, Kind::Presence(_)))
@@ -1228,17 +1307,17 @@ mod tests {
                 .map(|s| s.to.as_ref().unwrap().to_string())
                 .collect()
         };
-        let out = room.handle(join("c@localhost/z", "third"), "t");
+        let out = room.handle(join("c@localhost/z", "third"), 0);
         assert_eq!(to(&out), ["a@localhost/x", "c@localhost/z"]);
         let out = room.handle(
             stanza("<presence from='c@localhost/z' to='coven@conference.localhost/third' type='unavailable'/>"),
-            "t",
+            0,
         );
         assert_eq!(to(&out), ["a@localhost/x", "c@localhost/z"]);
         // Back at the limit: everyone hears again.
         let out = room.handle(
             stanza("<presence from='b@localhost/y' to='coven@conference.localhost/second'><show>away</show></presence>"),
-            "t",
+            0,
         );
         assert_eq!(out.len(), 2);
     }
@@ -1249,7 +1328,7 @@ mod tests {
         for i in 0..(HISTORY + 5) {
             room.handle(
                 stanza(&format!("<message from='a@localhost/x' to='coven@conference.localhost' type='groupchat'><body>{i}</body></message>")),
-                "t",
+                0,
             );
         }
         assert_eq!(room.history.len(), HISTORY);
@@ -1257,11 +1336,11 @@ mod tests {
         // An error bounced by an occupant's client takes it out (§7.2).
         room.handle(
             stanza("<message from='b@localhost/y' to='coven@conference.localhost' type='error'/>"),
-            "t",
+            0,
         );
         room.handle(
             stanza("<presence from='a@localhost/x' to='coven@conference.localhost/first' type='unavailable'/>"),
-            "t",
+            0,
         );
         assert!(room.can_vanish());
     }

@@ -818,12 +818,11 @@ impl ShardHost {
             self.metrics.rerouted(RerouteReason::NotOwner, 1);
             return self.router.to_owner(ToOwner::Route(msg, 0));
         }
-        let stamp = jobs::format_timestamp(jobs::now_ms());
         let room = self
             .rooms
             .entry(jid.clone())
             .or_insert_with(|| Room::new(jid.clone(), self.config.muc_presence_max));
-        let out = room.handle(msg.stanza, &stamp);
+        let out = room.handle(msg.stanza, jobs::now_ms());
         if room.can_vanish() {
             self.rooms.remove(&jid);
         }
