@@ -205,13 +205,17 @@ impl Router {
         let link = self.cluster().expect("only cluster mode has other owners");
         let msg = match msg {
             ToOwner::Bind(b) => return link.bind_remote(node, b),
+            // Passed around between nodes whose views of the owner disagree (a shard
+            // changing hands): it waits here for the views to settle, and starts
+            // counting again, instead of being bounced.
+            ToOwner::Route(r, hops) if hops >= MAX_HOPS => {
+                let parked = ToOwner::Route(r, 0);
+                return self.not_forwarded(link, ForwardError::UnknownPeer, [parked]);
+            }
             other => other,
         };
         let frame = match &msg {
             ToOwner::Bind(_) => unreachable!("binds went out above"),
-            ToOwner::Route(_, hops) if *hops >= MAX_HOPS => {
-                return link::give_up(self, msg, "no route to the account's node");
-            }
             ToOwner::Route(r, hops) => {
                 if *hops > 0 {
                     self.inner.metrics.rerouted(RerouteReason::NotOwner, 1);

@@ -12,8 +12,9 @@
 //! node's lease not yet expired) work for its accounts is *parked*: held in one
 //! bounded queue and routed again on every change of the view, and bounced with
 //! `<resource-constraint/>` if no owner appears within twice the lease TTL. A receiver
-//! that is not (or no longer) the owner routes a frame on to the owner it knows, at
-//! most [`MAX_HOPS`] times, then bounces it (invariant 6).
+//! that is not (or no longer) the owner routes a frame on to the owner it knows; after
+//! [`MAX_HOPS`] such passes the frame is parked where it is until the views settle
+//! (and bounced if they do not in time), never dropped (invariant 6).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -44,7 +45,7 @@ use crate::shard::{
 use crate::user::{SessionFacts, SessionId, UserShared};
 
 /// Times a frame for an account may be passed on by nodes whose view of the owner is
-/// stale before it is bounced.
+/// stale before it is parked until the views settle.
 pub const MAX_HOPS: u32 = 3;
 
 /// Work parked while its shard has no valid owner; past this, it is bounced at once.
