@@ -20,4 +20,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 # Integration tests open thousands of sockets; lift the soft fd limit as far as allowed.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-cargo test --workspace
+cargo test --workspace --exclude shoal-tests
+# The end-to-end tests boot real nodes (a cluster test three, plus a redis-server) and
+# time failovers: one test at a time, so that on a small machine (CI has 2 cores) one
+# test's nodes do not starve another's of the CPU their leases and timeouts assume.
+cargo test -p shoal-tests -- --test-threads=1
