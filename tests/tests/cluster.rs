@@ -6,11 +6,14 @@
 //! different nodes every path is taken: session and owner on one node, owner on the
 //! sender's node, on the recipient's, on a third.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use shoal_tests::cluster::account_owned_by;
 use shoal_tests::im::*;
-use shoal_tests::{Client, ClientReader, ClientWriter, Received, TestCluster};
+use shoal_tests::{Client, ClientReader, ClientWriter, Received, TestCluster, eventually};
+use tokio::task::JoinHandle;
 
 const USERS: &[(&str, &str)] = &[
     ("juliet", PW),
@@ -155,19 +158,26 @@ async fn bare_jid_messages_follow_priority_across_nodes() {
     );
 }
 
-/// Chats `0..count` from `writer` to `to`, one every `gap` (open loop: not waiting for
-/// anything), then hands the writer back.
-async fn send_numbered(
-    mut writer: ClientWriter,
-    to: String,
-    count: usize,
-    gap: Duration,
-) -> ClientWriter {
-    for i in 0..count {
-        writer.send_raw(chat(&to, &format!("m{i}"))).await.unwrap();
-        tokio::time::sleep(gap).await;
-    }
-    writer
+/// Starts sending [`COUNT`] numbered chats from `writer` to `to`, one every 50 ms (open
+/// loop: the pacing is the load, not a wait for anything), and returns once the first
+/// ten are out, so that what the test does next happens under traffic. The task hands
+/// the writer back.
+async fn start_traffic(mut writer: ClientWriter, to: String) -> JoinHandle<ClientWriter> {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let task = tokio::spawn(async move {
+        for i in 0..COUNT {
+            writer.send_raw(chat(&to, &format!("m{i}"))).await.unwrap();
+            counter.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        writer
+    });
+    eventually(Duration::from_secs(10), "traffic under way", || {
+        sent.load(Ordering::Relaxed) >= 10
+    })
+    .await;
+    task
 }
 
 /// Reads until `count` numbered chats arrived; returns their numbers in arrival order
@@ -200,8 +210,7 @@ const COUNT: usize = 60;
 
 /// The setting of the departure scenarios: three nodes; `to`, an account node2 owns,
 /// online on node0 (split for reading) and befriended with nurse, online on node2;
-/// romeo, on node1, sends [`COUNT`] numbered chats to `to`, one every 50 ms, started
-/// half a second before this returns.
+/// romeo, on node1, sends [`COUNT`] numbered chats to `to` ([`start_traffic`]).
 struct Departure {
     cluster: TestCluster,
     reader: ClientReader,
@@ -209,7 +218,7 @@ struct Departure {
     nurse: Client,
     nurse_full: String,
     to: String,
-    traffic: tokio::task::JoinHandle<ClientWriter>,
+    traffic: JoinHandle<ClientWriter>,
     _romeo: ClientReader,
 }
 
@@ -227,13 +236,7 @@ async fn departure_under_traffic() -> Departure {
     let (reader, writer) = receiver.split().unwrap();
     let (romeo, sender_writer) = sender.split().unwrap();
     let to = format!("{owned}@localhost");
-    let traffic = tokio::spawn(send_numbered(
-        sender_writer,
-        to.clone(),
-        COUNT,
-        Duration::from_millis(50),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let traffic = start_traffic(sender_writer, to.clone()).await;
     Departure {
         cluster,
         reader,
@@ -353,13 +356,7 @@ async fn joining_node_takes_its_shards_while_traffic_flows() {
     let sender = online(cluster.node(1), "romeo", "r").await;
     let (mut reader, _writer) = receiver.split().unwrap();
     let (_sender_reader, sender_writer) = sender.split().unwrap();
-    let traffic = tokio::spawn(send_numbered(
-        sender_writer,
-        format!("{owned}@localhost"),
-        COUNT,
-        Duration::from_millis(50),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let traffic = start_traffic(sender_writer, format!("{owned}@localhost")).await;
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.add_node();
         cluster
@@ -394,7 +391,8 @@ async fn cluster_recovers_after_redis_restart() {
     befriend(&mut juliet, &mut romeo).await;
 
     cluster.redis.kill();
-    // The outage itself: long enough for every lease to lapse.
+    // The fault itself, not a wait for a condition: an outage longer than a lease, so
+    // that every lease lapses.
     tokio::time::sleep(shoal_tests::cluster::LEASE_TTL * 2).await;
     cluster.redis.restart();
     cluster.settled().await;
