@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import uuid
 
 # Shared with the other interop scripts; this directory is on sys.path when the
 # script is run as a file.
-from common import (CheckFailed, Client, add_connection_args, add_run_args, close_all,
-                    expect_message, setup_logging)
+from common import (Client, add_connection_args, add_run_args, await_work,
+                    close_all, expect_message, report, setup_logging)
 
 async def exchange(args: argparse.Namespace, c1: Client, c2: Client, summary: dict) -> None:
     # Connect straight to the given address: connect(host, port) disables the
@@ -53,35 +52,14 @@ async def run(args: argparse.Namespace) -> int:
     c2 = Client("client2", f"{args.user2}@{args.domain}/chat_pair-2-{uuid.uuid4().hex[:6]}",
                 args.pass2, args)
     summary = {"ok": False, "messages": 0, "clients": []}
-    error: str | None = None
-
     work = asyncio.ensure_future(exchange(args, c1, c2, summary))
     # Whichever comes first: the exchange finishing, or either client failing.
-    waiters = {work, c1.failed, c2.failed}
-    try:
-        done, _ = await asyncio.wait(waiters, timeout=args.timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if not done:
-            stage = "the exchange" if c1.ready.done() and c2.ready.done() else "session start"
-            error = f"timed out after {args.timeout}s waiting for {stage}"
-        elif c1.failed in done or c2.failed in done:
-            error = (c1.failed if c1.failed.done() else c2.failed).result()
-        else:
-            work.result()  # raises CheckFailed if a check did not hold
-            summary["ok"] = True
-    except CheckFailed as exc:
-        error = str(exc)
-    finally:
-        work.cancel()
-
+    error = await await_work(work, (c1, c2), args.timeout, lambda: (
+        "the exchange" if c1.ready.done() and c2.ready.done() else "session start"))
+    summary["ok"] = error is None
     summary["clients"] = [c1.summary(), c2.summary()]
     await close_all((c1, c2))
-
-    if error:
-        summary["error"] = error
-        print(f"FAIL: {error}", file=sys.stderr)
-    print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["ok"] else 1
+    return report(summary, error)
 
 
 def parse_args() -> argparse.Namespace:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import ssl
+import sys
 
 from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError, IqTimeout
@@ -250,6 +252,34 @@ def add_run_args(p: argparse.ArgumentParser, timeout: float) -> None:
 def setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def await_work(work: asyncio.Future, clients, timeout: float, stuck) -> str | None:
+    """Waits for `work` or the first failing client, within `timeout` seconds; returns
+    the error (None on success). `stuck()` says what the run waited for on timeout."""
+    try:
+        done, _ = await asyncio.wait({work, *(c.failed for c in clients)}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            return f"timed out after {timeout}s waiting for {stuck()}"
+        for c in clients:
+            if c.failed in done:
+                return c.failed.result()
+        work.result()  # raises CheckFailed (or a plugin error) if a check did not hold
+        return None
+    except Exception as exc:  # CheckFailed, or IqError / PresenceError from a plugin
+        return f"{type(exc).__name__}: {exc}" if not isinstance(exc, CheckFailed) else str(exc)
+    finally:
+        work.cancel()
+
+
+def report(summary: dict, error: str | None) -> int:
+    """Prints the failure (stderr) and the one-line JSON summary; the exit status."""
+    if error:
+        summary["error"] = error
+        print(f"FAIL: {error}", file=sys.stderr)
+    print(json.dumps(summary, sort_keys=True))
+    return 0 if summary["ok"] else 1
 
 
 async def close_all(clients) -> None:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import uuid
 
-from common import (CheckFailed, Client, add_connection_args, add_run_args, close_all,
-                    setup_logging)
+from common import (CheckFailed, Client, add_connection_args, add_run_args, await_work,
+                    close_all, report, setup_logging)
 
 
 def muc_client(name: str, jid: str, password: str, args: argparse.Namespace) -> Client:
@@ -99,30 +98,12 @@ async def run(args: argparse.Namespace) -> int:
     c1 = muc_client("client1", f"{args.user1}@{args.domain}", args.pass1, args)
     c2 = muc_client("client2", f"{args.user2}@{args.domain}", args.pass2, args)
     summary = {"ok": False, "steps": []}
-    error: str | None = None
     work = asyncio.ensure_future(flow(args, c1, c2, summary))
-    try:
-        done, _ = await asyncio.wait({work, c1.failed, c2.failed}, timeout=args.timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if not done:
-            error = f"timed out after {args.timeout}s (steps done: {summary['steps']})"
-        elif c1.failed in done or c2.failed in done:
-            error = (c1.failed if c1.failed.done() else c2.failed).result()
-        else:
-            work.result()
-            summary["ok"] = True
-    except (CheckFailed, asyncio.TimeoutError) as exc:
-        error = f"{type(exc).__name__}: {exc} (steps done: {summary['steps']})"
-    except Exception as exc:  # a plugin error (IqError, PresenceError) is a failure too
-        error = f"{type(exc).__name__}: {exc} (steps done: {summary['steps']})"
-    finally:
-        work.cancel()
+    error = await await_work(work, (c1, c2), args.timeout,
+                             lambda: f"the next step after {summary['steps']}")
+    summary["ok"] = error is None
     await close_all((c1, c2))
-    if error:
-        summary["error"] = error
-        print(f"FAIL: {error}", file=sys.stderr)
-    print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["ok"] else 1
+    return report(summary, error)
 
 
 def parse_args() -> argparse.Namespace:

@@ -55,3 +55,26 @@ pub async fn run_script(node: &TestNode, script: &str, args: &[&str]) -> String 
     }
     stdout.lines().last().unwrap_or_default().to_string()
 }
+
+/// The two accounts the two-client scripts log in with.
+pub const PAIR: [(&str, &str); 2] = [("juliet", "pencil"), ("romeo", "r0m30!")];
+
+/// Runs a two-client script (`chat_pair.py`, `muc_flow.py`) with the [`PAIR`] accounts
+/// and a 30 s timeout, after `extra` arguments; returns its summary.
+pub async fn run_pair(node: &TestNode, script: &str, extra: &[&str]) -> String {
+    let [(user1, pass1), (user2, pass2)] = PAIR;
+    let mut args = extra.to_vec();
+    args.extend([
+        "--user1",
+        user1,
+        "--pass1",
+        pass1,
+        "--user2",
+        user2,
+        "--pass2",
+        pass2,
+        "--timeout",
+        "30",
+    ]);
+    run_script(node, script, &args).await
+}

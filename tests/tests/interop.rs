@@ -2,32 +2,17 @@
 //! into `.venv` by `scripts/test-deps.sh`) log in with SCRAM over STARTTLS, bind and
 //! exchange messages through a real node.
 
-use shoal_tests::interop::run_script;
+use shoal_tests::interop::{PAIR, run_pair};
 use shoal_tests::{TestCluster, TestNode};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_clients_chat_over_starttls_with_scram() {
+    let [(user1, pass1), (user2, pass2)] = PAIR;
     let node = TestNode::builder()
-        .user("juliet", "pencil")
-        .user("romeo", "r0m30!")
+        .user(user1, pass1)
+        .user(user2, pass2)
         .start();
-    let summary = run_script(
-        &node,
-        "chat_pair.py",
-        &[
-            "--user1",
-            "juliet",
-            "--pass1",
-            "pencil",
-            "--user2",
-            "romeo",
-            "--pass2",
-            "r0m30!",
-            "--timeout",
-            "30",
-        ],
-    )
-    .await;
+    let summary = run_pair(&node, "chat_pair.py", &[]).await;
     // Both clients negotiated TLS and SCRAM with us and exchanged both messages.
     assert!(summary.contains("\"ok\": true"), "{summary}");
     assert!(summary.contains("\"messages\": 2"), "{summary}");
@@ -44,28 +29,10 @@ async fn slixmpp_clients_chat_over_starttls_with_scram() {
 /// The same exchange with the two slixmpp clients on two nodes of a cluster.
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_clients_on_two_cluster_nodes_chat() {
-    let cluster = TestCluster::start(2, &[("juliet", "pencil"), ("romeo", "r0m30!")]);
+    let cluster = TestCluster::start(2, &PAIR);
     cluster.settled().await;
     let port2 = cluster.node(1).c2s.port().to_string();
-    let summary = run_script(
-        cluster.node(0),
-        "chat_pair.py",
-        &[
-            "--port2",
-            &port2,
-            "--user1",
-            "juliet",
-            "--pass1",
-            "pencil",
-            "--user2",
-            "romeo",
-            "--pass2",
-            "r0m30!",
-            "--timeout",
-            "30",
-        ],
-    )
-    .await;
+    let summary = run_pair(cluster.node(0), "chat_pair.py", &["--port2", &port2]).await;
     assert!(summary.contains("\"ok\": true"), "{summary}");
     assert!(summary.contains("\"messages\": 2"), "{summary}");
 }

@@ -3,31 +3,16 @@
 //! message, change a nick and kick (`tests/interop/muc_flow.py`).
 
 use shoal_tests::TestNode;
-use shoal_tests::interop::run_script;
+use shoal_tests::interop::{PAIR, run_pair};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_muc_plugin_joins_talks_renames_and_kicks() {
+    let [(user1, pass1), (user2, pass2)] = PAIR;
     let node = TestNode::builder()
-        .user("juliet", "pencil")
-        .user("romeo", "r0m30!")
+        .user(user1, pass1)
+        .user(user2, pass2)
         .start();
-    let summary = run_script(
-        &node,
-        "muc_flow.py",
-        &[
-            "--user1",
-            "juliet",
-            "--pass1",
-            "pencil",
-            "--user2",
-            "romeo",
-            "--pass2",
-            "r0m30!",
-            "--timeout",
-            "30",
-        ],
-    )
-    .await;
+    let summary = run_pair(&node, "muc_flow.py", &[]).await;
     assert!(summary.contains("\"ok\": true"), "{summary}");
     assert!(
         summary.contains("\"steps\": [\"created\", \"joined\", \"message\", \"nick\", \"kicked\"]"),
