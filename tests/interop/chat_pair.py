@@ -23,7 +23,7 @@ import uuid
 
 # Shared with the other interop scripts; this directory is on sys.path when the
 # script is run as a file.
-from common import (Client, add_connection_args, add_run_args, await_work,
+from common import (add_pair_args, Client, add_connection_args, add_run_args, await_work,
                     close_all, expect_message, report, setup_logging)
 
 async def exchange(args: argparse.Namespace, c1: Client, c2: Client, summary: dict) -> None:
@@ -65,10 +65,7 @@ async def run(args: argparse.Namespace) -> int:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_connection_args(p, "XMPP domain of both accounts")
-    p.add_argument("--user1", required=True)
-    p.add_argument("--pass1", required=True)
-    p.add_argument("--user2", required=True)
-    p.add_argument("--pass2", required=True)
+    add_pair_args(p)
     p.add_argument("--port2", type=int,
                    help="port for the second client (another node of a cluster); default --port")
     p.add_argument("--register", action="store_true",

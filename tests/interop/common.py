@@ -240,6 +240,14 @@ def add_connection_args(p: argparse.ArgumentParser, domain_help: str) -> None:
     p.add_argument("--domain", required=True, help=domain_help)
 
 
+def add_pair_args(p: argparse.ArgumentParser) -> None:
+    """The two accounts of a two-client script."""
+    p.add_argument("--user1", required=True)
+    p.add_argument("--pass1", required=True)
+    p.add_argument("--user2", required=True)
+    p.add_argument("--pass2", required=True)
+
+
 def add_run_args(p: argparse.ArgumentParser, timeout: float) -> None:
     """How long to run, how to trust the server, how much to log (the last options)."""
     p.add_argument("--timeout", type=float, default=timeout, help="seconds for the whole run")

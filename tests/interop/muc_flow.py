@@ -27,7 +27,7 @@ import asyncio
 import sys
 import uuid
 
-from common import (CheckFailed, Client, add_connection_args, add_run_args, await_work,
+from common import (add_pair_args, CheckFailed, Client, add_connection_args, add_run_args, await_work,
                     close_all, report, setup_logging)
 
 
@@ -109,10 +109,7 @@ async def run(args: argparse.Namespace) -> int:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_connection_args(p, "XMPP domain of both accounts")
-    p.add_argument("--user1", required=True)
-    p.add_argument("--pass1", required=True)
-    p.add_argument("--user2", required=True)
-    p.add_argument("--pass2", required=True)
+    add_pair_args(p)
     p.add_argument("--room", default="coven@conference.localhost")
     add_run_args(p, timeout=30.0)
     return p.parse_args()

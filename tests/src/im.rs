@@ -4,10 +4,20 @@
 
 use std::time::Duration;
 
-use crate::{Client, TestNode};
+use crate::{Client, TestNode, TestNodeBuilder};
 
 /// The password of every test account.
 pub const PW: &str = "pencil";
+
+/// The three accounts most tests use: juliet, romeo and nurse, password [`PW`].
+pub fn users(b: TestNodeBuilder) -> TestNodeBuilder {
+    b.user("juliet", PW).user("romeo", PW).user("nurse", PW)
+}
+
+/// A node with the [`users`] accounts.
+pub fn node() -> TestNode {
+    users(TestNode::builder()).start()
+}
 
 /// How long a client must stay silent where "nothing arrives" is what is asserted.
 pub const QUIET: Duration = Duration::from_millis(300);

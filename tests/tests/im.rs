@@ -20,14 +20,6 @@ use shoal_tests::{Client, Received, TestNode, TestNodeBuilder};
 
 const STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 
-fn users(b: TestNodeBuilder) -> TestNodeBuilder {
-    b.user("juliet", PW).user("romeo", PW).user("nurse", PW)
-}
-
-fn node() -> TestNode {
-    users(TestNode::builder()).start()
-}
-
 /// The SASL failure condition of a login that must fail.
 async fn login_error(node: &TestNode, user: &str, password: &str) -> String {
     match login_with(node, user, password, "x").await {

@@ -4,18 +4,10 @@
 //! the occupants on two nodes of a cluster.
 
 use shoal_tests::im::*;
-use shoal_tests::{Client, TestCluster, TestNode};
+use shoal_tests::{Client, TestCluster};
 
 const ROOM: &str = "coven@conference.localhost";
 const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
-
-fn node() -> TestNode {
-    TestNode::builder()
-        .user("juliet", PW)
-        .user("romeo", PW)
-        .user("nurse", PW)
-        .start()
-}
 
 fn join(nick: &str) -> String {
     format!("<presence to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>")
