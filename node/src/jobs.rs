@@ -201,6 +201,16 @@ async fn apply(storage: &Storage, key: &str, w: &Write) -> Result<(), StorageErr
                 .set_last_activity(key, *unix_secs, status)
                 .await
         }
+        Write::RoomState { state, listed } => {
+            storage.rooms.put_room(key, state, listed.as_deref()).await
+        }
+        Write::RoomOccupant(jid, record) => {
+            storage
+                .rooms
+                .set_occupant(key, jid, record.as_deref())
+                .await
+        }
+        Write::RoomDeleted => storage.rooms.delete_room(key).await,
     }
 }
 

@@ -15,14 +15,16 @@ use jid::{BareJid, FullJid, Jid};
 use shoal_proto::v1;
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
 use shoal_xmpp::stanza::{Kind, Stanza};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::c2s::session::{Close, Deliver};
 use crate::cluster::forward::{ForwardError, FrameKind, NodeId};
 use crate::cluster::link::{self, ClusterLink, MAX_HOPS, Owner, ToOwner};
 use crate::metrics::{Mailbox, Metrics, RerouteReason};
+use crate::muc;
 use crate::server_iq::{self, ServerInfo};
 use crate::shard::{Attached, Bind, BindReplyTo, RouteToUser, SessionHandle, ShardHost};
+use crate::storage::RoomStore;
 use crate::user::{SessionId, UserShared};
 
 /// Which shard owns a bare JID. A stable hash (not std's, whose algorithm may change
@@ -40,8 +42,16 @@ struct Inner {
     info: ServerInfo,
     /// Cluster mode: shard owners, peers, remote sessions.
     cluster: Option<Arc<ClusterLink>>,
-    /// The multi-user chat service's domain, when it is on.
-    muc: Option<BareJid>,
+    /// The multi-user chat service, when it is on.
+    muc: Option<MucService>,
+}
+
+/// The multi-user chat service as the router sees it.
+pub struct MucService {
+    /// Its domain (`muc.service`).
+    pub domain: BareJid,
+    /// Where its room directory is read from.
+    pub rooms: Arc<dyn RoomStore>,
 }
 
 /// See [`Router::downgrade`].
@@ -79,7 +89,7 @@ impl Router {
         shard_count: u32,
         metrics: Metrics,
         cluster: Option<Arc<ClusterLink>>,
-        muc: Option<BareJid>,
+        muc: Option<MucService>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -500,7 +510,7 @@ impl Router {
         self.inner
             .muc
             .as_ref()
-            .is_some_and(|m| jid.domain() == m.domain())
+            .is_some_and(|m| jid.domain() == m.domain.domain())
     }
 
     /// Routes a stanza whose `from` is already trustworthy. `since` is when it entered
@@ -522,8 +532,25 @@ impl Router {
             );
         }
         if to.node().is_none() {
-            if self.is_muc(&to) {
-                if let Some(reply) = crate::muc::service_iq(&stanza) {
+            if let Some(muc) = self.inner.muc.as_ref().filter(|_| self.is_muc(&to)) {
+                if muc::is_room_listing(&stanza) {
+                    let (rooms, router) = (muc.rooms.clone(), self.clone());
+                    tokio::spawn(async move {
+                        let reply = match rooms.rooms().await {
+                            Ok(rooms) => muc::list_rooms(&stanza, &rooms),
+                            Err(e) => {
+                                warn!(error = %e, "reading the room directory failed");
+                                let error =
+                                    StanzaError::new(StanzaErrorCondition::InternalServerError);
+                                match stanza.error_reply(&error) {
+                                    Some(reply) => reply,
+                                    None => return,
+                                }
+                            }
+                        };
+                        router.route_reply(reply, since);
+                    });
+                } else if let Some(reply) = muc::service_iq(&stanza) {
                     self.route_reply(reply, since);
                 }
                 return;

@@ -31,7 +31,7 @@ use crate::cluster::shards::ShardId;
 use crate::config::Config;
 use crate::metrics::{self, Listener, Metrics};
 use crate::roster::RosterLimits;
-use crate::router::Router;
+use crate::router::{MucService, Router};
 use crate::shard::{CloseAllSessions, DrainStorage, ReleaseShards, ShardConfig, ShardHost};
 use crate::user::UserLimits;
 use crate::{storage, tls};
@@ -234,6 +234,11 @@ pub async fn run_until(
     let storage = storage::open(&config.storage)
         .await
         .context("cannot open storage")?;
+    if !config.cluster.enabled {
+        crate::muc::after_restart(&storage)
+            .await
+            .context("cannot clear the rooms of the last run")?;
+    }
     health.set_ready(ReadyComponent::Storage, true);
     let server_tls = tls::load_or_generate(
         &config.tls.cert,
@@ -254,7 +259,10 @@ pub async fn run_until(
         None => None,
     };
     let muc = match config.muc.enabled {
-        true => Some(BareJid::new(&config.muc.service).context("invalid MUC service")?),
+        true => Some(MucService {
+            domain: BareJid::new(&config.muc.service).context("invalid MUC service")?,
+            rooms: storage.rooms.clone(),
+        }),
         false => None,
     };
     let router = Router::with_parts(

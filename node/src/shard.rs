@@ -36,8 +36,8 @@ use crate::metrics::{AttachResult, DirectoryLookup, Mailbox, Metrics, RedisOp, R
 use crate::model::UserData;
 use crate::muc::Room;
 use crate::router::{Router, SendFail};
-use crate::storage::Storage;
-use crate::user::{Effect, Job, SessionFacts, SessionId, UserLimits, UserShared, UserState};
+use crate::storage::{Storage, StorageError};
+use crate::user::{Effect, Job, SessionFacts, SessionId, UserLimits, UserShared, UserState, Write};
 
 /// Messages a shard host may queue. Past this, senders get `<resource-constraint/>`
 /// (and the drop is counted) rather than waiting: one overloaded shard must not stall
@@ -234,6 +234,12 @@ impl UserMsg {
     }
 }
 
+/// A MUC room, or its stanzas while it is read from storage.
+enum RoomSlot {
+    Loading(VecDeque<RouteToUser>),
+    Ready(Box<Room>),
+}
+
 enum Slot {
     Loading(VecDeque<UserMsg>),
     /// Loaded; waiting for the nodes of these sessions to report them (cluster mode,
@@ -263,7 +269,7 @@ pub struct ShardConfig {
 pub struct ShardHost {
     users: HashMap<BareJid, Slot>,
     /// The MUC rooms whose shard maps here.
-    rooms: HashMap<BareJid, Room>,
+    rooms: HashMap<BareJid, RoomSlot>,
     /// Loaded users without sessions, and since when.
     idle: HashMap<BareJid, Instant>,
     router: Router,
@@ -812,30 +818,146 @@ impl ShardHost {
         }
     }
 
-    /// A stanza for a room (created by its first occupant, gone with its last).
-    fn room(&mut self, jid: BareJid, msg: RouteToUser) {
+    /// A stanza for a room: one that is not here yet is read from storage first (a
+    /// persistent room, or one whose shard moved here), or else created by its first
+    /// occupant; a temporary room is gone with its last occupant.
+    fn room(&mut self, jid: BareJid, msg: RouteToUser, ctx: &mut Context<Self>) {
         if !self.router.serves(&jid) {
             self.metrics.rerouted(RerouteReason::NotOwner, 1);
             return self.router.to_owner(ToOwner::Route(msg, 0));
         }
-        let room = self
-            .rooms
-            .entry(jid.clone())
-            .or_insert_with(|| Room::new(jid.clone(), self.config.muc_presence_max));
-        let out = room.handle(msg.stanza, jobs::now_ms());
-        if room.can_vanish() {
-            self.rooms.remove(&jid);
+        match self.rooms.get_mut(&jid) {
+            Some(RoomSlot::Ready(_)) => self.room_ready(&jid, msg),
+            Some(RoomSlot::Loading(queue)) if queue.len() < USER_QUEUE => queue.push_back(msg),
+            Some(RoomSlot::Loading(_)) => {
+                self.metrics.mailbox_drop(Mailbox::Shard);
+                self.refuse(UserMsg::Route(msg));
+            }
+            None => {
+                self.rooms
+                    .insert(jid.clone(), RoomSlot::Loading(VecDeque::from([msg])));
+                self.start_room_load(jid, ctx);
+            }
         }
-        let effects = out.into_iter().map(Effect::Route).collect();
-        self.apply(&jid, effects, msg.since);
+    }
+
+    /// Reads a room and, in cluster mode, where its stored occupants' sessions are: an
+    /// occupant whose session is still bound on a live node stays in the room. Outside
+    /// cluster mode a stored room is read only after a restart, which ended every
+    /// session.
+    fn start_room_load(&mut self, jid: BareJid, ctx: &mut Context<Self>) {
+        let (tx, rx) = oneshot::channel();
+        let storage = self.queue.storage.clone();
+        let link = self.router.cluster().cloned();
+        let room = jid.clone();
+        self.queue.submit(&jid, async move {
+            let result = async {
+                let Some(stored) = storage.rooms.room(room.as_str()).await? else {
+                    return Ok((None, HashMap::new()));
+                };
+                let mut sessions = HashMap::new();
+                if let Some(link) = link {
+                    let users: HashSet<BareJid> = stored
+                        .occupants
+                        .iter()
+                        .filter_map(|(j, _)| j.parse::<FullJid>().ok())
+                        .map(|j| j.to_bare())
+                        .collect();
+                    for user in users {
+                        let found = link
+                            .timed(
+                                RedisOp::DirectoryLookup,
+                                link.directory().resources(user.as_str()),
+                            )
+                            .await
+                            .map_err(|e| StorageError::Backend(Box::new(e)))?;
+                        for (resource, entry) in found {
+                            if let Ok(full) = user.with_resource_str(&resource) {
+                                sessions.insert(full, entry.node);
+                            }
+                        }
+                    }
+                }
+                Ok::<_, StorageError>((Some(stored), sessions))
+            };
+            let _ = tx.send(result.await);
+        });
+        ctx.spawn(rx.into_actor(self).map(move |result, act, _| {
+            let Some(RoomSlot::Loading(queue)) = act.rooms.remove(&jid) else {
+                return;
+            };
+            let link = act.router.cluster();
+            let present = |occupant: &FullJid, sessions: &HashMap<FullJid, String>| {
+                sessions.get(occupant).is_some_and(|node| {
+                    NodeId::new(node).is_ok_and(|n| link.is_some_and(|l| l.is_live(&n)))
+                })
+            };
+            let max = act.config.muc_presence_max;
+            let room = match result {
+                Ok(Ok((None, _))) => Ok(Room::new(jid.clone(), max)),
+                Ok(Ok((Some(stored), sessions))) => {
+                    Room::restore(jid.clone(), max, &stored, |o| present(o, &sessions))
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("storage task lost".to_owned()),
+            };
+            match room {
+                Ok(room) => {
+                    act.rooms
+                        .insert(jid.clone(), RoomSlot::Ready(Box::new(room)));
+                    for msg in queue {
+                        act.room_ready(&jid, msg);
+                    }
+                }
+                Err(e) => {
+                    // Its stanzas are refused rather than handled by a room made up anew.
+                    warn!(room = %jid, error = %e, "loading the room failed");
+                    for msg in queue {
+                        act.refuse(UserMsg::Route(msg));
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Handles a stanza for a room that is here, then stores what changed.
+    fn room_ready(&mut self, jid: &BareJid, msg: RouteToUser) {
+        let Some(RoomSlot::Ready(room)) = self.rooms.get_mut(jid) else {
+            return;
+        };
+        let out = room.handle(msg.stanza, jobs::now_ms());
+        let writes = match room.can_vanish() {
+            true => {
+                self.rooms.remove(jid);
+                vec![Write::RoomDeleted]
+            }
+            false => room.writes(),
+        };
+        let effects = writes
+            .into_iter()
+            .map(Effect::Persist)
+            .chain(out.into_iter().map(Effect::Route))
+            .collect();
+        self.apply(jid, effects, msg.since);
     }
 
     /// Forgets the users and rooms of `shards` (cluster mode: they moved away or were
     /// lost), passing their waiting work back to the router.
     fn release(&mut self, shards: &HashSet<u32>) {
         let router = self.router.clone();
-        self.rooms
-            .retain(|room, _| !shards.contains(&router.shard(room)));
+        let rooms: Vec<BareJid> = self
+            .rooms
+            .keys()
+            .filter(|r| shards.contains(&router.shard(r)))
+            .cloned()
+            .collect();
+        for room in rooms {
+            if let Some(RoomSlot::Loading(queue)) = self.rooms.remove(&room) {
+                for msg in queue {
+                    router.to_owner(ToOwner::Route(msg, 0));
+                }
+            }
+        }
         let leaving: Vec<BareJid> = self
             .users
             .keys()
@@ -901,7 +1023,7 @@ impl Handler<RouteToUser> for ShardHost {
             .as_ref()
             .is_some_and(|t| self.router.is_muc(t))
         {
-            return self.room(user, msg);
+            return self.room(user, msg, ctx);
         }
         // A user that is not loaded has no session: available and unavailable presence
         // for it is silently ignored (RFC 6121 §8.5.1, §8.5.2.2.1, §8.5.3.2.2), so

@@ -109,7 +109,19 @@ pub enum Write {
     RemoveItem(String),
     PendingIn(String, Option<String>),
     Blocklist(Vec<String>),
-    LastActivity { unix_secs: u64, status: String },
+    LastActivity {
+        unix_secs: u64,
+        status: String,
+    },
+    /// A MUC room's state and the name it is listed under (keyed by the room's JID).
+    RoomState {
+        state: String,
+        listed: Option<String>,
+    },
+    /// A room occupant's record by full JID; `None` removes it.
+    RoomOccupant(String, Option<String>),
+    /// The room is gone.
+    RoomDeleted,
 }
 
 /// Storage work whose result produces stanzas; run in order with the writes.

@@ -29,7 +29,10 @@ use super::codec::{
     encode_last_activity, encode_offline, encode_roster_item, encode_text,
 };
 use super::committer::Committer;
-use super::{AccountStore, OfflineStore, RosterStore, StorageError, UserDataStore, UserLoader};
+use super::{
+    AccountStore, OfflineStore, RoomStore, RosterStore, StorageError, StoredRoom, UserDataStore,
+    UserLoader,
+};
 use crate::model::{OfflineMessage, Roster, RosterItem, UserData};
 
 /// Bare JID → encoded [`StoredCredentials`].
@@ -54,6 +57,12 @@ const PRIVATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("priv
 const BLOCKLISTS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocklists");
 /// User → last activity record.
 const LAST_ACTIVITY: TableDefinition<&str, &[u8]> = TableDefinition::new("last_activity");
+/// Room bare JID → text record: the MUC room's state.
+const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
+/// Room bare JID → text record: the name a listed room is listed under.
+const ROOMS_LISTED: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms_listed");
+/// (room, occupant full JID) → text record: the occupant.
+const ROOM_OCCUPANTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("room_occupants");
 
 /// The exclusive upper bound of `user`'s keys in a `(user, contact)` table: `user`
 /// followed by NUL is the smallest string greater than `user`, and tuples compare
@@ -92,10 +101,12 @@ impl EmbeddedStore {
             VCARDS,
             BLOCKLISTS,
             LAST_ACTIVITY,
+            ROOMS,
+            ROOMS_LISTED,
         ] {
             txn.open_table(table).map_err(backend)?;
         }
-        for table in [ROSTER_ITEMS, ROSTER_PENDING_IN, PRIVATE] {
+        for table in [ROSTER_ITEMS, ROSTER_PENDING_IN, PRIVATE, ROOM_OCCUPANTS] {
             txn.open_table(table).map_err(backend)?;
         }
         txn.open_table(OFFLINE).map_err(backend)?;
@@ -655,6 +666,105 @@ impl UserDataStore for EmbeddedStore {
             }
             delete_user_pairs(txn, PRIVATE, &user)?;
             Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl RoomStore for EmbeddedStore {
+    async fn room(&self, room: &str) -> Result<Option<StoredRoom>, StorageError> {
+        let room = room.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let Some(state) = read_user_record(&txn, ROOMS, &room, decode_text)? else {
+                return Ok(None);
+            };
+            let end = user_range(&room);
+            let table = txn.open_table(ROOM_OCCUPANTS).map_err(backend)?;
+            let mut occupants = Vec::new();
+            for entry in table
+                .range((room.as_str(), "")..(end.as_str(), ""))
+                .map_err(backend)?
+            {
+                let (key, value) = entry.map_err(backend)?;
+                let jid = key.value().1.to_owned();
+                let record = format!("{}/{room}/{jid}", ROOM_OCCUPANTS.name());
+                occupants.push((jid, decode_text(&record, value.value())?));
+            }
+            Ok(Some(StoredRoom { state, occupants }))
+        })
+        .await
+    }
+
+    async fn put_room(
+        &self,
+        room: &str,
+        state: &str,
+        listed: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let state = encode_text(state)?;
+        let listed = listed.map(encode_text).transpose()?;
+        let room = room.to_owned();
+        self.write(move |txn| {
+            write_user_record(txn, ROOMS, &room, Some(&state))?;
+            write_user_record(txn, ROOMS_LISTED, &room, listed.as_deref())
+        })
+        .await
+    }
+
+    async fn set_occupant(
+        &self,
+        room: &str,
+        occupant: &str,
+        record: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let record = record.map(encode_text).transpose()?;
+        let (room, occupant) = (room.to_owned(), occupant.to_owned());
+        self.write(move |txn| {
+            let mut table = txn.open_table(ROOM_OCCUPANTS).map_err(backend)?;
+            let key = (room.as_str(), occupant.as_str());
+            match &record {
+                Some(bytes) => table.insert(key, bytes.as_slice()).map(drop),
+                None => table.remove(key).map(drop),
+            }
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_room(&self, room: &str) -> Result<(), StorageError> {
+        let room = room.to_owned();
+        self.write(move |txn| {
+            write_user_record(txn, ROOMS, &room, None)?;
+            write_user_record(txn, ROOMS_LISTED, &room, None)?;
+            delete_user_pairs(txn, ROOM_OCCUPANTS, &room)
+        })
+        .await
+    }
+
+    async fn rooms(&self) -> Result<Vec<(String, Option<String>)>, StorageError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let listed = txn.open_table(ROOMS_LISTED).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in txn
+                .open_table(ROOMS)
+                .map_err(backend)?
+                .iter()
+                .map_err(backend)?
+            {
+                let room = entry.map_err(backend)?.0.value().to_owned();
+                let name = match listed.get(room.as_str()).map_err(backend)? {
+                    Some(v) => Some(decode_text(
+                        &format!("{}/{room}", ROOMS_LISTED.name()),
+                        v.value(),
+                    )?),
+                    None => None,
+                };
+                out.push((room, name));
+            }
+            Ok(out)
         })
         .await
     }

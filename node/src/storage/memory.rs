@@ -9,7 +9,10 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use shoal_xmpp::sasl::StoredCredentials;
 
-use super::{AccountStore, OfflineStore, RosterStore, StorageError, UserDataStore, UserLoader};
+use super::{
+    AccountStore, OfflineStore, RoomStore, RosterStore, StorageError, StoredRoom, UserDataStore,
+    UserLoader,
+};
 use crate::model::{OfflineMessage, Roster, RosterItem};
 
 /// Every store, kept in process memory. For tests and throwaway nodes.
@@ -22,6 +25,14 @@ pub struct MemoryStore {
     rosters: Mutex<HashMap<String, Roster>>,
     offline: Mutex<HashMap<String, OfflineQueue>>,
     user_data: Mutex<HashMap<String, UserData>>,
+    rooms: Mutex<BTreeMap<String, Room>>,
+}
+
+#[derive(Default)]
+struct Room {
+    state: String,
+    listed: Option<String>,
+    occupants: BTreeMap<String, String>,
 }
 
 /// One user's offline messages and the last seq handed out.
@@ -290,6 +301,62 @@ impl UserDataStore for MemoryStore {
     async fn delete_user(&self, user: &str) -> Result<(), StorageError> {
         self.user_data.lock().remove(user);
         Ok(())
+    }
+}
+
+#[async_trait]
+impl RoomStore for MemoryStore {
+    async fn room(&self, room: &str) -> Result<Option<StoredRoom>, StorageError> {
+        Ok(self.rooms.lock().get(room).map(|r| StoredRoom {
+            state: r.state.clone(),
+            occupants: r
+                .occupants
+                .iter()
+                .map(|(jid, record)| (jid.clone(), record.clone()))
+                .collect(),
+        }))
+    }
+
+    async fn put_room(
+        &self,
+        room: &str,
+        state: &str,
+        listed: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let mut rooms = self.rooms.lock();
+        let r = rooms.entry(room.to_owned()).or_default();
+        r.state = state.to_owned();
+        r.listed = listed.map(str::to_owned);
+        Ok(())
+    }
+
+    async fn set_occupant(
+        &self,
+        room: &str,
+        occupant: &str,
+        record: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let mut rooms = self.rooms.lock();
+        let occupants = &mut rooms.entry(room.to_owned()).or_default().occupants;
+        match record {
+            Some(record) => occupants.insert(occupant.to_owned(), record.to_owned()),
+            None => occupants.remove(occupant),
+        };
+        Ok(())
+    }
+
+    async fn delete_room(&self, room: &str) -> Result<(), StorageError> {
+        self.rooms.lock().remove(room);
+        Ok(())
+    }
+
+    async fn rooms(&self) -> Result<Vec<(String, Option<String>)>, StorageError> {
+        Ok(self
+            .rooms
+            .lock()
+            .iter()
+            .map(|(jid, r)| (jid.clone(), r.listed.clone()))
+            .collect())
     }
 }
 

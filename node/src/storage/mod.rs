@@ -163,6 +163,43 @@ pub trait UserDataStore: Send + Sync {
     async fn delete_user(&self, user: &str) -> Result<(), StorageError>;
 }
 
+/// A stored MUC room: its state record and its occupants' records by full JID, both
+/// XML documents the room module writes (never parsed here).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredRoom {
+    pub state: String,
+    pub occupants: Vec<(String, String)>,
+}
+
+/// Multi-user chat rooms (XEP-0045), keyed by the room's bare JID: each room's state
+/// (configuration, affiliations, subject), its occupants (so that a room outlives the
+/// node hosting it), and which rooms are listed in the service's directory, by name.
+#[async_trait]
+pub trait RoomStore: Send + Sync {
+    /// The room's state and occupants, occupants sorted by JID; `None` if not stored.
+    async fn room(&self, room: &str) -> Result<Option<StoredRoom>, StorageError>;
+    /// Replaces the room's state and its directory entry: `listed` is the name it is
+    /// listed under, `None` when it is hidden.
+    async fn put_room(
+        &self,
+        room: &str,
+        state: &str,
+        listed: Option<&str>,
+    ) -> Result<(), StorageError>;
+    /// Replaces (`Some`) or removes (`None`) one occupant's record.
+    async fn set_occupant(
+        &self,
+        room: &str,
+        occupant: &str,
+        record: Option<&str>,
+    ) -> Result<(), StorageError>;
+    /// Deletes the room: state, occupants and directory entry.
+    async fn delete_room(&self, room: &str) -> Result<(), StorageError>;
+    /// Every stored room with the name it is listed under (`None`: hidden), sorted by
+    /// JID.
+    async fn rooms(&self) -> Result<Vec<(String, Option<String>)>, StorageError>;
+}
+
 /// Loads what a shard needs to serve an account. The default reads each store in turn;
 /// a backend that can read them together (one transaction) overrides it.
 #[async_trait]
@@ -184,19 +221,21 @@ pub struct Storage {
     pub offline: Arc<dyn OfflineStore>,
     pub user_data: Arc<dyn UserDataStore>,
     pub loader: Arc<dyn UserLoader>,
+    pub rooms: Arc<dyn RoomStore>,
 }
 
 impl Storage {
     /// Every store served by one backend object.
     pub fn from_backend<B>(backend: Arc<B>) -> Self
     where
-        B: UserLoader + OfflineStore + 'static,
+        B: UserLoader + OfflineStore + RoomStore + 'static,
     {
         Self {
             accounts: backend.clone(),
             rosters: backend.clone(),
             offline: backend.clone(),
             user_data: backend.clone(),
+            rooms: backend.clone(),
             loader: backend,
         }
     }
@@ -356,6 +395,7 @@ pub(crate) mod conformance {
         rosters(storage.rosters.as_ref()).await;
         offline(storage.offline.as_ref()).await;
         user_data(storage.user_data.as_ref()).await;
+        rooms(storage.rooms.as_ref()).await;
         concurrent(storage).await;
         delete_user(storage).await;
     }
@@ -594,6 +634,69 @@ pub(crate) mod conformance {
             Some((200, String::new()))
         );
         assert_eq!(store.last_activity(other).await.unwrap(), None);
+    }
+
+    pub(crate) async fn rooms(store: &dyn RoomStore) {
+        let room = "lounge@conference.example.org";
+        let other = "lounge@conference.example.orgx";
+        assert_eq!(store.room(room).await.unwrap(), None);
+        assert!(store.rooms().await.unwrap().is_empty());
+        store.put_room(room, "<v1/>", Some("Lounge")).await.unwrap();
+        store.put_room(other, "<o/>", None).await.unwrap();
+        store
+            .put_room(room, "<v2/>", Some("The lounge"))
+            .await
+            .unwrap();
+        for (jid, record) in [("b@example.org/r", "<b/>"), ("a@example.org/r", "<a1/>")] {
+            store.set_occupant(room, jid, Some(record)).await.unwrap();
+        }
+        store
+            .set_occupant(room, "a@example.org/r", Some("<a2/>"))
+            .await
+            .unwrap();
+        store
+            .set_occupant(room, "c@example.org/r", Some("<c/>"))
+            .await
+            .unwrap();
+        store
+            .set_occupant(room, "c@example.org/r", None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.room(room).await.unwrap(),
+            Some(StoredRoom {
+                state: "<v2/>".to_owned(),
+                occupants: vec![
+                    ("a@example.org/r".to_owned(), "<a2/>".to_owned()),
+                    ("b@example.org/r".to_owned(), "<b/>".to_owned()),
+                ],
+            })
+        );
+        assert_eq!(
+            store.rooms().await.unwrap(),
+            [
+                (room.to_owned(), Some("The lounge".to_owned())),
+                (other.to_owned(), None),
+            ]
+        );
+        // Hidden again, then gone with everything it had.
+        store.put_room(room, "<v3/>", None).await.unwrap();
+        assert_eq!(store.rooms().await.unwrap()[0], (room.to_owned(), None));
+        store.delete_room(room).await.unwrap();
+        assert_eq!(store.room(room).await.unwrap(), None);
+        store.put_room(room, "<v4/>", None).await.unwrap();
+        assert!(
+            store
+                .room(room)
+                .await
+                .unwrap()
+                .unwrap()
+                .occupants
+                .is_empty()
+        );
+        store.delete_room(room).await.unwrap();
+        assert_eq!(store.rooms().await.unwrap(), [(other.to_owned(), None)]);
+        store.delete_room(other).await.unwrap();
     }
 
     /// Concurrent writers cannot exceed the offline limit or lose a version bump.

@@ -31,10 +31,16 @@
 //! | `U :private`        | hash   | `"name ns"` → text record                             |
 //! | `U :blocklist`      | string | blocklist record (absent = empty)                     |
 //! | `U :last`           | string | last activity record                                  |
+//! | `P rooms`           | hash   | MUC room bare JID → text record (the room's state)    |
+//! | `P rooms:listed`    | hash   | room bare JID → text record (the name it is listed under) |
+//! | `R :occupants`      | hash   | occupant full JID → text record                       |
+//!
+//! `R` is the per-room prefix `P` `r:{` *len* `:` *room JID* `}`, built like `U`.
 //!
 //! Accounts share one hash so that `list_accounts` is one `HKEYS` rather than a `SCAN`
 //! of the whole keyspace; everything else a user has lives under `U`, so deleting a
-//! user deletes a fixed list of keys and nothing else.
+//! user deletes a fixed list of keys and nothing else. Rooms likewise share two hashes
+//! so the service's directory is one read.
 //!
 //! # Atomicity
 //!
@@ -76,7 +82,10 @@ use super::codec::{
     decode_roster_item, decode_text, encode_blocklist_record, encode_credentials,
     encode_last_activity, encode_offline, encode_roster_item, encode_text,
 };
-use super::{AccountStore, OfflineStore, RosterStore, StorageError, UserDataStore, UserLoader};
+use super::{
+    AccountStore, OfflineStore, RoomStore, RosterStore, StorageError, StoredRoom, UserDataStore,
+    UserLoader,
+};
 use crate::model::{OfflineMessage, Roster, RosterItem, UserData};
 
 /// How long one connection attempt may take. Redis answers in well under a millisecond
@@ -218,6 +227,8 @@ impl UserKey {
 struct Keys {
     prefix: String,
     accounts: String,
+    rooms: String,
+    rooms_listed: String,
 }
 
 impl Keys {
@@ -225,12 +236,19 @@ impl Keys {
         Self {
             prefix: prefix.to_owned(),
             accounts: format!("{prefix}accounts"),
+            rooms: format!("{prefix}rooms"),
+            rooms_listed: format!("{prefix}rooms:listed"),
         }
     }
 
     /// `P u:{len:user}`, the part every key of `user` starts with.
     fn user_base(&self, user: &str) -> String {
         format!("{}u:{{{}:{user}}}", self.prefix, user.len())
+    }
+
+    /// `R :occupants`: a room's occupants.
+    fn room_occupants(&self, room: &str) -> String {
+        format!("{}r:{{{}:{room}}}:occupants", self.prefix, room.len())
     }
 
     fn user(&self, user: &str, key: UserKey) -> String {
@@ -799,6 +817,103 @@ impl UserDataStore for RedisStore {
             UserKey::LastActivity,
         ];
         self.delete_keys("delete user data", user, &keys).await
+    }
+}
+
+/// A room's reads and its multi-key writes are `MULTI`/`EXEC` pipelines.
+#[async_trait]
+impl RoomStore for RedisStore {
+    async fn room(&self, room: &str) -> Result<Option<StoredRoom>, StorageError> {
+        let occupants_key = self.keys.room_occupants(room);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HGET").arg(&self.keys.rooms).arg(room);
+        pipe.cmd("HGETALL").arg(&occupants_key);
+        let (state, occupants): (Option<Vec<u8>>, BTreeMap<String, Vec<u8>>) =
+            self.exec("read room", Replay::Safe, &pipe).await?;
+        let Some(state) = state else {
+            return Ok(None);
+        };
+        Ok(Some(StoredRoom {
+            state: decode_text(&format!("{}/{room}", self.keys.rooms), &state)?,
+            occupants: occupants
+                .into_iter()
+                .map(|(jid, b)| {
+                    let record = decode_text(&format!("{occupants_key}/{jid}"), &b)?;
+                    Ok((jid, record))
+                })
+                .collect::<Result<_, StorageError>>()?,
+        }))
+    }
+
+    async fn put_room(
+        &self,
+        room: &str,
+        state: &str,
+        listed: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HSET")
+            .arg(&self.keys.rooms)
+            .arg(room)
+            .arg(encode_text(state)?);
+        match listed {
+            Some(name) => pipe
+                .cmd("HSET")
+                .arg(&self.keys.rooms_listed)
+                .arg(room)
+                .arg(encode_text(name)?),
+            None => pipe.cmd("HDEL").arg(&self.keys.rooms_listed).arg(room),
+        };
+        self.exec::<()>("put room", Replay::Safe, &pipe).await
+    }
+
+    async fn set_occupant(
+        &self,
+        room: &str,
+        occupant: &str,
+        record: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let key = self.keys.room_occupants(room);
+        let cmd = match record {
+            Some(record) => redis::cmd("HSET")
+                .arg(&key)
+                .arg(occupant)
+                .arg(encode_text(record)?)
+                .to_owned(),
+            None => redis::cmd("HDEL").arg(&key).arg(occupant).to_owned(),
+        };
+        self.exec::<()>("set occupant", Replay::Safe, &cmd).await
+    }
+
+    async fn delete_room(&self, room: &str) -> Result<(), StorageError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HDEL").arg(&self.keys.rooms).arg(room);
+        pipe.cmd("HDEL").arg(&self.keys.rooms_listed).arg(room);
+        pipe.cmd("DEL").arg(self.keys.room_occupants(room));
+        self.exec::<()>("delete room", Replay::Safe, &pipe).await
+    }
+
+    async fn rooms(&self) -> Result<Vec<(String, Option<String>)>, StorageError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HKEYS").arg(&self.keys.rooms);
+        pipe.cmd("HGETALL").arg(&self.keys.rooms_listed);
+        let (mut rooms, listed): (Vec<String>, BTreeMap<String, Vec<u8>>) =
+            self.exec("list rooms", Replay::Safe, &pipe).await?;
+        rooms.sort_unstable();
+        rooms
+            .into_iter()
+            .map(|room| {
+                let name = listed
+                    .get(&room)
+                    .map(|b| decode_text(&format!("{}/{room}", self.keys.rooms_listed), b))
+                    .transpose()?;
+                Ok((room, name))
+            })
+            .collect()
     }
 }
 

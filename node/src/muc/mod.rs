@@ -11,6 +11,12 @@
 //! vanishes. Rooms are semi-anonymous: occupants see each other's real JIDs only when
 //! they are moderators.
 
+mod listing;
+mod record;
+
+pub use listing::answer as list_rooms;
+pub use record::after_restart;
+
 use std::collections::VecDeque;
 
 use bytes::Bytes;
@@ -86,6 +92,15 @@ pub enum Role {
 }
 
 impl Role {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "moderator" => Role::Moderator,
+            "participant" => Role::Participant,
+            "visitor" => Role::Visitor,
+            _ => return None,
+        })
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Role::Moderator => "moderator",
@@ -300,6 +315,16 @@ pub struct Room {
     affiliations: std::collections::HashMap<BareJid, Affiliation>,
     subject: Option<(String, String)>,
     history: VecDeque<Past>,
+    /// What changed since the host last took the writes.
+    dirty: Dirty,
+}
+
+/// What of a room changed since its writes were last taken: its state (configuration,
+/// affiliations, subject), and the occupants (by real JID) that came, changed or left.
+#[derive(Debug, Default)]
+struct Dirty {
+    state: bool,
+    occupants: Vec<FullJid>,
 }
 
 impl Room {
@@ -312,13 +337,20 @@ impl Room {
             affiliations: std::collections::HashMap::new(),
             subject: None,
             history: VecDeque::new(),
+            dirty: Dirty::default(),
         }
     }
 
-    /// No occupant left in a temporary room: it goes away. (A persistent room stays
-    /// while its node runs; it is not stored yet.)
+    /// No occupant left in a temporary room: it goes away.
     pub fn can_vanish(&self) -> bool {
         self.occupants.is_empty() && !self.config.persistent
+    }
+
+    /// The occupant with this real JID came, changed or left.
+    fn touch(&mut self, jid: &FullJid) {
+        if !self.dirty.occupants.contains(jid) {
+            self.dirty.occupants.push(jid.clone());
+        }
     }
 
     /// Handles a stanza addressed to the room or to an occupant's room JID, at `now_ms`
@@ -359,6 +391,14 @@ impl Room {
         }
     }
 
+    /// The room's name: the configured one, else its JID's local part.
+    fn name(&self) -> &str {
+        match self.config.name.as_str() {
+            "" => self.jid.node().map_or("", |n| n.as_str()),
+            name => name,
+        }
+    }
+
     fn position(&self, jid: &FullJid) -> Option<usize> {
         self.occupants.iter().position(|o| &o.jid == jid)
     }
@@ -385,6 +425,7 @@ impl Room {
             _ if taken => refuse(&stanza, StanzaErrorCondition::Conflict),
             Some(i) if self.occupants[i].nick == nick => {
                 self.occupants[i].presence = payload;
+                self.touch(&from);
                 let occupant = self.occupants[i].clone();
                 self.broadcast_presence(&occupant, &[])
             }
@@ -404,6 +445,7 @@ impl Room {
         let created = self.occupants.is_empty();
         if created && self.affiliations.is_empty() {
             self.affiliations.insert(from.to_bare(), Affiliation::Owner);
+            self.dirty.state = true;
         }
         let affiliation = self.affiliation(&from.to_bare());
         if let Err(condition) = self.admission(affiliation, join) {
@@ -431,6 +473,7 @@ impl Room {
             .map(|o| self.presence_of(o, &occupant, &[]))
             .collect();
         self.occupants.push(occupant.clone());
+        self.touch(&from);
         // §7.2.3: 100 tells a newcomer that every occupant sees its real JID.
         let own: &[&str] = match (created, self.config.non_anonymous) {
             (true, true) => &["100", "110", "201"],
@@ -517,6 +560,7 @@ impl Room {
         }
         self.occupants[i].nick = nick;
         self.occupants[i].presence = payload;
+        self.touch(&old.jid);
         let occupant = self.occupants[i].clone();
         out.extend(self.broadcast_presence(&occupant, &[]));
         out
@@ -528,6 +572,7 @@ impl Room {
             return Vec::new();
         };
         let gone = self.occupants.remove(i);
+        self.touch(from);
         let status = stanza.status();
         let mut out = Vec::new();
         let told = self.occupants.iter().filter(|o| {
@@ -580,6 +625,7 @@ impl Room {
                 return refuse(&stanza, StanzaErrorCondition::Forbidden);
             }
             self.subject = Some((nick.clone(), subject.text_content()));
+            self.dirty.state = true;
         }
         let out = self
             .occupants
@@ -650,11 +696,9 @@ impl Room {
             ) {
                 (Some(nick), Some(role), _, None) => Change::Role(
                     nick.to_owned(),
-                    match role {
-                        "none" => None,
-                        "visitor" => Some(Role::Visitor),
-                        "participant" => Some(Role::Participant),
-                        "moderator" => Some(Role::Moderator),
+                    match (role, Role::parse(role)) {
+                        ("none", _) => None,
+                        (_, Some(role)) => Some(role),
                         _ => return refuse(iq, StanzaErrorCondition::BadRequest),
                     },
                 ),
@@ -734,6 +778,7 @@ impl Room {
                 };
                 self.occupants[i].role = role;
                 let occupant = self.occupants[i].clone();
+                self.touch(&occupant.jid);
                 self.broadcast_presence(&occupant, &[])
             }
             Change::Affiliation(jid, aff) => {
@@ -742,6 +787,7 @@ impl Room {
                 } else {
                     self.affiliations.insert(jid.clone(), aff);
                 }
+                self.dirty.state = true;
                 let present: Vec<String> = self
                     .occupants
                     .iter()
@@ -758,8 +804,9 @@ impl Room {
                         o.affiliation = aff;
                         o.role = aff.default_role();
                     }
-                    if let Some(o) = self.occupants.iter().find(|o| o.nick == nick) {
-                        out.extend(self.broadcast_presence(&o.clone(), &[]));
+                    if let Some(o) = self.occupants.iter().find(|o| o.nick == nick).cloned() {
+                        self.touch(&o.jid);
+                        out.extend(self.broadcast_presence(&o, &[]));
                     }
                 }
                 out
@@ -780,6 +827,7 @@ impl Room {
             return Vec::new();
         };
         let gone = self.occupants.remove(i);
+        self.touch(&gone.jid);
         let mut out = Vec::new();
         for o in self.occupants.iter().chain(std::iter::once(&gone)) {
             let mut item = Element::new("item", NS_MUC_USER)
@@ -879,6 +927,7 @@ impl Room {
                 }
                 let mut out = vec![iq.iq_result(None)];
                 if self.config != before {
+                    self.dirty.state = true;
                     out.extend(self.occupants.iter().map(|o| {
                         let mut m = Stanza::new(Kind::Message(MessageType::Groupchat));
                         m.from = Some(Jid::from(self.jid.clone()));
@@ -923,7 +972,9 @@ impl Room {
             p.payload = Bytes::from(x.to_xml(ns::CLIENT));
             out.push(p);
         }
+        // Gone for good, even when persistent: the host drops it and its record.
         self.affiliations.clear();
+        self.config.persistent = false;
         out
     }
 
@@ -935,13 +986,7 @@ impl Room {
                     Element::new("identity", ns::DISCO_INFO)
                         .attr("category", "conference")
                         .attr("type", "text")
-                        .attr(
-                            "name",
-                            match self.config.name.as_str() {
-                                "" => self.jid.node().map_or("", |n| n.as_str()),
-                                name => name,
-                            },
-                        ),
+                        .attr("name", self.name()),
                 );
                 let c = &self.config;
                 for feature in [
@@ -1089,9 +1134,9 @@ impl Room {
     }
 }
 
-/// What the service itself answers (XEP-0045 §6.1, §6.2): disco#info with the
-/// conference identity, disco#items (rooms are spread over shards and not listed
-/// yet: an empty list), and errors for anything else that asks for an answer.
+/// What the service itself answers at once (XEP-0045 §6.1): disco#info with the
+/// conference identity, and errors for anything but disco#items (the directory, read
+/// from storage: [`is_room_listing`], [`list_rooms`]) that asks for an answer.
 pub fn service_iq(stanza: &Stanza) -> Option<Stanza> {
     if !matches!(stanza.kind, Kind::Iq(IqType::Get | IqType::Set)) {
         return None;
@@ -1104,18 +1149,21 @@ pub fn service_iq(stanza: &Stanza) -> Option<Stanza> {
                     .attr("type", "text")
                     .attr("name", "Chatrooms"),
             );
-            for feature in [ns::DISCO_INFO, ns::DISCO_ITEMS, NS_MUC] {
+            for feature in [ns::DISCO_INFO, ns::DISCO_ITEMS, NS_MUC, listing::NS_RSM] {
                 info = info.child(Element::new("feature", ns::DISCO_INFO).attr("var", feature));
             }
             Some(stanza.iq_result(Some(&info)))
-        }
-        Ok(Some(q)) if stanza.kind == Kind::Iq(IqType::Get) && q.is("query", ns::DISCO_ITEMS) => {
-            Some(stanza.iq_result(Some(&Element::new("query", ns::DISCO_ITEMS))))
         }
         _ => stanza.error_reply(&StanzaError::new(
             StanzaErrorCondition::FeatureNotImplemented,
         )),
     }
+}
+
+/// Whether `stanza` to the service asks for its room directory (disco#items).
+pub fn is_room_listing(stanza: &Stanza) -> bool {
+    stanza.kind == Kind::Iq(IqType::Get)
+        && matches!(stanza.iq_payload(), Ok(Some(q)) if q.is("query", ns::DISCO_ITEMS))
 }
 
 /// The error reply for `stanza`, if it may have one.
@@ -1185,14 +1233,14 @@ mod tests {
 
     use super::*;
 
-    fn stanza(xml: &str) -> Stanza {
+    pub(super) fn stanza(xml: &str) -> Stanza {
         match parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT) {
             Ok(TopLevel::Stanza(s)) => s,
             other => panic!("not a stanza: {other:?}"),
         }
     }
 
-    fn room() -> Room {
+    pub(super) fn room() -> Room {
         let mut room = Room::new("coven@conference.localhost".parse().unwrap(), 0);
         for (who, nick) in [("a@localhost/x", "first"), ("b@localhost/y", "second")] {
             room.handle(
