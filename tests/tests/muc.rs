@@ -4,23 +4,31 @@
 //! the occupants on two nodes of a cluster.
 
 use shoal_tests::im::*;
-use shoal_tests::{Client, TestCluster};
+use shoal_tests::{Client, TestCluster, TestNode};
 
 const ROOM: &str = "coven@conference.localhost";
 const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
 
 fn join(nick: &str) -> String {
-    format!("<presence to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>")
+    join_in(ROOM, nick)
+}
+
+fn join_in(room: &str, nick: &str) -> String {
+    format!("<presence to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>")
 }
 
 /// A presence from `ROOM/nick` to `to` with the occupant item and status codes.
 fn occupant(nick: &str, to: &str, item: &str, codes: &[&str]) -> String {
+    occupant_in(ROOM, nick, to, item, codes)
+}
+
+fn occupant_in(room: &str, nick: &str, to: &str, item: &str, codes: &[&str]) -> String {
     let codes: String = codes
         .iter()
         .map(|c| format!("<status code='{c}'/>"))
         .collect();
     format!(
-        "<presence to='{to}' from='{ROOM}/{nick}'><x xmlns='{MUC_USER}'>{item}{codes}</x></presence>"
+        "<presence to='{to}' from='{room}/{nick}'><x xmlns='{MUC_USER}'>{item}{codes}</x></presence>"
     )
 }
 
@@ -29,9 +37,33 @@ fn empty_subject(to: &str) -> String {
 }
 
 fn groupchat(to: &str, nick: &str, id: &str, body: &str) -> String {
+    groupchat_in(ROOM, to, nick, id, body)
+}
+
+fn groupchat_in(room: &str, to: &str, nick: &str, id: &str, body: &str) -> String {
     format!(
-        "<message to='{to}' from='{ROOM}/{nick}' id='{id}' type='groupchat'><body>{body}</body></message>"
+        "<message to='{to}' from='{room}/{nick}' id='{id}' type='groupchat'><body>{body}</body></message>"
     )
+}
+
+/// A muc#owner form submission with these `(var, value)` fields.
+fn configure(room: &str, id: &str, fields: &[(&str, &str)]) -> String {
+    let fields: String = fields
+        .iter()
+        .map(|(var, value)| format!("<field var='{var}'><value>{value}</value></field>"))
+        .collect();
+    format!(
+        "<iq to='{room}' id='{id}' type='set'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>{fields}</x></query></iq>"
+    )
+}
+
+/// The service's room directory as `c` gets it, with `rsm` in the query.
+async fn directory(c: &mut Client, id: &str, rsm: &str) -> String {
+    ask(
+        c,
+        &format!("<iq to='conference.localhost' id='{id}' type='get'><query xmlns='http://jabber.org/protocol/disco#items'>{rsm}</query></iq>"),
+    )
+    .await
 }
 
 /// juliet creates the room, romeo enters: the stanzas XEP-0045 §7.2 and §10.1 require,
@@ -278,7 +310,7 @@ async fn service_and_room_discovery() {
     let jf = jid(&j);
     assert_eq!(
         ask(&mut j, "<iq to='conference.localhost' id='d1' type='get'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await,
-        format!("<iq to='{jf}' from='conference.localhost' id='d1' type='result'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='conference' type='text' name='Chatrooms'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='http://jabber.org/protocol/muc'/></query></iq>")
+        format!("<iq to='{jf}' from='conference.localhost' id='d1' type='result'><query xmlns='http://jabber.org/protocol/disco#info'><identity category='conference' type='text' name='Chatrooms'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='http://jabber.org/protocol/muc'/><feature var='http://jabber.org/protocol/rsm'/></query></iq>")
     );
     j.send(&join("juliet")).await.unwrap();
     next(&mut j).await;
@@ -571,4 +603,280 @@ async fn configured_room_admits_by_its_rules() {
             "{info}"
         );
     }
+}
+
+/// Persistent rooms keep their configuration, affiliations and subject in storage
+/// across a restart; temporary ones are gone with their occupants. The service lists
+/// public rooms, a page at a time (XEP-0059).
+#[tokio::test]
+async fn persistent_rooms_outlive_a_restart_and_are_listed() {
+    let first = node();
+    let mut j = login(&first, "juliet", "balcony").await;
+    let mut r = login(&first, "romeo", "orchard").await;
+    let (jf, rf) = (jid(&j), jid(&r));
+    let secret = "secret@conference.localhost";
+    let picnic = "picnic@conference.localhost";
+    for (room, by_romeo) in [(ROOM, false), (secret, false), (picnic, true)] {
+        let c = if by_romeo { &mut r } else { &mut j };
+        c.send(&join_in(room, "host")).await.unwrap();
+        next(c).await;
+        next(c).await;
+    }
+    for (room, fields) in [
+        (
+            ROOM,
+            &[
+                ("muc#roomconfig_roomname", "The Coven"),
+                ("muc#roomconfig_persistentroom", "1"),
+            ][..],
+        ),
+        (
+            secret,
+            &[
+                ("muc#roomconfig_persistentroom", "1"),
+                ("muc#roomconfig_publicroom", "0"),
+            ][..],
+        ),
+    ] {
+        j.send(&configure(room, "cfg", fields)).await.unwrap();
+        next_unordered(
+            &mut j,
+            &[
+                format!("<iq to='{jf}' from='{room}' id='cfg' type='result'/>"),
+                format!("<message to='{jf}' from='{room}' type='groupchat'><x xmlns='{MUC_USER}'><status code='104'/></x></message>"),
+            ],
+        )
+        .await;
+    }
+    assert_eq!(
+        ask(&mut j, &format!("<iq to='{ROOM}' id='m' type='set'><query xmlns='http://jabber.org/protocol/muc#admin'><item jid='romeo@localhost' affiliation='member'/></query></iq>")).await,
+        format!("<iq to='{jf}' from='{ROOM}' id='m' type='result'/>")
+    );
+    assert_eq!(
+        ask(
+            &mut j,
+            &format!(
+                "<message to='{ROOM}' id='s' type='groupchat'><subject>Brewing</subject></message>"
+            )
+        )
+        .await,
+        format!(
+            "<message to='{jf}' from='{ROOM}/host' id='s' type='groupchat'><subject>Brewing</subject></message>"
+        )
+    );
+
+    // The hidden room is not listed; the others are, in JID order.
+    let items = |rooms: &[(&str, &str)]| -> String {
+        rooms
+            .iter()
+            .map(|(jid, name)| format!("<item jid='{jid}' name='{name}'/>"))
+            .collect()
+    };
+    let answer = |to: &str, id: &str, body: String| {
+        format!(
+            "<iq to='{to}' from='conference.localhost' id='{id}' type='result'><query xmlns='http://jabber.org/protocol/disco#items'>{body}</query></iq>"
+        )
+    };
+    assert_eq!(
+        directory(&mut r, "l1", "").await,
+        answer(&rf, "l1", items(&[(ROOM, "The Coven"), (picnic, "picnic")]))
+    );
+    let rsm = "http://jabber.org/protocol/rsm";
+    assert_eq!(
+        directory(
+            &mut r,
+            "l2",
+            &format!("<set xmlns='{rsm}'><max>1</max></set>")
+        )
+        .await,
+        answer(
+            &rf,
+            "l2",
+            format!(
+                "{}<set xmlns='{rsm}'><first index='0'>{ROOM}</first><last>{ROOM}</last><count>2</count></set>",
+                items(&[(ROOM, "The Coven")])
+            )
+        )
+    );
+    assert_eq!(
+        directory(
+            &mut r,
+            "l3",
+            &format!("<set xmlns='{rsm}'><max>1</max><after>{ROOM}</after></set>")
+        )
+        .await,
+        answer(
+            &rf,
+            "l3",
+            format!(
+                "{}<set xmlns='{rsm}'><first index='1'>{picnic}</first><last>{picnic}</last><count>2</count></set>",
+                items(&[(picnic, "picnic")])
+            )
+        )
+    );
+
+    let dir = first.data_dir();
+    drop((j, r));
+    first.stop();
+    let second = users(TestNode::builder()).data_dir(dir).start();
+    let mut r = login(&second, "romeo", "orchard").await;
+    let rf = jid(&r);
+    assert_eq!(
+        directory(&mut r, "l4", "").await,
+        answer(&rf, "l4", items(&[(ROOM, "The Coven")]))
+    );
+    // Romeo is still a member; the subject is still juliet's, who is not there.
+    r.send(&join("romeo")).await.unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        occupant(
+            "romeo",
+            &rf,
+            "<item affiliation='member' role='participant'/>",
+            &["110"]
+        )
+    );
+    assert_eq!(
+        next(&mut r).await,
+        format!(
+            "<message to='{rf}' from='{ROOM}/host' type='groupchat'><subject>Brewing</subject></message>"
+        )
+    );
+    let info = ask(&mut r, &format!("<iq to='{ROOM}' id='i' type='get'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")).await;
+    assert!(
+        info.contains("name='The Coven'") && info.contains("<feature var='muc_persistent'/>"),
+        "{info}"
+    );
+    // The temporary room is gone: entering it creates it anew.
+    r.send(&join_in(picnic, "romeo")).await.unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        occupant_in(
+            picnic,
+            "romeo",
+            &rf,
+            &format!("<item affiliation='owner' role='moderator' jid='{rf}'/>"),
+            &["110", "201"]
+        )
+    );
+}
+
+/// A room outlives the node hosting it: occupants on three nodes talk, the room's
+/// node dies mid-conversation, and the new owner restores the room from storage with
+/// the occupants whose sessions live on, without them entering again. A message sent
+/// while the room had no owner is delivered once it has one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_outlives_its_node() {
+    let mut cluster = TestCluster::start(3, &[("juliet", PW), ("romeo", PW), ("nurse", PW)]);
+    cluster.settled().await;
+    let name = shoal_tests::cluster::account_owned_by(2, 3, "room", "conference.localhost");
+    let room = format!("{name}@conference.localhost");
+    let mut j = login(cluster.node(0), "juliet", "balcony").await;
+    let mut r = login(cluster.node(1), "romeo", "orchard").await;
+    let mut n = login(cluster.node(2), "nurse", "kitchen").await;
+    let (jf, rf) = (jid(&j), jid(&r));
+    for (c, nick, before) in [
+        (&mut j, "juliet", 0),
+        (&mut r, "romeo", 1),
+        (&mut n, "nurse", 2),
+    ] {
+        c.send(&join_in(&room, nick)).await.unwrap();
+        for _ in 0..before + 2 {
+            next(c).await; // the others, itself, the subject
+        }
+    }
+    next_unordered(
+        &mut j,
+        &[
+            occupant_in(
+                &room,
+                "romeo",
+                &jf,
+                &format!("<item affiliation='none' role='participant' jid='{rf}'/>"),
+                &[],
+            ),
+            occupant_in(
+                &room,
+                "nurse",
+                &jf,
+                "<item affiliation='none' role='participant' jid='nurse@localhost/kitchen'/>",
+                &[],
+            ),
+        ],
+    )
+    .await;
+    next(&mut r).await; // nurse entered
+    let say = |id: &str, body: &str| {
+        format!("<message to='{room}' id='{id}' type='groupchat'><body>{body}</body></message>")
+    };
+    r.send(&say("g1", "Before")).await.unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        groupchat_in(&room, &jf, "romeo", "g1", "Before")
+    );
+    assert_eq!(
+        next(&mut r).await,
+        groupchat_in(&room, &rf, "romeo", "g1", "Before")
+    );
+    assert_eq!(
+        next(&mut n).await,
+        groupchat_in(&room, "nurse@localhost/kitchen", "romeo", "g1", "Before")
+    );
+
+    cluster.kill(2);
+    drop(n);
+    r.send(&say("g2", "While nobody hosts it")).await.unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        groupchat_in(&room, &jf, "romeo", "g2", "While nobody hosts it")
+    );
+    assert_eq!(
+        next(&mut r).await,
+        groupchat_in(&room, &rf, "romeo", "g2", "While nobody hosts it")
+    );
+    j.send(&say("g3", "After")).await.unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        groupchat_in(&room, &jf, "juliet", "g3", "After")
+    );
+    assert_eq!(
+        next(&mut r).await,
+        groupchat_in(&room, &rf, "juliet", "g3", "After")
+    );
+
+    // The nurse's session died with its node: she is not in the room any more, and
+    // entering again she finds exactly juliet and romeo.
+    let mut n = login(cluster.node(0), "nurse", "again").await;
+    let nf = jid(&n);
+    n.send(&join_in(&room, "nurse")).await.unwrap();
+    assert_eq!(
+        next(&mut n).await,
+        occupant_in(
+            &room,
+            "juliet",
+            &nf,
+            "<item affiliation='owner' role='moderator'/>",
+            &[]
+        )
+    );
+    assert_eq!(
+        next(&mut n).await,
+        occupant_in(
+            &room,
+            "romeo",
+            &nf,
+            "<item affiliation='none' role='participant'/>",
+            &[]
+        )
+    );
+    assert_eq!(
+        next(&mut n).await,
+        occupant_in(
+            &room,
+            "nurse",
+            &nf,
+            "<item affiliation='none' role='participant'/>",
+            &["110"]
+        )
+    );
 }

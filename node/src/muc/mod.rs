@@ -317,6 +317,8 @@ pub struct Room {
     history: VecDeque<Past>,
     /// What changed since the host last took the writes.
     dirty: Dirty,
+    /// Nobody has entered yet: the first to enter creates the room (201).
+    new: bool,
 }
 
 /// What of a room changed since its writes were last taken: its state (configuration,
@@ -338,6 +340,7 @@ impl Room {
             subject: None,
             history: VecDeque::new(),
             dirty: Dirty::default(),
+            new: true,
         }
     }
 
@@ -442,8 +445,8 @@ impl Room {
         join: &Stanza,
         now_ms: u64,
     ) -> Vec<Stanza> {
-        let created = self.occupants.is_empty();
-        if created && self.affiliations.is_empty() {
+        let created = std::mem::take(&mut self.new);
+        if created {
             self.affiliations.insert(from.to_bare(), Affiliation::Owner);
             self.dirty.state = true;
         }

@@ -69,6 +69,7 @@ impl Room {
         present: impl Fn(&FullJid) -> bool,
     ) -> Result<Room, String> {
         let mut room = Room::new(jid, presence_max);
+        room.new = false;
         let state = Element::parse(stored.state.as_bytes(), NsContext::CLIENT)
             .map_err(|e| format!("room record: {e}"))?;
         for child in state.elements() {
