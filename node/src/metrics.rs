@@ -50,6 +50,7 @@ const PARKED: &str = "shoal_cluster_parked_total";
 const REROUTED: &str = "shoal_cluster_rerouted_total";
 const ATTACHES: &str = "shoal_cluster_session_attaches_total";
 const DIRECTORY_LOOKUPS: &str = "shoal_cluster_directory_lookups_total";
+const MUC_COPIES: &str = "shoal_muc_copies_total";
 
 /// How many distinct `peer` label values the forwarding metrics take before further
 /// peers share `peer="other"`. Far above any real cluster; only there so that peer
@@ -222,6 +223,17 @@ label_enum! {
     DirectoryLookup {
         Sessions => "sessions",
         Empty => "empty",
+    }
+}
+
+label_enum! {
+    /// How a room's copy of a stanza left its node (`path` label): to a session of
+    /// this node, in a frame to the node holding the session, or through the
+    /// recipient's account (outside cluster mode, or where the session is unknown).
+    MucPath {
+        Here => "here",
+        Node => "node",
+        Account => "account",
     }
 }
 
@@ -410,6 +422,10 @@ fn describe() {
         DIRECTORY_LOOKUPS,
         "Account loads that found sessions in the directory (bound under a previous owner) or none."
     );
+    describe_counter!(
+        MUC_COPIES,
+        "Copies of room stanzas sent by the rooms of this node, by path."
+    );
 }
 
 /// Pre-registered handles for every metric. Build once with [`Metrics::new`] and clone
@@ -443,6 +459,7 @@ struct Inner {
     rerouted: Vec<Counter>,
     attaches: Vec<Counter>,
     directory_lookups: Vec<Counter>,
+    muc_copies: Vec<Counter>,
     /// Per-peer handles, registered on a peer's first use and kept for the process.
     peers: Mutex<HashMap<String, PeerMetrics>>,
 }
@@ -538,6 +555,10 @@ impl Metrics {
                 directory_lookups: per_label(
                     DirectoryLookup::ALL,
                     |r| metrics::counter!(DIRECTORY_LOOKUPS, "result" => r.as_str()),
+                ),
+                muc_copies: per_label(
+                    MucPath::ALL,
+                    |p| metrics::counter!(MUC_COPIES, "path" => p.as_str()),
                 ),
                 peers: Mutex::new(HashMap::new()),
             }),
@@ -665,6 +686,10 @@ impl Metrics {
 
     pub fn directory_lookup(&self, result: DirectoryLookup) {
         self.inner.directory_lookups[result as usize].increment(1);
+    }
+
+    pub fn muc_copies(&self, path: MucPath, copies: usize) {
+        self.inner.muc_copies[path as usize].increment(copies as u64);
     }
 
     /// Counts a bound resource until the returned guard is dropped.

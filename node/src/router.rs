@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use crate::c2s::session::{Close, Deliver};
 use crate::cluster::forward::{ForwardError, FrameKind, NodeId};
 use crate::cluster::link::{self, ClusterLink, MAX_HOPS, Owner, ToOwner};
-use crate::metrics::{Mailbox, Metrics, RerouteReason};
+use crate::metrics::{Mailbox, Metrics, MucPath, RerouteReason};
 use crate::muc;
 use crate::server_iq::{self, ServerInfo};
 use crate::shard::{Attached, Bind, BindReplyTo, RouteToUser, SessionHandle, ShardHost};
@@ -557,7 +557,14 @@ impl Router {
             }
             return self.to_server(stanza, since);
         }
-        self.to_owner(ToOwner::Route(RouteToUser { stanza, since }, 0));
+        self.to_owner(ToOwner::Route(
+            RouteToUser {
+                stanza,
+                since,
+                origin: None,
+            },
+            0,
+        ));
     }
 
     /// Routes copies of one presence broadcast (equal but for `to`, each to a local
@@ -609,11 +616,118 @@ impl Router {
                 recipients,
             });
             if let Err(e) = link.forward(&node, frame) {
-                let work = group
-                    .into_iter()
-                    .map(|stanza| ToOwner::Route(RouteToUser { stanza, since }, 0));
+                let work = group.into_iter().map(|stanza| {
+                    let origin = None;
+                    ToOwner::Route(
+                        RouteToUser {
+                            stanza,
+                            since,
+                            origin,
+                        },
+                        0,
+                    )
+                });
                 self.not_forwarded(link, e, work);
             }
+        }
+    }
+
+    /// Routes what a room sent, each copy with the node holding its recipient's
+    /// session when the room knows it (DESIGN.md "MUC broadcast"): copies for
+    /// sessions here are delivered at once, and each other node gets one frame per
+    /// run of copies equal but for `to` (the stanza once, with its recipients); the
+    /// rest go the usual way, through the recipients' accounts.
+    pub fn route_room(
+        &self,
+        room: &BareJid,
+        copies: Vec<(Stanza, Option<NodeId>)>,
+        since: Instant,
+    ) {
+        let metrics = &self.inner.metrics;
+        let Some(link) = self.cluster() else {
+            metrics.muc_copies(MucPath::Account, copies.len());
+            for (stanza, _) in copies {
+                self.route(stanza, since);
+            }
+            return;
+        };
+        // Per node, runs of equal copies in the room's order.
+        let mut runs: Vec<(NodeId, Vec<Vec<Stanza>>)> = Vec::new();
+        for (stanza, home) in copies {
+            match home {
+                Some(node) if node == *link.me() => {
+                    metrics.muc_copies(MucPath::Here, 1);
+                    self.deliver_room_copy(stanza, since);
+                }
+                Some(node) => {
+                    metrics.muc_copies(MucPath::Node, 1);
+                    let i = match runs.iter().position(|(n, _)| *n == node) {
+                        Some(i) => i,
+                        None => {
+                            runs.push((node, Vec::new()));
+                            runs.len() - 1
+                        }
+                    };
+                    let node_runs = &mut runs[i].1;
+                    match node_runs.last_mut() {
+                        Some(run) if same_but_to(&run[0], &stanza) => run.push(stanza),
+                        _ => node_runs.push(vec![stanza]),
+                    }
+                }
+                None => {
+                    metrics.muc_copies(MucPath::Account, 1);
+                    self.route(stanza, since);
+                }
+            }
+        }
+        for (node, node_runs) in runs {
+            for run in node_runs {
+                let recipients = run
+                    .iter()
+                    .filter_map(|s| s.to.as_ref().map(ToString::to_string))
+                    .collect();
+                let mut template = run[0].clone();
+                template.to = None;
+                let frame = FrameKind::RoomBroadcast(v1::RoomBroadcast {
+                    room: room.to_string(),
+                    stanza: Bytes::from(template.to_xml()),
+                    recipients,
+                });
+                if link.forward(&node, frame).is_err() {
+                    // Not to that node now: the usual way, which parks or bounces.
+                    for stanza in run {
+                        self.route(stanza, since);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A room's copy for a session of this node: straight to it, unless it is gone
+    /// or blocks the room (its account's owner then applies the rules).
+    pub fn deliver_room_copy(&self, stanza: Stanza, since: Instant) {
+        let session = match (self.cluster(), stanza.to.as_ref()) {
+            (Some(link), Some(to)) => to
+                .clone()
+                .try_into_full()
+                .ok()
+                .and_then(|to| link.local_session_of(&to)),
+            _ => None,
+        };
+        let sender_blocked =
+            |shared: &UserShared| stanza.from.as_ref().is_some_and(|f| shared.is_blocked(f));
+        match session {
+            Some((addr, shared)) if !sender_blocked(&shared) => {
+                let deliver = Deliver {
+                    kind: stanza.kind,
+                    xml: Bytes::from(stanza.to_xml()),
+                    since,
+                };
+                if addr.try_send(deliver).is_err() {
+                    self.route(stanza, since);
+                }
+            }
+            _ => self.route(stanza, since),
         }
     }
 
@@ -664,6 +778,15 @@ impl BindReplyTo {
             BindReplyTo::Node(node) => router.bind_reply(&node, id, Err(error)),
         }
     }
+}
+
+/// Whether two stanzas are copies of one broadcast: everything but `to` equal.
+pub(crate) fn same_but_to(a: &Stanza, b: &Stanza) -> bool {
+    a.kind == b.kind
+        && a.from == b.from
+        && a.id == b.id
+        && a.payload == b.payload
+        && a.extra_attrs == b.extra_attrs
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use crate::jobs::{self, JobContext, StorageQueue};
 use crate::metrics::{AttachResult, DirectoryLookup, Mailbox, Metrics, RedisOp, RerouteReason};
 use crate::model::UserData;
 use crate::muc::Room;
-use crate::router::{Router, SendFail};
+use crate::router::{self, Router, SendFail};
 use crate::storage::{Storage, StorageError};
 use crate::user::{Effect, Job, SessionFacts, SessionId, UserLimits, UserShared, UserState, Write};
 
@@ -118,6 +118,9 @@ pub struct Unbind {
 pub struct RouteToUser {
     pub stanza: Stanza,
     pub since: Instant,
+    /// The node that first passed it on, when it came from another node: for a
+    /// stanza a session sent to a room, the node holding that session.
+    pub origin: Option<NodeId>,
 }
 
 /// Something one of the account's own sessions sent that the account handles:
@@ -706,7 +709,7 @@ impl ShardHost {
                 Effect::Route(stanza) if matches!(stanza.kind, Kind::Presence(_)) => {
                     if fanout
                         .first()
-                        .is_some_and(|first| !same_but_to(first, &stanza))
+                        .is_some_and(|first| !router::same_but_to(first, &stanza))
                     {
                         self.router.route_fanout(std::mem::take(&mut fanout), since);
                     }
@@ -887,16 +890,15 @@ impl ShardHost {
                 return;
             };
             let link = act.router.cluster();
-            let present = |occupant: &FullJid, sessions: &HashMap<FullJid, String>| {
-                sessions.get(occupant).is_some_and(|node| {
-                    NodeId::new(node).is_ok_and(|n| link.is_some_and(|l| l.is_live(&n)))
-                })
+            let home = |occupant: &FullJid, sessions: &HashMap<FullJid, String>| {
+                let node = NodeId::new(sessions.get(occupant)?).ok()?;
+                link.is_some_and(|l| l.is_live(&node)).then_some(node)
             };
             let max = act.config.muc_presence_max;
             let room = match result {
                 Ok(Ok((None, _))) => Ok(Room::new(jid.clone(), max)),
                 Ok(Ok((Some(stored), sessions))) => {
-                    Room::restore(jid.clone(), max, &stored, |o| present(o, &sessions))
+                    Room::restore(jid.clone(), max, &stored, |o| home(o, &sessions))
                 }
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("storage task lost".to_owned()),
@@ -920,12 +922,41 @@ impl ShardHost {
         }));
     }
 
-    /// Handles a stanza for a room that is here, then stores what changed.
+    /// Handles a stanza for a room that is here, stores what changed and routes what
+    /// the room sent. In cluster mode an occupant's presence tells the room where its
+    /// session is: here, or the node the presence came from.
     fn room_ready(&mut self, jid: &BareJid, msg: RouteToUser) {
         let Some(RoomSlot::Ready(room)) = self.rooms.get_mut(jid) else {
             return;
         };
+        let sender = match (&msg.stanza.kind, &msg.stanza.from) {
+            (Kind::Presence(PresenceType::Available), Some(from)) => {
+                from.clone().try_into_full().ok()
+            }
+            _ => None,
+        };
         let out = room.handle(msg.stanza, jobs::now_ms());
+        if let (Some(sender), Some(link)) = (sender, self.router.cluster()) {
+            let here = link.local_session_of(&sender).is_some();
+            if let Some(home) = if here {
+                Some(link.me().clone())
+            } else {
+                msg.origin
+            } {
+                room.set_home(&sender, home);
+            }
+        }
+        let copies = out
+            .into_iter()
+            .map(|stanza| {
+                let home = stanza
+                    .to
+                    .clone()
+                    .and_then(|to| to.try_into_full().ok())
+                    .and_then(|to| room.home(&to).cloned());
+                (stanza, home)
+            })
+            .collect();
         let writes = match room.can_vanish() {
             true => {
                 self.rooms.remove(jid);
@@ -933,12 +964,12 @@ impl ShardHost {
             }
             false => room.writes(),
         };
-        let effects = writes
-            .into_iter()
-            .map(Effect::Persist)
-            .chain(out.into_iter().map(Effect::Route))
-            .collect();
-        self.apply(jid, effects, msg.since);
+        self.apply(
+            jid,
+            writes.into_iter().map(Effect::Persist).collect(),
+            msg.since,
+        );
+        self.router.route_room(jid, copies, msg.since);
     }
 
     /// Forgets the users and rooms of `shards` (cluster mode: they moved away or were
@@ -1160,15 +1191,6 @@ impl Handler<DrainStorage> for ShardHost {
     }
 }
 
-/// Whether two stanzas are copies of one broadcast: everything but `to` equal.
-fn same_but_to(a: &Stanza, b: &Stanza) -> bool {
-    a.kind == b.kind
-        && a.from == b.from
-        && a.id == b.id
-        && a.payload == b.payload
-        && a.extra_attrs == b.extra_attrs
-}
-
 /// The node of binding `id` of `jid`, if bound: `Some(None)` for this node.
 fn session_node(
     state: &UserState<SessionHandle>,
@@ -1242,6 +1264,7 @@ mod tests {
         RouteToUser {
             stanza,
             since: Instant::now(),
+            origin: None,
         }
     }
 

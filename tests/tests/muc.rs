@@ -677,10 +677,21 @@ async fn persistent_rooms_outlive_a_restart_and_are_listed() {
             "<iq to='{to}' from='conference.localhost' id='{id}' type='result'><query xmlns='http://jabber.org/protocol/disco#items'>{body}</query></iq>"
         )
     };
-    assert_eq!(
-        directory(&mut r, "l1", "").await,
-        answer(&rf, "l1", items(&[(ROOM, "The Coven"), (picnic, "picnic")]))
-    );
+    // The directory is read from storage, which rooms write after they answer: it
+    // shows the hidden room's new configuration soon after.
+    let want = answer(&rf, "l1", items(&[(ROOM, "The Coven"), (picnic, "picnic")]));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let got = directory(&mut r, "l1", "").await;
+        if got == want {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "directory stays {got}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let rsm = "http://jabber.org/protocol/rsm";
     assert_eq!(
         directory(
@@ -809,6 +820,16 @@ async fn room_outlives_its_node() {
     let say = |id: &str, body: &str| {
         format!("<message to='{room}' id='{id}' type='groupchat'><body>{body}</body></message>")
     };
+    // The room's node sends each other node the message once, with its recipients,
+    // and hands the nurse's copy to her session itself (the nodes of a test cluster
+    // share one metrics registry, and only rooms count these).
+    let copies = || {
+        ["here", "node", "account"].map(|path| {
+            let sample = format!("shoal_muc_copies_total{{path=\"{path}\"}}");
+            cluster.node(0).metric(&sample)
+        })
+    };
+    let before = copies();
     r.send(&say("g1", "Before")).await.unwrap();
     assert_eq!(
         next(&mut j).await,
@@ -822,6 +843,8 @@ async fn room_outlives_its_node() {
         next(&mut n).await,
         groupchat_in(&room, "nurse@localhost/kitchen", "romeo", "g1", "Before")
     );
+    let after = copies();
+    assert_eq!([0, 1, 2].map(|i| after[i] - before[i]), [1.0, 2.0, 0.0]);
 
     cluster.kill(2);
     drop(n);

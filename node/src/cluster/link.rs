@@ -496,6 +496,17 @@ impl ClusterLink {
         }
     }
 
+    /// The newest session of `jid` on this node, with what it reads of its account.
+    pub fn local_session_of(&self, jid: &FullJid) -> Option<(Addr<Session>, Arc<UserShared>)> {
+        let sessions = self.sessions.lock();
+        sessions
+            .get(&jid.to_bare())?
+            .iter()
+            .rev()
+            .find(|s| &s.jid == jid)
+            .map(|s| (s.addr.clone(), s.shared.clone()))
+    }
+
     fn local_session(&self, jid: &FullJid, id: SessionId) -> Option<Addr<Session>> {
         let sessions = self.sessions.lock();
         sessions
@@ -869,10 +880,20 @@ pub fn to_wire_kind(kind: FromSessionKind) -> FromKind {
 /// session's own stanza, a session event; a delivery to a session that is not there
 /// (any more) becomes its unbind and the stanza routed again, after it on the same
 /// path. Other kinds carry none.
-fn owner_work(kind: FrameKind, now: Instant) -> Vec<ToOwner> {
+fn owner_work(kind: FrameKind, now: Instant, from: Option<&NodeId>) -> Vec<ToOwner> {
+    let route = |stanza, origin| RouteToUser {
+        stanza,
+        since: now,
+        origin,
+    };
     match kind {
         FrameKind::ToBare(f) => match decode(&f.stanza) {
-            Some(stanza) => vec![ToOwner::Route(RouteToUser { stanza, since: now }, f.hops)],
+            Some(stanza) => {
+                // Forwarded once (hops counts the forwards): `from` is where it was
+                // sent.
+                let origin = from.filter(|_| f.hops == 1).cloned();
+                vec![ToOwner::Route(route(stanza, origin), f.hops)]
+            }
             None => {
                 warn!("undecodable stanza from a peer dropped");
                 Vec::new()
@@ -890,7 +911,7 @@ fn owner_work(kind: FrameKind, now: Instant) -> Vec<ToOwner> {
                 .map(|to| {
                     let mut stanza = template.clone();
                     stanza.to = Some(to);
-                    ToOwner::Route(RouteToUser { stanza, since: now }, 1)
+                    ToOwner::Route(route(stanza, None), 1)
                 })
                 .collect()
         }
@@ -903,7 +924,7 @@ fn owner_work(kind: FrameKind, now: Instant) -> Vec<ToOwner> {
                 id: f.session_id,
             })];
             if let Some(stanza) = decode(&f.stanza) {
-                work.push(ToOwner::Route(RouteToUser { stanza, since: now }, 0));
+                work.push(ToOwner::Route(route(stanza, None), 0));
             }
             work
         }
@@ -952,7 +973,7 @@ impl FrameHandler for Inbound {
             | FrameKind::PresenceFanout(_)
             | FrameKind::FromSession(_)
             | FrameKind::SessionEvent(_) => {
-                for msg in owner_work(kind, now) {
+                for msg in owner_work(kind, now, Some(from)) {
                     router.to_owner_from(msg, Some(from));
                 }
             }
@@ -969,7 +990,7 @@ impl FrameHandler for Inbound {
                     .is_ok()
                 });
                 if !delivered {
-                    for msg in owner_work(FrameKind::ToFull(f), now) {
+                    for msg in owner_work(FrameKind::ToFull(f), now, Some(from)) {
                         router.to_owner(msg);
                     }
                 }
@@ -1082,8 +1103,20 @@ impl FrameHandler for Inbound {
             FrameKind::SessionsWanted(w) => {
                 link.report_sessions(from, &w.shards.into_iter().collect(), router);
             }
-            FrameKind::RoomBroadcast(_) => {
-                debug!(peer = %from, "frame kind not used by this version skipped");
+            FrameKind::RoomBroadcast(b) => {
+                let Some(template) = decode(&b.stanza) else {
+                    warn!(room = %b.room, "undecodable room broadcast from a peer dropped");
+                    return;
+                };
+                for to in b
+                    .recipients
+                    .iter()
+                    .filter_map(|r| r.parse::<FullJid>().ok())
+                {
+                    let mut stanza = template.clone();
+                    stanza.to = Some(Jid::from(to));
+                    router.deliver_room_copy(stanza, now);
+                }
             }
         }
     }
@@ -1110,7 +1143,7 @@ pub fn reroute_undelivered(router: &Router, peer: &NodeId, frames: Vec<FrameKind
                     )));
                 }
             }
-            kind => work.extend(owner_work(kind, now)),
+            kind => work.extend(owner_work(kind, now, None)),
         }
     }
     // Ahead of anything parked since: these are older.

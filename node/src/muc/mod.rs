@@ -17,7 +17,7 @@ mod record;
 pub use listing::answer as list_rooms;
 pub use record::after_restart;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use jid::{BareJid, FullJid, Jid};
@@ -25,6 +25,8 @@ use shoal_xmpp::error::{StanzaError, StanzaErrorCondition};
 use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
 use shoal_xmpp::xml::{Element, Node};
+
+use crate::cluster::forward::NodeId;
 
 /// `http://jabber.org/protocol/muc`: the join element.
 pub const NS_MUC: &str = "http://jabber.org/protocol/muc";
@@ -312,13 +314,15 @@ pub struct Room {
     presence_max: usize,
     occupants: Vec<Occupant>,
     /// Affiliations other than `none`, by bare JID.
-    affiliations: std::collections::HashMap<BareJid, Affiliation>,
+    affiliations: HashMap<BareJid, Affiliation>,
     subject: Option<(String, String)>,
     history: VecDeque<Past>,
     /// What changed since the host last took the writes.
     dirty: Dirty,
     /// Nobody has entered yet: the first to enter creates the room (201).
     new: bool,
+    /// The nodes holding occupants' sessions, where known (cluster mode).
+    homes: HashMap<FullJid, NodeId>,
 }
 
 /// What of a room changed since its writes were last taken: its state (configuration,
@@ -336,17 +340,31 @@ impl Room {
             config: RoomConfig::default(),
             presence_max,
             occupants: Vec::new(),
-            affiliations: std::collections::HashMap::new(),
+            affiliations: HashMap::new(),
             subject: None,
             history: VecDeque::new(),
             dirty: Dirty::default(),
             new: true,
+            homes: HashMap::new(),
         }
     }
 
     /// No occupant left in a temporary room: it goes away.
     pub fn can_vanish(&self) -> bool {
         self.occupants.is_empty() && !self.config.persistent
+    }
+
+    /// The node holding occupant `jid`'s session, when known: the room's stanzas for
+    /// it can go there directly, not through its account's owner.
+    pub fn home(&self, jid: &FullJid) -> Option<&NodeId> {
+        self.homes.get(jid)
+    }
+
+    /// Records that `jid`'s session is on `node`, if `jid` is an occupant.
+    pub fn set_home(&mut self, jid: &FullJid, node: NodeId) {
+        if self.position(jid).is_some() {
+            self.homes.insert(jid.clone(), node);
+        }
     }
 
     /// The occupant with this real JID came, changed or left.
@@ -576,6 +594,7 @@ impl Room {
         };
         let gone = self.occupants.remove(i);
         self.touch(from);
+        self.homes.remove(from);
         let status = stanza.status();
         let mut out = Vec::new();
         let told = self.occupants.iter().filter(|o| {
@@ -831,6 +850,7 @@ impl Room {
         };
         let gone = self.occupants.remove(i);
         self.touch(&gone.jid);
+        self.homes.remove(&gone.jid);
         let mut out = Vec::new();
         for o in self.occupants.iter().chain(std::iter::once(&gone)) {
             let mut item = Element::new("item", NS_MUC_USER)
@@ -977,6 +997,7 @@ impl Room {
         }
         // Gone for good, even when persistent: the host drops it and its record.
         self.affiliations.clear();
+        self.homes.clear();
         self.config.persistent = false;
         out
     }

@@ -16,6 +16,7 @@ use shoal_xmpp::ns;
 use shoal_xmpp::xml::{Element, Node, NsContext, parse_fragment};
 
 use super::{Affiliation, NS_DATA, Occupant, Role, Room};
+use crate::cluster::forward::NodeId;
 use crate::storage::{Storage, StorageError, StoredRoom};
 use crate::user::Write;
 
@@ -60,13 +61,13 @@ impl Room {
         room.to_xml(ns::CLIENT)
     }
 
-    /// The room `stored` describes, with the stored occupants for which `present`
-    /// holds (their sessions are still there); the others are written away.
+    /// The room `stored` describes, with the stored occupants whose sessions are still
+    /// there, on the node `session` names; the others are written away.
     pub fn restore(
         jid: BareJid,
         presence_max: usize,
         stored: &StoredRoom,
-        present: impl Fn(&FullJid) -> bool,
+        session: impl Fn(&FullJid) -> Option<NodeId>,
     ) -> Result<Room, String> {
         let mut room = Room::new(jid, presence_max);
         room.new = false;
@@ -99,13 +100,16 @@ impl Room {
             let Ok(jid) = jid.parse::<FullJid>() else {
                 return Err(format!("occupant record key {jid:?} is not a full JID"));
             };
-            match (present(&jid), occupant_from(jid.clone(), record, &room)) {
-                (true, Some(occupant)) => room.occupants.push(occupant),
-                (true, None) => {
+            match (session(&jid), occupant_from(jid.clone(), record, &room)) {
+                (Some(home), Some(occupant)) => {
+                    room.occupants.push(occupant);
+                    room.homes.insert(jid, home);
+                }
+                (Some(_), None) => {
                     tracing::warn!(room = %room.jid, occupant = %jid, "unreadable occupant record dropped");
                     room.touch(&jid);
                 }
-                (false, _) => room.touch(&jid),
+                (None, _) => room.touch(&jid),
             }
         }
         Ok(room)
@@ -149,7 +153,7 @@ pub async fn after_restart(storage: &Storage) -> Result<(), StorageError> {
         else {
             continue;
         };
-        let Ok(mut room) = Room::restore(bare, 0, &stored, |_| false) else {
+        let Ok(mut room) = Room::restore(bare, 0, &stored, |_| None) else {
             // Left as it is for an operator to look at; loading it reports it again.
             tracing::warn!(room = %jid, "unreadable room record left alone");
             continue;
@@ -226,7 +230,10 @@ mod tests {
         // Only b's session is still there.
         let jid: BareJid = "coven@conference.localhost".parse().unwrap();
         let b: FullJid = "b@localhost/y".parse().unwrap();
-        let mut back = Room::restore(jid, 0, &records, |o| *o == b).unwrap();
+        let node = NodeId::new("node1").unwrap();
+        let mut back =
+            Room::restore(jid, 0, &records, |o| (*o == b).then(|| node.clone())).unwrap();
+        assert_eq!(back.home(&b), Some(&node));
         assert_eq!(back.config, original.config);
         assert_eq!(back.affiliations, original.affiliations);
         assert_eq!(back.subject, original.subject);
