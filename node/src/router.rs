@@ -633,7 +633,7 @@ impl Router {
     }
 
     /// Routes what a room sent, each copy with the node holding its recipient's
-    /// session when the room knows it (DESIGN.md "MUC broadcast"): copies for
+    /// session when the room knows it (ARCHITECTURE.md, `router.rs`): copies for
     /// sessions here are delivered at once, and each other node gets one frame per
     /// run of copies equal but for `to` (the stanza once, with its recipients); the
     /// rest go the usual way, through the recipients' accounts.

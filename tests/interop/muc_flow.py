@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Multi-user chat with slixmpp's XEP-0045 plugin: join, message, nick change, kick.
+"""Multi-user chat with slixmpp's XEP-0045 plugin: create and configure, join,
+membership, message, nick change, kick.
 
 Two slixmpp clients log in with SCRAM over STARTTLS, then:
 
 1. the first joins (and so creates) the room, waiting for its self-presence and
    the subject as slixmpp's join_muc_wait does;
-2. the second joins, and the plugin must list the first among the occupants;
+2. the first fetches the room's configuration form (XEP-0004), names the room in it
+   and submits it, which unlocks the new room (XEP-0045 §10.1.3); the room's
+   disco#info then carries the name;
+3. the second joins, and the plugin must list the first among the occupants; the
+   first makes the second a member and the member list names it;
 3. the first sends a groupchat message; the second gets it from the first's
    room JID;
 4. the second changes its nick; the first sees the occupant under the new nick;
@@ -62,11 +67,27 @@ async def flow(args: argparse.Namespace, c1: Client, c2: Client, summary: dict) 
 
     await muc1.join_muc_wait(room, "first", maxstanzas=0, timeout=step)
     summary["steps"].append("created")
+    form = await muc1.get_room_config(room, timeout=step)
+    if "muc#roomconfig_roomname" not in form.get_fields():
+        raise CheckFailed(f"configuration form lacks the room name: {sorted(form.get_fields())}")
+    form.set_values({"muc#roomconfig_roomname": "Interop room"})
+    await muc1.set_room_config(room, form, timeout=step)
+    info = await c2.plugin["xep_0030"].get_info(jid=room, timeout=step)
+    names = [identity[3] for identity in info["disco_info"]["identities"]]
+    if names != ["Interop room"]:
+        raise CheckFailed(f"the configured room is named {names}")
+    summary["steps"].append("configured")
     _, _, occupants, _ = await muc2.join_muc_wait(room, "second", maxstanzas=0, timeout=step)
     nicks = sorted(p["from"].resource for p in occupants)
     if "first" not in nicks:
         raise CheckFailed(f"the second client's occupant list lacks 'first': {nicks}")
     summary["steps"].append("joined")
+    member = c2.boundjid.bare
+    await muc1.set_affiliation(room, "member", jid=member, timeout=step)
+    members = [str(j) for j in await muc1.get_affiliation_list(room, "member", timeout=step)]
+    if members != [member]:
+        raise CheckFailed(f"member list is {members}, expected [{member!r}]")
+    summary["steps"].append("member")
 
     body = f"hello room {uuid.uuid4().hex[:8]}"
     got = asyncio.ensure_future(wait_event(

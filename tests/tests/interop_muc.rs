@@ -1,6 +1,7 @@
 //! Interop for multi-user chat (XEP-0045) with a real third-party client: two slixmpp
-//! clients use slixmpp's own MUC plugin to create and join a room, exchange a groupchat
-//! message, change a nick and kick (`tests/interop/muc_flow.py`).
+//! clients use slixmpp's own MUC plugin to create a room and configure it with its
+//! data form, join it, grant and list membership, exchange a groupchat message,
+//! change a nick and kick (`tests/interop/muc_flow.py`).
 
 use shoal_tests::TestNode;
 use shoal_tests::interop::{PAIR, run_pair};
@@ -15,7 +16,7 @@ async fn slixmpp_muc_plugin_joins_talks_renames_and_kicks() {
     let summary = run_pair(&node, "muc_flow.py", &[]).await;
     assert!(summary.contains("\"ok\": true"), "{summary}");
     assert!(
-        summary.contains("\"steps\": [\"created\", \"joined\", \"message\", \"nick\", \"kicked\"]"),
+        summary.contains("\"steps\": [\"created\", \"configured\", \"joined\", \"member\", \"message\", \"nick\", \"kicked\"]"),
         "{summary}"
     );
 }

@@ -46,6 +46,15 @@ fn groupchat_in(room: &str, to: &str, nick: &str, id: &str, body: &str) -> Strin
     )
 }
 
+/// The room's creator accepts the default configuration (§10.1.2): others may enter.
+async fn accept_instant(c: &mut Client, room: &str) {
+    let me = jid(c);
+    assert_eq!(
+        ask(c, &format!("<iq to='{room}' id='instant' type='set'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>")).await,
+        format!("<iq to='{me}' from='{room}' id='instant' type='result'/>")
+    );
+}
+
 /// A muc#owner form submission with these `(var, value)` fields.
 fn configure(room: &str, id: &str, fields: &[(&str, &str)]) -> String {
     let fields: String = fields
@@ -81,6 +90,13 @@ async fn two_in_room(j: &mut Client, r: &mut Client) {
         )
     );
     assert_eq!(next(j).await, empty_subject(&jf));
+    // Nobody else may enter before the owner accepts the instant room (§10.1.1).
+    let early = ask(r, &join("romeo")).await;
+    assert!(
+        early.contains("type='error'") && early.contains("<item-not-found"),
+        "{early}"
+    );
+    accept_instant(j, ROOM).await;
 
     r.send(&join("romeo")).await.unwrap();
     // The occupants already there (a participant does not see real JIDs), then its
@@ -795,6 +811,9 @@ async fn room_outlives_its_node() {
         for _ in 0..before + 2 {
             next(c).await; // the others, itself, the subject
         }
+        if nick == "juliet" {
+            accept_instant(c, &room).await;
+        }
     }
     next_unordered(
         &mut j,
@@ -902,4 +921,135 @@ async fn room_outlives_its_node() {
             &["110"]
         )
     );
+}
+
+/// Affiliation lists and granting ownership (§9.5, §10.3, §10.5), a XEP-0249 direct
+/// invitation passing through, and history limited by `since` (§7.2.15).
+#[tokio::test]
+async fn lists_ownership_direct_invitations_and_history_since() {
+    let node = node();
+    let mut j = login(&node, "juliet", "balcony").await;
+    let mut r = login(&node, "romeo", "orchard").await;
+    let mut n = online(&node, "nurse", "kitchen").await;
+    two_in_room(&mut j, &mut r).await;
+    let (jf, rf, nf) = (jid(&j), jid(&r), jid(&n));
+    let admin = |id: &str, kind: &str, item: &str| {
+        format!(
+            "<iq to='{ROOM}' id='{id}' type='{kind}'><query xmlns='http://jabber.org/protocol/muc#admin'>{item}</query></iq>"
+        )
+    };
+    let list = |to: &str, id: &str, items: &str| {
+        format!(
+            "<iq to='{to}' from='{ROOM}' id='{id}' type='result'><query xmlns='http://jabber.org/protocol/muc#admin'>{items}</query></iq>"
+        )
+    };
+
+    j.send(&admin(
+        "m1",
+        "set",
+        "<item jid='romeo@localhost' affiliation='member'/>",
+    ))
+    .await
+    .unwrap();
+    let romeo_as = |aff: &str, role: &str| {
+        [
+            format!("<iq to='{jf}' from='{ROOM}' id='m1' type='result'/>"),
+            occupant(
+                "romeo",
+                &jf,
+                &format!("<item affiliation='{aff}' role='{role}' jid='{rf}'/>"),
+                &[],
+            ),
+        ]
+    };
+    next_unordered(&mut j, &romeo_as("member", "participant")).await;
+    assert_eq!(
+        next(&mut r).await,
+        occupant(
+            "romeo",
+            &rf,
+            "<item affiliation='member' role='participant'/>",
+            &["110"]
+        )
+    );
+    assert_eq!(
+        ask(&mut j, &admin("l1", "get", "<item affiliation='member'/>")).await,
+        list(
+            &jf,
+            "l1",
+            "<item affiliation='member' jid='romeo@localhost'/>"
+        )
+    );
+    let no = ask(&mut r, &admin("l2", "get", "<item affiliation='owner'/>")).await;
+    assert!(
+        no.contains("type='error'") && no.contains("<forbidden"),
+        "{no}"
+    );
+
+    // A second owner (a moderator, so it sees real JIDs) may list the owners.
+    j.send(&admin(
+        "m1",
+        "set",
+        "<item jid='romeo@localhost' affiliation='owner'/>",
+    ))
+    .await
+    .unwrap();
+    next_unordered(&mut j, &romeo_as("owner", "moderator")).await;
+    assert_eq!(
+        next(&mut r).await,
+        occupant(
+            "romeo",
+            &rf,
+            &format!("<item affiliation='owner' role='moderator' jid='{rf}'/>"),
+            &["110"]
+        )
+    );
+    assert_eq!(
+        ask(&mut r, &admin("l3", "get", "<item affiliation='owner'/>")).await,
+        list(
+            &rf,
+            "l3",
+            "<item affiliation='owner' jid='juliet@localhost'/><item affiliation='owner' jid='romeo@localhost'/>"
+        )
+    );
+
+    // XEP-0249: an invitation sent to the user directly, passed on as it is.
+    j.send("<message to='nurse@localhost' id='inv'><x xmlns='jabber:x:conference' jid='coven@conference.localhost' reason='Join us'/></message>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut n).await,
+        format!(
+            "<message to='nurse@localhost' from='{jf}' id='inv'><x xmlns='jabber:x:conference' jid='coven@conference.localhost' reason='Join us'/></message>"
+        )
+    );
+
+    // History since a time after every message: none, straight to the subject.
+    j.send(&format!(
+        "<message to='{ROOM}' id='g1' type='groupchat'><body>Old news</body></message>"
+    ))
+    .await
+    .unwrap();
+    next(&mut j).await;
+    next(&mut r).await;
+    n.send(&format!("<presence to='{ROOM}/nurse'><x xmlns='http://jabber.org/protocol/muc'><history since='2100-01-01T00:00:00Z'/></x></presence>"))
+        .await
+        .unwrap();
+    for nick in ["juliet", "romeo"] {
+        assert!(
+            next(&mut n)
+                .await
+                .contains(&format!("from='{ROOM}/{nick}'"))
+        );
+    }
+    assert_eq!(
+        next(&mut n).await,
+        occupant(
+            "nurse",
+            &nf,
+            "<item affiliation='none' role='participant'/>",
+            &["110"]
+        )
+    );
+    assert_eq!(next(&mut n).await, empty_subject(&nf));
 }

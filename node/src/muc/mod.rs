@@ -321,6 +321,8 @@ pub struct Room {
     dirty: Dirty,
     /// Nobody has entered yet: the first to enter creates the room (201).
     new: bool,
+    /// Created and not yet configured by its owner: nobody else may enter (§10.1.1).
+    locked: bool,
     /// The nodes holding occupants' sessions, where known (cluster mode).
     homes: HashMap<FullJid, NodeId>,
 }
@@ -345,6 +347,7 @@ impl Room {
             history: VecDeque::new(),
             dirty: Dirty::default(),
             new: true,
+            locked: false,
             homes: HashMap::new(),
         }
     }
@@ -401,6 +404,11 @@ impl Room {
             (Kind::Message(_), None) => self.invite(&from, stanza),
             (Kind::Iq(IqType::Get | IqType::Set), None) => match stanza.iq_payload() {
                 Ok(Some(q)) if q.is("query", NS_MUC_OWNER) => self.owner(&from, &stanza, &q),
+                Ok(Some(q))
+                    if q.is("query", NS_MUC_ADMIN) && stanza.kind == Kind::Iq(IqType::Get) =>
+                {
+                    self.admin_list(&from, &stanza, &q)
+                }
                 _ if stanza.kind == Kind::Iq(IqType::Get) => self.iq(&stanza),
                 _ => self.admin(&from, &stanza),
             },
@@ -466,6 +474,7 @@ impl Room {
         let created = std::mem::take(&mut self.new);
         if created {
             self.affiliations.insert(from.to_bare(), Affiliation::Owner);
+            self.locked = true;
             self.dirty.state = true;
         }
         let affiliation = self.affiliation(&from.to_bare());
@@ -517,6 +526,10 @@ impl Room {
     ) -> Result<(), StanzaErrorCondition> {
         if affiliation == Affiliation::Outcast {
             return Err(StanzaErrorCondition::Forbidden);
+        }
+        // §10.1.1: a new room waits for its owner's configuration.
+        if self.locked && affiliation != Affiliation::Owner {
+            return Err(StanzaErrorCondition::ItemNotFound);
         }
         if self.config.members_only && affiliation < Affiliation::Member {
             return Err(StanzaErrorCondition::RegistrationRequired);
@@ -747,6 +760,67 @@ impl Room {
         out
     }
 
+    /// A muc#admin list (one item naming an affiliation or a role): members (§9.5),
+    /// outcasts (the ban list, §9.2), admins (§10.8) and owners (§10.5) by bare
+    /// JID; participants (the voice list, §8.5) and moderators (§9.8) by nick.
+    fn admin_list(&self, from: &FullJid, iq: &Stanza, query: &Element) -> Vec<Stanza> {
+        let mut items = query.elements().filter(|e| e.is("item", NS_MUC_ADMIN));
+        let (Some(item), None) = (items.next(), items.next()) else {
+            return refuse(iq, StanzaErrorCondition::BadRequest);
+        };
+        let actor_aff = self.affiliation(&from.to_bare());
+        let actor_role = self.position(from).map(|i| self.occupants[i].role);
+        let mut answer = Element::new("query", NS_MUC_ADMIN);
+        match (item.get_attr("affiliation"), item.get_attr("role")) {
+            (Some(aff), None) => {
+                let Some(aff) = Affiliation::parse(aff).filter(|a| *a != Affiliation::None) else {
+                    return refuse(iq, StanzaErrorCondition::BadRequest);
+                };
+                let needs = match aff {
+                    Affiliation::Owner | Affiliation::Admin => Affiliation::Owner,
+                    _ => Affiliation::Admin,
+                };
+                if actor_aff < needs {
+                    return refuse(iq, StanzaErrorCondition::Forbidden);
+                }
+                let mut listed: Vec<&BareJid> = self
+                    .affiliations
+                    .iter()
+                    .filter(|(_, a)| **a == aff)
+                    .map(|(jid, _)| jid)
+                    .collect();
+                listed.sort_by_key(|jid| jid.as_str());
+                for jid in listed {
+                    answer = answer.child(
+                        Element::new("item", NS_MUC_ADMIN)
+                            .attr("affiliation", aff.as_str())
+                            .attr("jid", jid.as_str()),
+                    );
+                }
+            }
+            (None, Some(role @ ("participant" | "moderator"))) => {
+                let allowed = match role {
+                    "participant" => actor_role == Some(Role::Moderator),
+                    _ => actor_aff >= Affiliation::Admin,
+                };
+                if !allowed {
+                    return refuse(iq, StanzaErrorCondition::Forbidden);
+                }
+                for o in self.occupants.iter().filter(|o| o.role.as_str() == role) {
+                    answer = answer.child(
+                        Element::new("item", NS_MUC_ADMIN)
+                            .attr("affiliation", o.affiliation.as_str())
+                            .attr("jid", o.jid.as_str())
+                            .attr("nick", o.nick.clone())
+                            .attr("role", role),
+                    );
+                }
+            }
+            _ => return refuse(iq, StanzaErrorCondition::BadRequest),
+        }
+        vec![iq.iq_result(Some(&answer))]
+    }
+
     /// Whether `actor` may make `change` (§8, §9, and the table of §5.2.1).
     fn allowed(&self, actor: &Occupant, change: &Change) -> Result<(), StanzaErrorCondition> {
         let actor_aff = actor.affiliation;
@@ -780,6 +854,15 @@ impl Room {
                 };
                 if actor_aff < needs {
                     return Err(StanzaErrorCondition::Forbidden);
+                }
+                // §10.4: a room keeps at least one owner.
+                let owners = self
+                    .affiliations
+                    .values()
+                    .filter(|a| **a == Affiliation::Owner)
+                    .count();
+                if current == Affiliation::Owner && *aff != Affiliation::Owner && owners == 1 {
+                    return Err(StanzaErrorCondition::Conflict);
                 }
                 Ok(())
             }
@@ -948,6 +1031,11 @@ impl Room {
                 if let Err(condition) = self.config.submit(form.expect("typed form")) {
                     return refuse(iq, condition);
                 }
+                // §10.1.2, §10.1.3: the instant room accepted or the room configured;
+                // others may enter now.
+                if std::mem::take(&mut self.locked) {
+                    self.dirty.state = true;
+                }
                 let mut out = vec![iq.iq_result(None)];
                 if self.config != before {
                     self.dirty.state = true;
@@ -964,6 +1052,10 @@ impl Room {
                     }));
                 }
                 out
+            }
+            // §10.1.3: an owner cancelling a new room's configuration does not want it.
+            (_, Some("cancel")) if self.locked => {
+                self.destroy(iq, &Element::new("destroy", NS_MUC_OWNER))
             }
             (_, Some("cancel")) => vec![iq.iq_result(None)],
             _ => refuse(iq, StanzaErrorCondition::BadRequest),
@@ -1085,7 +1177,8 @@ impl Room {
     }
 
     /// The discussion history for a newcomer, within the limits of its join request
-    /// (§7.2.15: `maxstanzas`; `maxchars='0'` and `seconds='0'` ask for none).
+    /// (§7.2.15: `maxstanzas`, `maxchars`, `seconds`, `since`; `maxchars='0'` and
+    /// `seconds='0'` ask for none).
     fn history_for(&self, to: &FullJid, join: &Stanza, now_ms: u64) -> Vec<Stanza> {
         let limits = join
             .payload_elements()
@@ -1099,7 +1192,17 @@ impl Room {
                 .and_then(|v| v.parse::<u64>().ok())
         };
         let max = attr("maxstanzas").map_or(HISTORY, |n| n as usize);
-        let oldest = attr("seconds").map(|s| now_ms.saturating_sub(s * 1000));
+        let since = limits
+            .as_ref()
+            .and_then(|h| h.get_attr("since"))
+            .and_then(parse_timestamp_ms);
+        let oldest = [
+            attr("seconds").map(|s| now_ms.saturating_sub(s * 1000)),
+            since,
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         let mut chars_left = attr("maxchars");
         // Newest first while the limits allow, then sent oldest first.
         let mut out: Vec<Stanza> = Vec::new();
@@ -1198,6 +1301,14 @@ fn refuse(stanza: &Stanza, condition: StanzaErrorCondition) -> Vec<Stanza> {
         .collect()
 }
 
+/// An XEP-0082 timestamp (`2002-10-13T23:58:37Z`, fractions and offsets allowed) in
+/// ms since the Unix epoch.
+fn parse_timestamp_ms(stamp: &str) -> Option<u64> {
+    let t =
+        time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 fn is_ping(iq: &Stanza) -> bool {
     matches!(iq.iq_payload(), Ok(Some(p)) if p.is("ping", ns::PING))
 }
@@ -1264,18 +1375,22 @@ mod tests {
         }
     }
 
+    /// A room created by a@localhost/x ("first"), accepted as an instant room, and
+    /// entered by b@localhost/y ("second").
     pub(super) fn room() -> Room {
         let mut room = Room::new("coven@conference.localhost".parse().unwrap(), 0);
-        for (who, nick) in [("a@localhost/x", "first"), ("b@localhost/y", "second")] {
-            room.handle(
-                stanza(&format!(
-                    "<presence from='{who}' to='coven@conference.localhost/{nick}'/>"
-                )),
-                0,
-            );
+        for xml in [
+            "<presence from='a@localhost/x' to='coven@conference.localhost/first'/>",
+            INSTANT,
+            "<presence from='b@localhost/y' to='coven@conference.localhost/second'/>",
+        ] {
+            room.handle(stanza(xml), 0);
         }
         room
     }
+
+    /// The creator a@localhost/x accepts the instant room (§10.1.2).
+    const INSTANT: &str = "<iq type='set' id='instant' from='a@localhost/x' to='coven@conference.localhost'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>";
 
     fn xml(out: &[Stanza]) -> Vec<String> {
         out.iter().map(Stanza::to_xml).collect()
@@ -1352,6 +1467,152 @@ mod tests {
             enter(&mut room, "c@localhost/5", ""),
             ["<body>0", "<body>1", "<body>2"]
         );
+        // 1970-01-01T00:00:50Z: the message sent at 50 s and the later one.
+        assert_eq!(
+            enter(
+                &mut room,
+                "c@localhost/6",
+                "<history since='1970-01-01T00:00:50Z'/>"
+            ),
+            ["<body>1", "<body>2"]
+        );
+        assert_eq!(
+            enter(
+                &mut room,
+                "c@localhost/7",
+                "<history since='1970-01-01T01:00:50.5+01:00'/>"
+            ),
+            ["<body>2"]
+        );
+    }
+
+    /// §10.1: a new room is locked until its owner accepts it as an instant room or
+    /// configures it; cancelling the configuration destroys it.
+    #[test]
+    fn new_rooms_wait_for_their_owner() {
+        let mut room = Room::new("coven@conference.localhost".parse().unwrap(), 0);
+        let join = |who: &str| {
+            stanza(&format!(
+                "<presence from='{who}' to='coven@conference.localhost/{who}'/>"
+            ))
+        };
+        room.handle(join("a@localhost/x"), 0);
+        let refused = xml(&room.handle(join("b@localhost/y"), 0));
+        assert_eq!(refused.len(), 1);
+        assert!(
+            refused[0].contains("type='error'") && refused[0].contains("<item-not-found"),
+            "{refused:?}"
+        );
+        // Another resource of the owner may enter.
+        assert!(
+            xml(&room.handle(join("a@localhost/z"), 0))
+                .iter()
+                .any(|s| s.contains("code='110'"))
+        );
+        assert_eq!(
+            xml(&room.handle(stanza(INSTANT), 0)),
+            [
+                "<iq to='a@localhost/x' from='coven@conference.localhost' id='instant' type='result'/>"
+            ]
+        );
+        assert!(
+            xml(&room.handle(join("b@localhost/y"), 0))
+                .iter()
+                .any(|s| s.contains("code='110'"))
+        );
+
+        let mut other = Room::new("other@conference.localhost".parse().unwrap(), 0);
+        other.handle(
+            stanza("<presence from='a@localhost/x' to='other@conference.localhost/a'/>"),
+            0,
+        );
+        let out = xml(&other.handle(stanza("<iq type='set' id='c' from='a@localhost/x' to='other@conference.localhost'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='cancel'/></query></iq>"), 0));
+        assert!(
+            out[1].contains("type='unavailable'") && out[1].contains("<destroy"),
+            "{out:?}"
+        );
+        assert!(other.can_vanish());
+    }
+
+    /// Affiliation lists for admins and owners, role lists for moderators, and a
+    /// room that keeps an owner.
+    #[test]
+    fn admin_lists_and_the_last_owner() {
+        let mut room = room();
+        let ask = |room: &mut Room, who: &str, query: &str, kind: &str| {
+            xml(&room.handle(
+                stanza(&format!("<iq type='{kind}' id='q' from='{who}' to='coven@conference.localhost'><query xmlns='http://jabber.org/protocol/muc#admin'>{query}</query></iq>")),
+                0,
+            ))
+        };
+        let member = "<item jid='c@localhost' affiliation='member'/>";
+        assert_eq!(ask(&mut room, "a@localhost/x", member, "set").len(), 1);
+        assert_eq!(
+            ask(
+                &mut room,
+                "a@localhost/x",
+                "<item affiliation='member'/>",
+                "get"
+            ),
+            [
+                "<iq to='a@localhost/x' from='coven@conference.localhost' id='q' type='result'><query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='member' jid='c@localhost'/></query></iq>"
+            ]
+        );
+        assert_eq!(
+            ask(
+                &mut room,
+                "a@localhost/x",
+                "<item role='participant'/>",
+                "get"
+            ),
+            [
+                "<iq to='a@localhost/x' from='coven@conference.localhost' id='q' type='result'><query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='none' jid='b@localhost/y' nick='second' role='participant'/></query></iq>"
+            ]
+        );
+        // A participant may see neither.
+        for query in ["<item affiliation='member'/>", "<item role='participant'/>"] {
+            let out = ask(&mut room, "b@localhost/y", query, "get");
+            assert!(out[0].contains("<forbidden"), "{out:?}");
+        }
+        let out = ask(
+            &mut room,
+            "a@localhost/x",
+            "<item affiliation='none'/>",
+            "get",
+        );
+        assert!(out[0].contains("<bad-request"), "{out:?}");
+        // The only owner cannot step down; with a second owner, it can.
+        let out = ask(
+            &mut room,
+            "a@localhost/x",
+            "<item jid='a@localhost' affiliation='admin'/>",
+            "set",
+        );
+        assert!(out[0].contains("<conflict"), "{out:?}");
+        ask(
+            &mut room,
+            "a@localhost/x",
+            "<item jid='b@localhost' affiliation='owner'/>",
+            "set",
+        );
+        let out = ask(
+            &mut room,
+            "a@localhost/x",
+            "<item jid='a@localhost' affiliation='admin'/>",
+            "set",
+        );
+        assert!(out[0].contains("type='result'"), "{out:?}");
+        assert_eq!(
+            ask(
+                &mut room,
+                "b@localhost/y",
+                "<item affiliation='owner'/>",
+                "get"
+            ),
+            [
+                "<iq to='b@localhost/y' from='coven@conference.localhost' id='q' type='result'><query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='owner' jid='b@localhost'/></query></iq>"
+            ]
+        );
     }
 
     /// Above the presence limit, arrivals and departures reach only the moderators
@@ -1365,6 +1626,7 @@ mod tests {
             ))
         };
         room.handle(join("a@localhost/x", "owner"), 0);
+        room.handle(stanza(INSTANT), 0);
         room.handle(join("b@localhost/y", "second"), 0);
         let to = |out: &[Stanza]| -> Vec<String> {
             out.iter()

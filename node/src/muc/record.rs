@@ -2,7 +2,7 @@
 //! them. Both records are XML in the `jabber:client` namespace, so an occupant's
 //! presence payload is stored exactly as it is broadcast:
 //!
-//! - the state: `<room><x xmlns='jabber:x:data' type='form'>…</x><affiliation
+//! - the state: `<room [locked='1']><x xmlns='jabber:x:data' type='form'>…</x><affiliation
 //!   jid='…' value='…'/>…<subject nick='…'>…</subject></room>`, the configuration as
 //!   the room's own configuration form, read back through the form's submission;
 //! - an occupant: `<occupant nick='…' role='…'>presence payload</occupant>`, keyed by
@@ -41,7 +41,11 @@ impl Room {
     }
 
     fn state_record(&self) -> String {
-        let mut room = Element::new("room", ns::CLIENT).child(self.config.form());
+        let mut room = Element::new("room", ns::CLIENT);
+        if self.locked {
+            room = room.attr("locked", "1");
+        }
+        room = room.child(self.config.form());
         let mut affiliations: Vec<_> = self.affiliations.iter().collect();
         affiliations.sort_by_key(|(jid, _)| jid.as_str());
         for (jid, affiliation) in affiliations {
@@ -73,6 +77,7 @@ impl Room {
         room.new = false;
         let state = Element::parse(stored.state.as_bytes(), NsContext::CLIENT)
             .map_err(|e| format!("room record: {e}"))?;
+        room.locked = state.get_attr("locked") == Some("1");
         for child in state.elements() {
             match child.name.as_str() {
                 "x" if child.ns == NS_DATA => room
