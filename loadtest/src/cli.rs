@@ -317,8 +317,8 @@ pub struct MucArgs {
     /// The MUC service (default: conference.DOMAIN).
     #[arg(long)]
     pub service: Option<String>,
-    /// Occupants per room that send (the first ones to join); --rate is shared by the
-    /// senders of all rooms.
+    /// Occupants per room that send (the first ones, all of them when there are fewer);
+    /// --rate is shared by the senders of all rooms.
     #[arg(long, default_value_t = 5)]
     pub senders: usize,
     /// Joins in flight at once. Each join makes the server send the newcomer every
@@ -466,8 +466,8 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
             if a.occupants < 2 {
                 muc.push("--occupants must be at least 2".into());
             }
-            if !(1..=a.occupants.max(1)).contains(&a.senders) {
-                muc.push("--senders must be between 1 and --occupants".into());
+            if a.senders == 0 {
+                muc.push("--senders must be at least 1".into());
             }
             if a.join_concurrency == 0 {
                 muc.push("--join-concurrency must be at least 1".into());
@@ -644,6 +644,43 @@ mod tests {
             "none",
         ]);
         validate(&s).unwrap();
+        let s = parse(&["muc", "--rooms", "3", "--occupants", "4", "--tls", "none"]);
+        validate(&s).unwrap();
+        let Scenario::Muc(m) = &s else { unreachable!() };
+        assert_eq!(m.service(), "conference.localhost");
+        let s = parse(&[
+            "muc",
+            "--occupants",
+            "1",
+            "--senders",
+            "0",
+            "--join-concurrency",
+            "0",
+            "--service",
+            "a@b",
+            "--tls",
+            "none",
+        ]);
+        let err = validate(&s).unwrap_err().to_string();
+        for what in [
+            "--occupants",
+            "--senders",
+            "--join-concurrency",
+            "--service",
+        ] {
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        let s = parse(&[
+            "muc",
+            "--rooms",
+            "2000",
+            "--occupants",
+            "1000",
+            "--tls",
+            "none",
+        ]);
+        let err = validate(&s).unwrap_err().to_string();
+        assert!(err.contains("--rooms x --occupants"), "{err}");
         let s = parse(&[
             "idle",
             "--clients",
