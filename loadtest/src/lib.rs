@@ -168,3 +168,19 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
     report.add_warnings();
     Ok(report)
 }
+
+/// What the unit tests of the sans-IO modules share.
+#[cfg(test)]
+mod testing {
+    use bytes::Bytes;
+    use shoal_xmpp::stanza::{Stanza, TopLevel, parse_top_level};
+    use shoal_xmpp::xml::NsContext;
+
+    /// `xml` parsed as a client stream's stanza; panics on anything else.
+    pub fn stanza(xml: &str) -> Stanza {
+        match parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT) {
+            Ok(TopLevel::Stanza(s)) => s,
+            other => panic!("not a stanza: {other:?}"),
+        }
+    }
+}

@@ -101,16 +101,7 @@ pub fn join_answer(presence: &Stanza) -> Option<JoinAnswer> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use shoal_xmpp::stanza::{TopLevel, parse_top_level};
-    use shoal_xmpp::xml::NsContext;
-
-    fn stanza(xml: &str) -> Stanza {
-        match parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT) {
-            Ok(TopLevel::Stanza(s)) => s,
-            other => panic!("not a stanza: {other:?}"),
-        }
-    }
+    use crate::testing::stanza;
 
     #[test]
     fn rooms_and_stanzas() {

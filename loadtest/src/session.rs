@@ -218,25 +218,26 @@ impl Live {
     /// `None` when the session is gone. Many sessions can be asked before any answer is
     /// awaited.
     pub async fn ask(&self, id: &str, xml: String) -> Option<oneshot::Receiver<Stanza>> {
-        let (reply, answer) = oneshot::channel();
         let id = id.to_owned();
-        self.control
-            .send(Control::Iq { id, xml, reply })
-            .await
-            .ok()?;
-        Some(answer)
+        self.request(|reply| Control::Iq { id, xml, reply }).await
     }
 
     /// Joins the MUC room `room` (bare JID) as `nick`; the room's answer will come on
     /// the receiver. `None` when the session is gone.
     pub async fn join(&self, room: &str, nick: &str) -> Option<oneshot::Receiver<JoinAnswer>> {
-        let (reply, answer) = oneshot::channel();
         let xml = muc::join(room, nick);
         let room = room.to_owned();
-        self.control
-            .send(Control::Join { room, xml, reply })
+        self.request(|reply| Control::Join { room, xml, reply })
             .await
-            .ok()?;
+    }
+
+    /// Hands the reader the request `make` builds around the reply channel.
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Control,
+    ) -> Option<oneshot::Receiver<T>> {
+        let (reply, answer) = oneshot::channel();
+        self.control.send(make(reply)).await.ok()?;
         Some(answer)
     }
 
