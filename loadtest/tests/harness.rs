@@ -384,7 +384,14 @@ async fn muc_rooms_against_a_real_node_lose_nothing() {
         r.human()
     );
     assert_eq!(r.disconnected, 0);
-    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // This process also runs the node and the other tests, so its CPU is not the
+    // generator's alone: the generator CPU warning says nothing here.
+    let warnings: Vec<_> = r
+        .warnings
+        .iter()
+        .filter(|w| !w.contains("the generator used"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:?}");
 }
 
 /// What the fake server did to the stanzas it routed.
