@@ -15,12 +15,14 @@ use crate::negotiate::{Mech, TlsMode};
 #[command(
     name = "shoal-load",
     version,
-    about = "Simulated XMPP clients for load tests (login storm, open-loop chat, idle soak, step, presence fan-out)",
+    about = "Simulated XMPP clients for load tests (login storm, open-loop chat, idle soak, step, presence fan-out, MUC)",
     long_about = "Simulated XMPP clients for load tests of any XMPP server.\n\n\
         Usernames are PREFIX0..PREFIX{N-1}, all with one password; create them with \
         --register (XEP-0077) or `shoal user import`. For presence, first provision \
         the rosters once with `shoal-load rosters --clients N --contacts K`, then run \
-        `shoal-load presence --clients N --contacts K` with the same N and K."
+        `shoal-load presence --clients N --contacts K` with the same N and K. `shoal-load \
+        muc --rooms R --occupants N` uses accounts PREFIX0..PREFIX{R*N-1} and rooms \
+        PREFIXroom0..PREFIXroom{R-1} on conference.DOMAIN (--service)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -47,6 +49,11 @@ pub enum Scenario {
     /// each delivered to its --contacts contacts (provisioned by `rosters`); with
     /// --step, raise the rate until p99 or loss crosses a threshold.
     Presence(PresenceArgs),
+    /// Multi-user chat (XEP-0045): --rooms rooms of --occupants sessions each join, then
+    /// --senders occupants per room send groupchat messages at an open-loop --rate in
+    /// total, each delivered to every occupant; with --step, raise the rate until p99
+    /// or loss crosses a threshold.
+    Muc(MucArgs),
     /// A mixed "day": clients log in over a ramp, then for --duration some chat, some
     /// change presence, some disconnect and reconnect (churn) and the rest stay idle;
     /// counts and latencies per activity.
@@ -62,6 +69,7 @@ impl Scenario {
             Scenario::Step(a) => &a.chat.common,
             Scenario::Rosters(a) => &a.common,
             Scenario::Presence(a) => &a.traffic.common,
+            Scenario::Muc(a) => &a.common,
             Scenario::Day(a) => &a.common,
         }
     }
@@ -69,9 +77,10 @@ impl Scenario {
     /// Where `--plot` asks the SVG to go, for the scenarios that have it.
     pub fn plot(&self) -> Option<&std::path::Path> {
         match self {
-            Scenario::Chat(a) => a.plot.as_deref(),
-            Scenario::Step(a) => a.chat.plot.as_deref(),
-            Scenario::Presence(a) => a.traffic.plot.as_deref(),
+            Scenario::Chat(a) => a.load.plot.as_deref(),
+            Scenario::Step(a) => a.chat.load.plot.as_deref(),
+            Scenario::Presence(a) => a.traffic.load.plot.as_deref(),
+            Scenario::Muc(a) => a.load.plot.as_deref(),
             Scenario::Day(a) => a.plot.as_deref(),
             Scenario::Login(_) | Scenario::Idle(_) | Scenario::Rosters(_) => None,
         }
@@ -85,6 +94,7 @@ impl Scenario {
             Scenario::Step(_) => "step",
             Scenario::Rosters(_) => "rosters",
             Scenario::Presence(_) => "presence",
+            Scenario::Muc(_) => "muc",
             Scenario::Day(_) => "day",
         }
     }
@@ -120,7 +130,8 @@ pub struct Common {
     /// only), so more connections fit than one address's ephemeral port range.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub source_addrs: u8,
-    /// Seconds one login (or registration) may take before it counts as failed.
+    /// Seconds one login (or registration, or MUC join) may take before it counts as
+    /// failed.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
     /// Logins in flight at once.
@@ -171,7 +182,7 @@ pub struct LoginArgs {
     pub hold: f64,
 }
 
-/// The open-loop traffic options of `chat`, `step` and `presence`.
+/// The sessions and open-loop traffic of `chat`, `step` and `presence`.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct TrafficArgs {
     #[command(flatten)]
@@ -180,12 +191,21 @@ pub struct TrafficArgs {
     /// idle); presence gives each its --contacts ring neighbours.
     #[arg(long, default_value_t = 100)]
     pub clients: usize,
-    /// Stanzas per second offered in total (chat messages, or presence updates), on an
-    /// open-loop schedule.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub load: OpenLoop,
+}
+
+/// The open-loop offered load of the traffic scenarios (`chat`, `step`, `presence`,
+/// `muc`).
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct OpenLoop {
+    /// Stanzas per second offered in total (chat messages, presence updates or
+    /// groupchat messages), on an open-loop schedule.
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
-    /// Chat body or presence status size in bytes (at least the probe header, ~30
-    /// bytes).
+    /// Chat body, presence status or groupchat body size in bytes (at least the probe
+    /// header, ~30 bytes).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// Seconds of measured traffic.
@@ -284,6 +304,55 @@ pub struct PresenceArgs {
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
+pub struct MucArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Rooms, named PREFIXroomR (lowercase) on --service.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    /// Occupants per room: client i joins room i / OCCUPANTS with its username as
+    /// nick, so the run uses accounts PREFIX0..PREFIX{ROOMS*OCCUPANTS-1}.
+    #[arg(long, default_value_t = 100)]
+    pub occupants: usize,
+    /// The MUC service (default: conference.DOMAIN).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Occupants per room that send (the first ones, all of them when there are fewer);
+    /// --rate is shared by the senders of all rooms.
+    #[arg(long, default_value_t = 5)]
+    pub senders: usize,
+    /// Joins in flight at once. Each join makes the server send the newcomer every
+    /// occupant's presence and every occupant the newcomer's, so a room's joins cost
+    /// presence traffic that grows with the square of its occupants: 32 joins at once
+    /// into a room of 1000 overflowed Shoal's shard mailboxes (presence dropped,
+    /// joins timed out), 4 did not.
+    #[arg(long, default_value_t = 4)]
+    pub join_concurrency: usize,
+    /// --rate is groupchat messages per second from all senders together; each is
+    /// delivered to every other occupant of its room (the sender's own copy is
+    /// counted apart, as its echo).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub load: OpenLoop,
+    /// Step mode: add this many messages per second at each step (--rate is the first
+    /// step's, --duration is ignored: see --step-duration).
+    #[arg(long)]
+    pub step: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub limits: StepLimits,
+}
+
+impl MucArgs {
+    /// The MUC service's domain: --service, else `conference.` + the XMPP domain.
+    pub fn service(&self) -> String {
+        self.service
+            .clone()
+            .unwrap_or_else(|| format!("conference.{}", self.common.domain))
+    }
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct DayArgs {
     #[command(flatten)]
     pub common: Common,
@@ -347,6 +416,14 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
             errors.borrow_mut().push(e);
         }
     };
+    // The open-loop options of a traffic scenario; returns its first rate.
+    let open_loop = |l: &OpenLoop, timed: bool| {
+        if timed {
+            secs("duration", l.duration);
+        }
+        secs("drain", l.drain);
+        ("rate", l.rate)
+    };
     secs("timeout", c.timeout);
     secs("ramp", c.ramp);
     let (clients, rates): (usize, Vec<(&str, f64)>) = match s {
@@ -354,11 +431,7 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
             secs("hold", a.hold);
             (a.clients, vec![("rate", a.rate)])
         }
-        Scenario::Chat(a) => {
-            secs("duration", a.duration);
-            secs("drain", a.drain);
-            (a.clients, vec![("rate", a.rate)])
-        }
+        Scenario::Chat(a) => (a.clients, vec![open_loop(&a.load, true)]),
         Scenario::Idle(a) => {
             secs("duration", a.duration);
             secs("keepalive", a.keepalive);
@@ -366,11 +439,10 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
         }
         Scenario::Step(a) => {
             secs("step-duration", a.limits.step_duration);
-            secs("drain", a.chat.drain);
             (
                 a.chat.clients,
                 vec![
-                    ("rate", a.chat.rate),
+                    open_loop(&a.chat.load, false),
                     ("step", a.step),
                     ("max-rate", a.limits.max_rate),
                 ],
@@ -383,14 +455,35 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
         }
         Scenario::Presence(a) => {
             let t = &a.traffic;
-            secs("duration", t.duration);
-            secs("drain", t.drain);
             secs("settle", a.settle);
             secs("step-duration", a.limits.step_duration);
             contacts(t.clients, a.contacts);
-            let mut rates = vec![("rate", t.rate), ("max-rate", a.limits.max_rate)];
+            let mut rates = vec![open_loop(&t.load, true), ("max-rate", a.limits.max_rate)];
             rates.extend(a.step.map(|s| ("step", s)));
             (t.clients, rates)
+        }
+        Scenario::Muc(a) => {
+            secs("step-duration", a.limits.step_duration);
+            let mut muc = errors.borrow_mut();
+            if a.occupants < 2 {
+                muc.push("--occupants must be at least 2".into());
+            }
+            if a.senders == 0 {
+                muc.push("--senders must be at least 1".into());
+            }
+            if a.join_concurrency == 0 {
+                muc.push("--join-concurrency must be at least 1".into());
+            }
+            if a.service
+                .as_deref()
+                .is_some_and(|s| s.is_empty() || s.contains(['@', '/']))
+            {
+                muc.push("--service must be a domain".into());
+            }
+            drop(muc);
+            let mut rates = vec![open_loop(&a.load, true), ("max-rate", a.limits.max_rate)];
+            rates.extend(a.step.map(|s| ("step", s)));
+            (a.rooms.saturating_mul(a.occupants), rates)
         }
         Scenario::Day(a) => {
             secs("duration", a.duration);
@@ -424,14 +517,18 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
         errors.push("--timeout must be positive".into());
     }
     if !(1..=MAX_CLIENTS).contains(&clients) {
-        errors.push(format!("--clients must be between 1 and {MAX_CLIENTS}"));
+        let what = match s {
+            Scenario::Muc(_) => "--rooms x --occupants",
+            _ => "--clients",
+        };
+        errors.push(format!("{what} must be between 1 and {MAX_CLIENTS}"));
     }
     if matches!(s, Scenario::Chat(_) | Scenario::Step(_)) && clients < 2 {
         errors.push("chat needs at least 2 clients".into());
     }
     if matches!(
         s,
-        Scenario::Chat(_) | Scenario::Step(_) | Scenario::Presence(_)
+        Scenario::Chat(_) | Scenario::Step(_) | Scenario::Presence(_) | Scenario::Muc(_)
     ) && rates[0].1 <= 0.0
     {
         errors.push("--rate must be positive".into());
@@ -549,6 +646,43 @@ mod tests {
             "none",
         ]);
         validate(&s).unwrap();
+        let s = parse(&["muc", "--rooms", "3", "--occupants", "4", "--tls", "none"]);
+        validate(&s).unwrap();
+        let Scenario::Muc(m) = &s else { unreachable!() };
+        assert_eq!(m.service(), "conference.localhost");
+        let s = parse(&[
+            "muc",
+            "--occupants",
+            "1",
+            "--senders",
+            "0",
+            "--join-concurrency",
+            "0",
+            "--service",
+            "a@b",
+            "--tls",
+            "none",
+        ]);
+        let err = validate(&s).unwrap_err().to_string();
+        for what in [
+            "--occupants",
+            "--senders",
+            "--join-concurrency",
+            "--service",
+        ] {
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        let s = parse(&[
+            "muc",
+            "--rooms",
+            "2000",
+            "--occupants",
+            "1000",
+            "--tls",
+            "none",
+        ]);
+        let err = validate(&s).unwrap_err().to_string();
+        assert!(err.contains("--rooms x --occupants"), "{err}");
         let s = parse(&[
             "idle",
             "--clients",

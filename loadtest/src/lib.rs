@@ -1,7 +1,7 @@
 //! `shoal-load`: thousands of simulated XMPP clients in one process, for measuring Shoal
 //! (or any XMPP server) under a login storm, open-loop 1:1 chat, an idle soak, a stepped
-//! search for the highest sustainable message rate, or presence fan-out to rosters it
-//! provisions itself, or a mixed day of all of these.
+//! search for the highest sustainable message rate, presence fan-out to rosters it
+//! provisions itself, groupchat in MUC rooms it fills itself, or a mixed day.
 //!
 //! Scenarios (`shoal-load SCENARIO --help` for every option):
 //! - `login`, `idle`: a login storm; sessions held idle for server memory per session.
@@ -12,13 +12,21 @@
 //! - `presence`: open-loop presence updates, each counted at every contact's session
 //!   (expected, received, lost, duplicated, reordered, latency); `--step` searches
 //!   the highest sustainable update rate like `step`.
+//! - `muc`: `--rooms` MUC rooms of `--occupants` sessions each (joins bounded by
+//!   `--join-concurrency`; each room's first joiner creates it and accepts the instant
+//!   room), then open-loop groupchat messages from `--senders` occupants per room, each
+//!   counted at every other occupant (the sender's own copy is reported apart as its
+//!   echo); `--step` searches the highest sustainable message rate.
 //! - `day`: ramped logins, then chat, presence changes, reconnect churn and idle
 //!   sessions side by side, reported per activity.
 //!
-//! `--plot FILE.svg` (chat, step, presence, day) draws sent/received per second and
+//! `--plot FILE.svg` (chat, step, presence, muc, day) draws sent/received per second and
 //! p50/p99 latency per second. A typical presence run on accounts `load0..load999`:
 //! `shoal-load rosters --clients 1000 --contacts 10`, then `shoal-load presence
-//! --clients 1000 --contacts 10 --rate 500 --step 500 --plot presence.svg`.
+//! --clients 1000 --contacts 10 --rate 500 --step 500 --plot presence.svg`. Echoes of
+//! groupchat messages are left out of the plot and of the progress line's received
+//! count, as they are out of the deliveries. A muc run on accounts `load0..load1999`:
+//! `shoal-load muc --rooms 2 --occupants 1000 --rate 20 --step 20`.
 //!
 //! Code map:
 //! - `negotiate`: the client negotiation as a sans-IO state machine over `shoal-xmpp`
@@ -29,6 +37,7 @@
 //! - `session`: reader and sender tasks of established sessions.
 //! - `roster`: the contact ring of the presence scenarios and its roster stanzas,
 //!   sans-IO.
+//! - `muc`: the room layout of the muc scenario and its XEP-0045 stanzas, sans-IO.
 //! - `scenario`: the scenarios; `monitor`, `sysmon`, `stats`, `report`: measurement and
 //!   output; `plot`: the `--plot` SVG; `cli`: the command line.
 //!
@@ -39,6 +48,7 @@
 pub mod cli;
 pub mod conn;
 pub mod monitor;
+pub mod muc;
 pub mod negotiate;
 pub mod plot;
 pub mod report;
@@ -116,6 +126,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         Scenario::Step(a) => run.step(a).await,
         Scenario::Rosters(a) => run.rosters(a).await,
         Scenario::Presence(a) => run.presence(a).await,
+        Scenario::Muc(a) => run.muc(a).await,
         Scenario::Day(a) => run.day(a).await,
     };
     let observed = monitor.finish().await;
@@ -140,6 +151,9 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         login: out.login,
         chat: out.chat,
         presence: out.presence,
+        groupchat: out.groupchat,
+        echo: out.echo,
+        muc: out.muc,
         rosters: out.rosters,
         settle: out.settle,
         day: out.day,
@@ -153,4 +167,20 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
     };
     report.add_warnings();
     Ok(report)
+}
+
+/// What the unit tests of the sans-IO modules share.
+#[cfg(test)]
+mod testing {
+    use bytes::Bytes;
+    use shoal_xmpp::stanza::{Stanza, TopLevel, parse_top_level};
+    use shoal_xmpp::xml::NsContext;
+
+    /// `xml` parsed as a client stream's stanza; panics on anything else.
+    pub fn stanza(xml: &str) -> Stanza {
+        match parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT) {
+            Ok(TopLevel::Stanza(s)) => s,
+            other => panic!("not a stanza: {other:?}"),
+        }
+    }
 }

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::cli::Scenario;
 use crate::scenario::{
-    DayReport, IdleReport, LoginReport, PhaseReport, RegisterReport, RostersReport, SettleReport,
-    StepReport,
+    DayReport, IdleReport, LoginReport, MucReport, PhaseReport, RegisterReport, RostersReport,
+    SettleReport, StepReport,
 };
 use crate::stats::{Failures, Percentiles, ms};
 use crate::sysmon::ProcReport;
@@ -29,6 +29,12 @@ pub struct Report {
     pub chat: Vec<PhaseReport>,
     /// One entry for `presence`, one per step with `presence --step`.
     pub presence: Vec<PhaseReport>,
+    /// One entry for `muc`, one per step with `muc --step`: deliveries to the other
+    /// occupants of the sender's room.
+    pub groupchat: Vec<PhaseReport>,
+    /// The same phases' copies of each groupchat message back to its sender.
+    pub echo: Vec<PhaseReport>,
+    pub muc: Option<MucReport>,
     pub rosters: Option<RostersReport>,
     pub settle: Option<SettleReport>,
     pub day: Option<DayReport>,
@@ -82,7 +88,27 @@ impl Report {
                 s.received, s.expected
             ));
         }
-        for c in self.chat.iter().chain(&self.presence) {
+        if let Some(m) = &self.muc {
+            if m.join_failed > 0 {
+                self.warnings.push(format!(
+                    "{} of {} MUC joins failed",
+                    m.join_failed, m.joins_attempted
+                ));
+            }
+            if m.rooms_configured < m.rooms_created {
+                self.warnings.push(format!(
+                    "{} of {} new rooms refused the instant-room form",
+                    m.rooms_created - m.rooms_configured,
+                    m.rooms_created
+                ));
+            }
+        }
+        for c in self
+            .chat
+            .iter()
+            .chain(&self.presence)
+            .chain(&self.groupchat)
+        {
             if c.generator_cpu_percent > GENERATOR_CPU_WARN_PERCENT {
                 self.warnings.push(format!(
                     "WARNING: phase {}: the generator used {:.0}% of a core: it may be the limit, not the server",
@@ -178,6 +204,36 @@ impl Report {
         }
         for c in &self.presence {
             phase(&mut o, "presence", "updates/s", c);
+        }
+        if let Some(m) = &self.muc {
+            let _ = writeln!(
+                o,
+                "muc            {} rooms x {} occupants on {}: {} of {} joined in {:.1} s, {} rooms created ({} configured)",
+                m.rooms,
+                m.occupants_per_room,
+                m.service,
+                m.joined,
+                m.joins_attempted,
+                m.join_wall_secs,
+                m.rooms_created,
+                m.rooms_configured
+            );
+            failures(&mut o, &m.join_failures);
+            row(&mut o, "join", &m.join_latency);
+            let _ = writeln!(
+                o,
+                "  presence     {} of {} occupant presences in {:.1} s after the joins",
+                m.presence.received, m.presence.expected, m.presence.secs
+            );
+        }
+        for (c, e) in self.groupchat.iter().zip(&self.echo) {
+            phase(&mut o, "groupchat", "msg/s", c);
+            let _ = writeln!(
+                o,
+                "  echoes       expected {}  received {}  lost {}  dup {}  ooo {}",
+                e.expected, e.received, e.lost, e.duplicated, e.out_of_order
+            );
+            row(&mut o, "echo", &e.latency);
         }
         if let Some(s) = &self.step {
             let _ = writeln!(

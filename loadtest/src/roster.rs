@@ -140,9 +140,7 @@ pub fn approve(jid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use shoal_xmpp::stanza::{TopLevel, parse_top_level};
-    use shoal_xmpp::xml::NsContext;
+    use crate::testing::stanza;
 
     #[test]
     fn ring_is_symmetric_with_exactly_k_contacts() {
@@ -166,13 +164,6 @@ mod tests {
         assert!(check(5, 3).is_err());
         assert!(check(5, 5).is_err());
         assert!(check(5, 0).is_err());
-    }
-
-    fn stanza(xml: &str) -> Stanza {
-        match parse_top_level(&Bytes::copy_from_slice(xml.as_bytes()), NsContext::CLIENT) {
-            Ok(TopLevel::Stanza(s)) => s,
-            other => panic!("{other:?}"),
-        }
     }
 
     #[test]

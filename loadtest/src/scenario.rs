@@ -1,29 +1,34 @@
-//! The scenarios: login storm, open-loop chat, idle soak, step, roster provisioning and
-//! presence fan-out, built from the connector (`conn`), live sessions (`session`), the
-//! schedule and the contact ring (`roster`).
+//! The scenarios: login storm, open-loop chat, idle soak, step, roster provisioning,
+//! presence fan-out and multi-user chat, built from the connector (`conn`), live
+//! sessions (`session`), the schedule, the contact ring (`roster`) and the room layout
+//! (`muc`).
 //!
-//! Chat and presence are the same machinery: a traffic phase is a set of senders, each
-//! with a schedule, a carrier (chat body or presence status) and the sessions each of its
-//! stanzas must reach; the accounting of expected, received, lost, duplicated and
-//! reordered deliveries is one function for both.
+//! Chat, presence and groupchat are the same machinery: a traffic phase is a set of
+//! senders, each with a schedule, a carrier (chat body, presence status or groupchat
+//! body) and the sessions each of its stanzas must reach; the accounting of expected,
+//! received, lost, duplicated and reordered deliveries is one function for all.
 //!
 //! Each scenario is bounded: a fixed number of clients, fixed durations, and every wait
 //! either has a deadline or ends when the work it waits for does.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use shoal_xmpp::stanza::{IqType, Kind};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::cli::{
-    DayArgs, IdleArgs, LoginArgs, PresenceArgs, RostersArgs, StepArgs, StepLimits, TrafficArgs,
+    Common, DayArgs, IdleArgs, LoginArgs, MucArgs, OpenLoop, PresenceArgs, RostersArgs, StepArgs,
+    StepLimits, TrafficArgs,
 };
 use crate::conn::{Connector, Established};
-use crate::negotiate::Outcome;
+use crate::muc::{self, JoinAnswer};
+use crate::negotiate::{Outcome, stanza_error_condition};
 use crate::roster;
 use crate::schedule::Schedule;
 use crate::session::{Carrier, Counters, Live, PhaseReceived, RunContext, SendPlan, send_phase};
@@ -74,7 +79,8 @@ pub struct PhaseReport {
     pub scheduled: u64,
     pub sent: u64,
     /// Deliveries the sent stanzas call for: one per chat message, one per contact
-    /// session for a presence update.
+    /// session for a presence update, one per other occupant for a groupchat message
+    /// (the sender's own copy is reported apart, as its echo).
     pub expected: u64,
     /// Distinct expected deliveries received.
     pub received: u64,
@@ -133,10 +139,12 @@ pub struct RostersReport {
     pub wall_secs: f64,
 }
 
-/// How the initial presence fan-out of `presence` settled before the updates.
+/// How the initial presence fan-out of `presence`, or the occupants' presence of `muc`'s
+/// joins, settled before the traffic.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SettleReport {
-    /// One available presence per session and contact that is online.
+    /// One available presence per session and contact that is online; for `muc`, the
+    /// square of each room's occupants (every occupant told of every other, and itself).
     pub expected: u64,
     pub received: u64,
     pub secs: f64,
@@ -164,6 +172,34 @@ pub struct ChurnReport {
     pub reconnect: Percentiles,
 }
 
+/// How the `muc` occupants got into their rooms.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MucReport {
+    pub service: String,
+    pub rooms: u64,
+    pub occupants_per_room: u64,
+    /// Joins tried (one per session that logged in).
+    pub joins_attempted: u64,
+    pub joined: u64,
+    pub join_failed: u64,
+    /// Failed joins by reason (`timeout`, `session-closed`, the room's error condition,
+    /// or `configure:` and the condition when the creator's instant-room form failed).
+    pub join_failures: Failures,
+    /// Rooms that answered their first joiner with 201 (created), and of those the
+    /// ones whose instant-room form was accepted.
+    pub rooms_created: u64,
+    pub rooms_configured: u64,
+    /// From the first join sent to the last occupant's own presence.
+    pub join_wall_secs: f64,
+    /// Each join, from the join presence sent to the client's own presence (110); a
+    /// creator's includes configuring the room.
+    pub join_latency: Percentiles,
+    /// The occupants' presence the joins caused, until it stopped arriving.
+    pub presence: SettleReport,
+    /// Senders per room (at most --senders; fewer where fewer occupants got in).
+    pub senders: u64,
+}
+
 /// Results of the step search.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StepReport {
@@ -179,6 +215,9 @@ pub struct Outcomes {
     pub login: LoginReport,
     pub chat: Vec<PhaseReport>,
     pub presence: Vec<PhaseReport>,
+    pub groupchat: Vec<PhaseReport>,
+    pub echo: Vec<PhaseReport>,
+    pub muc: Option<MucReport>,
     pub idle: Option<IdleReport>,
     pub step: Option<StepReport>,
     pub rosters: Option<RostersReport>,
@@ -191,10 +230,21 @@ pub struct Sender {
     /// Its position among the phase's sessions.
     pub at: usize,
     pub carrier: Carrier,
+    /// The bare JID its stanzas are addressed to: the chat partner's or the room's
+    /// (empty for presence).
+    pub address: String,
     /// Positions of the sessions each of its stanzas must reach (for chat, the one the
-    /// messages are addressed to).
+    /// messages are addressed to; for groupchat, the room's other occupants).
     pub to: Vec<usize>,
     pub schedule: Schedule,
+}
+
+/// Where one sender of [`Run::carrier_phase`] sends, whatever the phase's rate.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub at: usize,
+    pub address: String,
+    pub to: Vec<usize>,
 }
 
 /// How long a phase sends, how long it then waits for deliveries in flight, and the
@@ -216,19 +266,39 @@ impl Pace {
     }
 }
 
-/// A traffic phase: senders of either carrier over the same sessions, measured
-/// together.
+/// What [`Run::open_loop`] measured: the carrier's reports (one per phase), the
+/// groupchat senders' echoes, and the step search's verdict when there was one.
+struct Measured {
+    reports: Vec<PhaseReport>,
+    echoes: Vec<PhaseReport>,
+    step: Option<StepReport>,
+}
+
+/// A traffic phase: senders of any carriers over the same sessions, measured together.
 pub struct Phase {
     pub phase: u32,
     pub pace: Pace,
     pub senders: Vec<Sender>,
 }
 
-/// A phase's reports, one per carrier that had senders.
+/// A phase's reports, one per carrier that had senders, and one of the groupchat
+/// senders' echoes.
 #[derive(Debug, Default)]
 pub struct PhaseResults {
     pub chat: Option<PhaseReport>,
     pub presence: Option<PhaseReport>,
+    pub groupchat: Option<PhaseReport>,
+    pub echo: Option<PhaseReport>,
+}
+
+impl PhaseResults {
+    fn take(&mut self, carrier: Carrier) -> Option<PhaseReport> {
+        match carrier {
+            Carrier::Chat => self.chat.take(),
+            Carrier::Presence => self.presence.take(),
+            Carrier::Groupchat => self.groupchat.take(),
+        }
+    }
 }
 
 /// Shared state of a run.
@@ -393,7 +463,8 @@ impl Run {
             drain,
             size,
         } = p.pace;
-        let received_before = self.counters.received.load(Ordering::Relaxed);
+        let received_before = self.counters.received.load(Ordering::Relaxed)
+            + self.counters.echoes.load(Ordering::Relaxed);
         let cpu_before = self.cpu_samples();
         // A short lead so every sender task is waiting before the first stanza is due.
         let phase_start = Instant::now() + Duration::from_millis(100);
@@ -402,7 +473,7 @@ impl Run {
             let plan = SendPlan {
                 writer: lives[s.at].writer(),
                 carrier: s.carrier,
-                to: s.to.first().map_or("", |&r| bare(&lives[r].jid)).to_owned(),
+                to: s.address.clone(),
                 sender: lives[s.at].index as u32,
                 phase: p.phase,
                 schedule: s.schedule,
@@ -417,17 +488,20 @@ impl Run {
             sent[k] = t.await.unwrap_or(0);
         }
         let sending_done = Instant::now();
+        // Every delivery, the rooms' echoes to groupchat senders included.
         let expected: u64 = p
             .senders
             .iter()
             .zip(&sent)
-            .map(|(s, n)| n * s.to.len() as u64)
+            .map(|(s, n)| n * (s.to.len() as u64 + u64::from(s.carrier == Carrier::Groupchat)))
             .sum();
+        let received = || {
+            self.counters.received.load(Ordering::Relaxed)
+                + self.counters.echoes.load(Ordering::Relaxed)
+        };
         // Drain: wait for deliveries in flight, no longer than `drain`.
         let drain_end = sending_done + drain;
-        while self.counters.received.load(Ordering::Relaxed) - received_before < expected
-            && Instant::now() < drain_end
-        {
+        while received() - received_before < expected && Instant::now() < drain_end {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let receiving_secs = phase_start.elapsed().as_secs_f64().max(1e-9);
@@ -437,8 +511,8 @@ impl Run {
             got.push(live.collect(p.phase).await);
         }
         let ids: Vec<u32> = lives.iter().map(|l| l.index as u32).collect();
-        let report = |carrier| {
-            let mut r = account(carrier, &ids, &p.senders, &sent, &got)?;
+        let report = |carrier, echo| {
+            let mut r = account(carrier, echo, &ids, &p.senders, &sent, &got)?;
             r.phase = p.phase;
             r.duration_secs = duration.as_secs_f64();
             r.size = size;
@@ -453,43 +527,34 @@ impl Run {
             Some(r)
         };
         PhaseResults {
-            chat: report(Carrier::Chat),
-            presence: report(Carrier::Presence),
+            chat: report(Carrier::Chat, false),
+            presence: report(Carrier::Presence, false),
+            groupchat: report(Carrier::Groupchat, false),
+            echo: report(Carrier::Groupchat, true),
         }
     }
 
-    /// Runs one chat phase over `lives`, paired by position (0↔1, 2↔3, ...).
-    pub async fn chat_phase(
-        &self,
-        lives: &[Live],
-        phase: u32,
-        rate: f64,
-        pace: Pace,
-    ) -> PhaseReport {
-        let pairs: Vec<Vec<usize>> = (0..lives.len() / 2 * 2).map(|k| vec![k ^ 1]).collect();
-        self.carrier_phase(lives, Carrier::Chat, &pairs, phase, rate, pace)
-            .await
-    }
-
-    /// Runs one phase of one carrier: the first `targets.len()` sessions send, `rate`
-    /// in total, and sender `k`'s stanzas are expected at the sessions `targets[k]`.
+    /// Runs one phase of one carrier: each route's sender sends, `rate` in total; its
+    /// stanzas are expected at the route's sessions. Returns the carrier's report and,
+    /// for groupchat, the report of the senders' echoes.
     pub async fn carrier_phase(
         &self,
         lives: &[Live],
         carrier: Carrier,
-        targets: &[Vec<usize>],
+        routes: &[Route],
         phase: u32,
         rate: f64,
         pace: Pace,
-    ) -> PhaseReport {
-        let senders = targets
+    ) -> (PhaseReport, Option<PhaseReport>) {
+        let senders = routes
             .iter()
             .enumerate()
-            .map(|(k, to)| Sender {
-                at: k,
+            .map(|(k, r)| Sender {
+                at: r.at,
                 carrier,
-                to: to.clone(),
-                schedule: Schedule::for_sender(k, targets.len(), rate, pace.duration),
+                address: r.address.clone(),
+                to: r.to.clone(),
+                schedule: Schedule::for_sender(k, routes.len(), rate, pace.duration),
             })
             .collect();
         let p = Phase {
@@ -497,19 +562,19 @@ impl Run {
             pace,
             senders,
         };
-        let results = self.traffic_phase(lives, p).await;
-        let report = match carrier {
-            Carrier::Chat => results.chat,
-            Carrier::Presence => results.presence,
-        };
-        let mut r = report.unwrap_or_else(|| PhaseReport {
+        let mut results = self.traffic_phase(lives, p).await;
+        let mut r = results.take(carrier).unwrap_or_else(|| PhaseReport {
             phase,
             duration_secs: pace.duration.as_secs_f64(),
             size: pace.size,
             ..Default::default()
         });
         r.target_rate = rate;
-        r
+        let echo = results.echo.map(|mut e| {
+            e.target_rate = rate;
+            e
+        });
+        (r, echo)
     }
 
     /// Raises the rate from `first` by `step` while `run(phase, rate)` stays within
@@ -596,30 +661,25 @@ impl Run {
 
     pub async fn chat(&self, a: &TrafficArgs) -> Outcomes {
         let mut out = Outcomes::default();
-        let lives = self.prepare(a, &mut out).await;
-        let pace = Pace::new(a.duration, a.drain, a.size);
-        let report = self.chat_phase(&lives, 0, a.rate, pace).await;
-        out.chat.push(report);
+        let lives = self.prepare(&a.common, a.clients, &mut out).await;
+        let m = self
+            .open_loop(&lives, Carrier::Chat, &chat_routes(&lives), &a.load, None)
+            .await;
+        out.chat = m.reports;
         close_all(lives).await;
         out
     }
 
     pub async fn step(&self, a: &StepArgs) -> Outcomes {
         let mut out = Outcomes::default();
-        let lives = self.prepare(&a.chat, &mut out).await;
-        let pace = Pace::new(a.limits.step_duration, a.chat.drain, a.chat.size);
-        let (reports, verdict) = self
-            .step_search(
-                a.chat.rate,
-                a.step,
-                &a.limits,
-                "msg/s",
-                lives.len(),
-                async |phase, rate| self.chat_phase(&lives, phase, rate, pace).await,
-            )
+        let lives = self.prepare(&a.chat.common, a.chat.clients, &mut out).await;
+        let routes = chat_routes(&lives);
+        let step = Some((a.step, &a.limits));
+        let m = self
+            .open_loop(&lives, Carrier::Chat, &routes, &a.chat.load, step)
             .await;
-        out.chat = reports;
-        out.step = Some(verdict);
+        out.chat = m.reports;
+        out.step = m.step;
         close_all(lives).await;
         out
     }
@@ -719,48 +779,224 @@ impl Run {
     pub async fn presence(&self, a: &PresenceArgs) -> Outcomes {
         let t = &a.traffic;
         let mut out = Outcomes::default();
-        let lives = self.prepare(t, &mut out).await;
+        let lives = self.prepare(&t.common, t.clients, &mut out).await;
         let contacts = contact_positions(&lives, t.clients, a.contacts);
-        out.settle = Some(
-            self.settle(&contacts, Duration::from_secs_f64(a.settle))
-                .await,
-        );
-        match a.step {
-            Some(step) => {
-                let pace = Pace::new(a.limits.step_duration, t.drain, t.size);
-                let (reports, verdict) = self
-                    .step_search(
-                        t.rate,
-                        step,
-                        &a.limits,
-                        "updates/s",
-                        lives.len(),
-                        async |phase, rate| {
-                            self.carrier_phase(
-                                &lives,
-                                Carrier::Presence,
-                                &contacts,
-                                phase,
-                                rate,
-                                pace,
-                            )
-                            .await
-                        },
-                    )
-                    .await;
-                out.presence = reports;
-                out.step = Some(verdict);
-            }
-            None => {
-                let pace = Pace::new(t.duration, t.drain, t.size);
-                let r = self
-                    .carrier_phase(&lives, Carrier::Presence, &contacts, 0, t.rate, pace)
-                    .await;
-                out.presence.push(r);
-            }
+        let expected = contacts.iter().map(|c| c.len() as u64).sum();
+        let bound = Duration::from_secs_f64(a.settle);
+        let presence = &self.counters.presence_plain;
+        out.settle = Some(self.settle(presence, expected, bound).await);
+        let routes: Vec<Route> = contacts
+            .into_iter()
+            .enumerate()
+            .map(|(at, to)| Route {
+                at,
+                address: String::new(),
+                to,
+            })
+            .collect();
+        let step = a.step.map(|s| (s, &a.limits));
+        let m = self
+            .open_loop(&lives, Carrier::Presence, &routes, &t.load, step)
+            .await;
+        out.presence = m.reports;
+        out.step = m.step;
+        close_all(lives).await;
+        out
+    }
+
+    /// Groupchat in MUC rooms: the sessions join their rooms (the first of each creates
+    /// it), then the first `--senders` occupants of each room send, at one rate or
+    /// stepped.
+    pub async fn muc(&self, a: &MucArgs) -> Outcomes {
+        let mut out = Outcomes::default();
+        let lives = self
+            .prepare(&a.common, a.rooms * a.occupants, &mut out)
+            .await;
+        let (rooms, report) = self.join_rooms(&lives, a).await;
+        out.muc = Some(report);
+        let routes: Vec<Route> = rooms
+            .iter()
+            .flat_map(|(room, inside)| {
+                inside.iter().take(a.senders).map(|&at| Route {
+                    at,
+                    address: room.clone(),
+                    to: inside.iter().copied().filter(|&p| p != at).collect(),
+                })
+            })
+            .collect();
+        if !routes.is_empty() {
+            let step = a.step.map(|s| (s, &a.limits));
+            let m = self
+                .open_loop(&lives, Carrier::Groupchat, &routes, &a.load, step)
+                .await;
+            out.groupchat = m.reports;
+            out.echo = m.echoes;
+            out.step = m.step;
         }
         close_all(lives).await;
         out
+    }
+
+    /// The traffic of a scenario over `routes`: one phase as `load` says, or with
+    /// `step` (added rate, limits) a step search from `load.rate`.
+    async fn open_loop(
+        &self,
+        lives: &[Live],
+        carrier: Carrier,
+        routes: &[Route],
+        load: &OpenLoop,
+        step: Option<(f64, &StepLimits)>,
+    ) -> Measured {
+        let mut echoes = Vec::new();
+        let Some((step, limits)) = step else {
+            let pace = Pace::new(load.duration, load.drain, load.size);
+            let (r, echo) = self
+                .carrier_phase(lives, carrier, routes, 0, load.rate, pace)
+                .await;
+            echoes.extend(echo);
+            return Measured {
+                reports: vec![r],
+                echoes,
+                step: None,
+            };
+        };
+        let unit = match carrier {
+            Carrier::Chat | Carrier::Groupchat => "msg/s",
+            Carrier::Presence => "updates/s",
+        };
+        let pace = Pace::new(limits.step_duration, load.drain, load.size);
+        let (reports, verdict) = self
+            .step_search(
+                load.rate,
+                step,
+                limits,
+                unit,
+                lives.len(),
+                async |phase, rate| {
+                    let (r, echo) = self
+                        .carrier_phase(lives, carrier, routes, phase, rate, pace)
+                        .await;
+                    echoes.extend(echo);
+                    r
+                },
+            )
+            .await;
+        Measured {
+            reports,
+            echoes,
+            step: Some(verdict),
+        }
+    }
+
+    /// Joins every session to its room, at most `--join-concurrency` joins in flight:
+    /// first each room's creator (its first session), which configures the room if it
+    /// is new, then everyone else; then waits for the occupants' presence to settle.
+    /// Returns each room's bare JID with the positions of the sessions that got in, in
+    /// client order.
+    async fn join_rooms(
+        &self,
+        lives: &[Live],
+        a: &MucArgs,
+    ) -> (Vec<(String, Vec<usize>)>, MucReport) {
+        let start = Instant::now();
+        let service = a.service();
+        let cfg = self.connector.config();
+        let timeout = Duration::from_secs_f64(a.common.timeout);
+        let names: Vec<String> = (0..a.rooms)
+            .map(|r| muc::room_jid(&cfg.prefix, r, &service))
+            .collect();
+        let room_of = |p: usize| muc::room_of(lives[p].index, a.occupants);
+        let mut first = vec![None; a.rooms];
+        for p in 0..lives.len() {
+            first[room_of(p)].get_or_insert(p);
+        }
+        let creators: Vec<usize> = first.iter().flatten().copied().collect();
+        let others: Vec<usize> = (0..lives.len())
+            .filter(|&p| first[room_of(p)] != Some(p))
+            .collect();
+        // Each join's answer is awaited in a task of its own holding a permit, so the
+        // time to the client's own presence is taken when it arrives.
+        let join = async |positions: &[usize]| {
+            let permits = Arc::new(Semaphore::new(a.join_concurrency));
+            let mut tasks = Vec::with_capacity(positions.len());
+            for &p in positions {
+                let permit = (permits.clone().acquire_owned().await).expect("semaphore open");
+                let sent = Instant::now();
+                let nick = cfg.username(lives[p].index);
+                let answer = lives[p].join(&names[room_of(p)], &nick).await;
+                tasks.push(tokio::spawn(async move {
+                    let answer = answer_within(answer, timeout).await;
+                    drop(permit);
+                    (p, sent.elapsed(), answer)
+                }));
+            }
+            join_tasks(tasks).await
+        };
+        let mut report = MucReport {
+            service: service.clone(),
+            rooms: a.rooms as u64,
+            occupants_per_room: a.occupants as u64,
+            joins_attempted: lives.len() as u64,
+            ..Default::default()
+        };
+        // A new room is configured before anyone else comes in: servers may keep it
+        // locked until its owner accepts the instant room.
+        let mut answers = Vec::new();
+        let mut configuring = Vec::new();
+        for (p, took, answer) in join(&creators).await {
+            if answer != Ok(JoinAnswer::Entered { created: true }) {
+                answers.push((p, took, answer));
+                continue;
+            }
+            report.rooms_created += 1;
+            let id = format!("instant{}", room_of(p));
+            let asked = Instant::now();
+            let iq = lives[p]
+                .ask(&id, muc::instant_room(&names[room_of(p)], &id))
+                .await;
+            configuring.push(tokio::spawn(async move {
+                let answer = match answer_within(iq, timeout).await {
+                    Ok(iq) if iq.kind == Kind::Iq(IqType::Result) => {
+                        Ok(JoinAnswer::Entered { created: true })
+                    }
+                    Ok(iq) => Err(format!("configure:{}", stanza_error_condition(&iq))),
+                    Err(reason) => Err(format!("configure:{reason}")),
+                };
+                (p, took + asked.elapsed(), answer)
+            }));
+        }
+        let configured = join_tasks(configuring).await;
+        report.rooms_configured = configured.iter().filter(|(_, _, a)| a.is_ok()).count() as u64;
+        answers.extend(configured);
+        answers.extend(join(&others).await);
+        let mut latency = Latency::default();
+        let mut inside = vec![Vec::new(); a.rooms];
+        for (p, took, answer) in answers {
+            match answer {
+                Ok(JoinAnswer::Entered { .. }) => {
+                    latency.record(took);
+                    inside[room_of(p)].push(p);
+                }
+                Ok(JoinAnswer::Refused(condition)) => report.join_failures.add(condition),
+                Err(reason) => report.join_failures.add(reason),
+            }
+        }
+        report.join_wall_secs = start.elapsed().as_secs_f64();
+        report.joined = inside.iter().map(|o| o.len() as u64).sum();
+        report.join_failed = report.join_failures.total();
+        report.join_latency = latency.summary();
+        report.senders = inside
+            .iter()
+            .map(|o| o.len().min(a.senders) as u64)
+            .max()
+            .unwrap_or(0);
+        let expected = inside.iter().map(|o| (o.len() as u64).pow(2)).sum();
+        let presence = &self.counters.room_presence;
+        report.presence = self.settle(presence, expected, timeout).await;
+        for o in &mut inside {
+            o.sort_unstable();
+        }
+        (names.into_iter().zip(inside).collect(), report)
     }
 
     /// A mixed day: logins over a ramp, then chat, presence changes, churn and idle
@@ -811,6 +1047,7 @@ impl Run {
             senders.push(Sender {
                 at: chatting[k],
                 carrier: Carrier::Chat,
+                address: bare(&lives[chatting[k ^ 1]].jid).to_owned(),
                 to: vec![chatting[k ^ 1]],
                 schedule: Schedule::for_sender(k, pairs, a.chat_rate * pairs as f64, pace.duration),
             });
@@ -827,6 +1064,7 @@ impl Run {
             senders.push(Sender {
                 at: p,
                 carrier: Carrier::Presence,
+                address: String::new(),
                 to: contacts[p].clone(),
                 schedule: Schedule::for_sender(
                     k,
@@ -888,12 +1126,12 @@ impl Run {
         out
     }
 
-    /// Waits until every session has seen the initial presence of each of its online
-    /// contacts, nothing more has arrived for a second, or `bound` has passed.
-    async fn settle(&self, contacts: &[Vec<usize>], bound: Duration) -> SettleReport {
+    /// Waits until the presence counted by `counter` (a run counter that starts at
+    /// zero) reaches `expected`, nothing more has arrived for a second, or `bound` has
+    /// passed.
+    async fn settle(&self, counter: &AtomicU64, expected: u64, bound: Duration) -> SettleReport {
         let start = Instant::now();
-        let expected: u64 = contacts.iter().map(|c| c.len() as u64).sum();
-        let seen = || self.counters.presence_plain.load(Ordering::Relaxed);
+        let seen = || counter.load(Ordering::Relaxed);
         let (mut last, mut changed) = (seen(), start);
         while seen() < expected && start.elapsed() < bound {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -956,14 +1194,14 @@ impl Run {
         out
     }
 
-    /// Registration (if asked) and logins for the traffic scenarios, then the readers.
-    async fn prepare(&self, a: &TrafficArgs, out: &mut Outcomes) -> Vec<Live> {
-        let c = &a.common;
+    /// Registration (if asked) and logins of `clients` sessions for the traffic
+    /// scenarios, then the readers.
+    async fn prepare(&self, c: &Common, clients: usize, out: &mut Outcomes) -> Vec<Live> {
         if c.register {
-            out.registration = Some(self.register_all(a.clients, c.concurrency).await);
+            out.registration = Some(self.register_all(clients, c.concurrency).await);
         }
         let (sessions, report) = self
-            .login_all(a.clients, login_rate(c, a.clients), c.concurrency)
+            .login_all(clients, login_rate(c, clients), c.concurrency)
             .await;
         out.login = report;
         // Pairs are formed from the sessions that did log in, so a failed login costs
@@ -993,7 +1231,7 @@ impl Run {
 
 /// The login rate for the logins before a scenario: --login-rate, else spread over
 /// --ramp, else as fast as possible.
-fn login_rate(c: &crate::cli::Common, clients: usize) -> f64 {
+fn login_rate(c: &Common, clients: usize) -> f64 {
     if c.login_rate > 0.0 {
         c.login_rate
     } else if c.ramp > 0.0 {
@@ -1105,9 +1343,11 @@ fn contact_positions(lives: &[Live], clients: usize, k: usize) -> Vec<Vec<usize>
 /// The report of `carrier`'s part of a phase, without its timing fields; `None` when
 /// it had no senders. `ids[position]` is the client index of each session, which is
 /// the flow key its probes carry; `sent[k]` is what `senders[k]` sent, `got[position]`
-/// what each session received.
+/// what each session received. With `echo`, the report is of the copies the senders
+/// got back themselves (groupchat) instead of the deliveries to their targets.
 fn account(
     carrier: Carrier,
+    echo: bool,
     ids: &[u32],
     senders: &[Sender],
     sent: &[u64],
@@ -1125,8 +1365,13 @@ fn account(
         r.senders += 1;
         r.scheduled += s.schedule.count();
         r.sent += sent[k];
-        r.expected += sent[k] * s.to.len() as u64;
-        for &to in &s.to {
+        let targets = if echo {
+            std::slice::from_ref(&s.at)
+        } else {
+            &s.to[..]
+        };
+        r.expected += sent[k] * targets.len() as u64;
+        for &to in targets {
             expects[to].push(k);
         }
     }
@@ -1135,7 +1380,11 @@ fn account(
     }
     let mut latency = Latency::default();
     for (at, received) in got.iter().enumerate() {
-        let received = received.of(carrier);
+        let received = if echo {
+            &received.echo
+        } else {
+            received.of(carrier)
+        };
         latency.merge(&received.latency);
         for (id, flow) in &received.flows {
             match by_id.get(id) {
@@ -1166,6 +1415,44 @@ fn account(
     Some(r)
 }
 
+/// Chat pairs by position (0↔1, 2↔3, ...; an odd last session stays idle).
+fn chat_routes(lives: &[Live]) -> Vec<Route> {
+    (0..lives.len() / 2 * 2)
+        .map(|k| Route {
+            at: k,
+            address: bare(&lives[k ^ 1].jid).to_owned(),
+            to: vec![k ^ 1],
+        })
+        .collect()
+}
+
+/// The answer on `rx`, waited for at most `timeout`; the reason when there is none
+/// (`timeout`, or `session-closed` when the session went away first).
+async fn answer_within<T>(
+    rx: Option<oneshot::Receiver<T>>,
+    timeout: Duration,
+) -> Result<T, String> {
+    match rx {
+        Some(rx) => match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err("session-closed".into()),
+            Err(_) => Err("timeout".into()),
+        },
+        None => Err("session-closed".into()),
+    }
+}
+
+/// The results of `tasks` in order, leaving out any that panicked.
+async fn join_tasks<T>(tasks: Vec<JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Ok(r) = t.await {
+            out.push(r);
+        }
+    }
+    out
+}
+
 fn bare(jid: &str) -> &str {
     jid.split_once('/').map_or(jid, |(b, _)| b)
 }
@@ -1173,7 +1460,5 @@ fn bare(jid: &str) -> &str {
 /// Closes every session, concurrently.
 pub async fn close_all(lives: Vec<Live>) {
     let tasks: Vec<_> = lives.into_iter().map(|l| tokio::spawn(l.close())).collect();
-    for t in tasks {
-        let _ = t.await;
-    }
+    join_tasks(tasks).await;
 }

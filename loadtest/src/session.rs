@@ -1,8 +1,8 @@
 //! Established sessions at run time: one reader task per session that accounts for
-//! every probe it receives (in a chat message's body or a presence update's status),
-//! answers server pings, roster pushes and the subscription requests it was told to
-//! approve, and hands the controller the answers to its own iqs; and open-loop sender
-//! tasks that write a [`Schedule`] of probe stanzas.
+//! every probe it receives (in a chat or groupchat message's body or a presence
+//! update's status), answers server pings, roster pushes and the subscription requests
+//! it was told to approve, and hands the controller the answers to its own iqs and MUC
+//! joins; and open-loop sender tasks that write a [`Schedule`] of probe stanzas.
 //!
 //! The reader owns the read half and its per-phase bookkeeping; the controller asks it
 //! for a phase's results over a channel, so no lock is taken per message. The write half
@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::conn::{Established, Io};
+use crate::muc::{self, JoinAnswer};
 use crate::roster;
 use crate::schedule::{Arrival, FlowTracker, Probe, Schedule, latency};
 use crate::stats::{Latency, Timeline};
@@ -40,8 +41,10 @@ pub struct Counters {
     pub sessions_open: AtomicU64,
     pub disconnected: AtomicU64,
     pub sent: AtomicU64,
-    /// Distinct probe messages received in their own phase.
+    /// Distinct probe messages received in their own phase (not counting echoes).
     pub received: AtomicU64,
+    /// Distinct groupchat probes a room sent back to their own sender, in their phase.
+    pub echoes: AtomicU64,
     pub duplicated: AtomicU64,
     /// Probe messages that arrived after their phase had been collected.
     pub late: AtomicU64,
@@ -50,6 +53,8 @@ pub struct Counters {
     pub presence_plain: AtomicU64,
     /// Subscription requests the readers approved.
     pub approved: AtomicU64,
+    /// Available presence from MUC rooms (occupants entering, mostly during joins).
+    pub room_presence: AtomicU64,
 }
 
 /// What the readers of a run share: the time origin probe timestamps are relative to,
@@ -68,6 +73,9 @@ pub enum Carrier {
     Chat,
     /// The status of a presence update, broadcast by the server to every contact.
     Presence,
+    /// The body of a groupchat message to a MUC room, which sends it to every
+    /// occupant, its sender included (that copy is the sender's *echo*).
+    Groupchat,
 }
 
 /// What one receiver saw of one carrier's probes in one phase.
@@ -83,6 +91,10 @@ pub struct Received {
 pub struct PhaseReceived {
     pub chat: Received,
     pub presence: Received,
+    /// Groupchat messages from the other occupants.
+    pub groupchat: Received,
+    /// The receiver's own groupchat messages, sent back by the room.
+    pub echo: Received,
 }
 
 impl PhaseReceived {
@@ -90,6 +102,7 @@ impl PhaseReceived {
         match carrier {
             Carrier::Chat => &self.chat,
             Carrier::Presence => &self.presence,
+            Carrier::Groupchat => &self.groupchat,
         }
     }
 
@@ -97,6 +110,7 @@ impl PhaseReceived {
         match carrier {
             Carrier::Chat => &mut self.chat,
             Carrier::Presence => &mut self.presence,
+            Carrier::Groupchat => &mut self.groupchat,
         }
     }
 }
@@ -126,6 +140,13 @@ enum Control {
         id: String,
         xml: String,
         reply: oneshot::Sender<Stanza>,
+    },
+    /// Send the join presence `xml` for the room `room` (bare JID) and hand back how
+    /// the room answered.
+    Join {
+        room: String,
+        xml: String,
+        reply: oneshot::Sender<JoinAnswer>,
     },
 }
 
@@ -163,6 +184,7 @@ impl Live {
                 own_bare,
                 approve,
                 pending: HashMap::new(),
+                joining: HashMap::new(),
                 samples: Vec::new(),
                 ctx: ctx.clone(),
             },
@@ -196,12 +218,26 @@ impl Live {
     /// `None` when the session is gone. Many sessions can be asked before any answer is
     /// awaited.
     pub async fn ask(&self, id: &str, xml: String) -> Option<oneshot::Receiver<Stanza>> {
-        let (reply, answer) = oneshot::channel();
         let id = id.to_owned();
-        self.control
-            .send(Control::Iq { id, xml, reply })
+        self.request(|reply| Control::Iq { id, xml, reply }).await
+    }
+
+    /// Joins the MUC room `room` (bare JID) as `nick`; the room's answer will come on
+    /// the receiver. `None` when the session is gone.
+    pub async fn join(&self, room: &str, nick: &str) -> Option<oneshot::Receiver<JoinAnswer>> {
+        let xml = muc::join(room, nick);
+        let room = room.to_owned();
+        self.request(|reply| Control::Join { room, xml, reply })
             .await
-            .ok()?;
+    }
+
+    /// Hands the reader the request `make` builds around the reply channel.
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Control,
+    ) -> Option<oneshot::Receiver<T>> {
+        let (reply, answer) = oneshot::channel();
+        self.control.send(make(reply)).await.ok()?;
         Some(answer)
     }
 
@@ -248,6 +284,8 @@ struct Reader {
     approve: Vec<String>,
     /// The controller's iqs awaiting an answer, by id.
     pending: HashMap<String, oneshot::Sender<Stanza>>,
+    /// The controller's MUC joins awaiting the room's answer, by room bare JID.
+    joining: HashMap<String, oneshot::Sender<JoinAnswer>>,
     /// (arrival second, latency) not yet handed to the timeline.
     samples: Vec<(u64, Duration)>,
     ctx: RunContext,
@@ -291,6 +329,12 @@ async fn read_loop(mut r: Reader, mut requests: mpsc::Receiver<Control>) {
                         r.pending.clear();
                     }
                 }
+                Some(Control::Join { room, xml, reply }) => {
+                    r.joining.insert(room, reply);
+                    if write(&r.writer, xml.as_bytes()).await.is_err() {
+                        r.joining.clear();
+                    }
+                }
                 None => break,
             },
             n = r.read.read_buf(&mut r.buf), if open => {
@@ -323,10 +367,17 @@ impl Reader {
             TopLevel::Stanza(s) => s,
             TopLevel::Nonza(e) => return !e.is("error", ns::STREAM),
         };
+        if matches!(stanza.kind, Kind::Presence(_)) && self.on_room_presence(&stanza) {
+            return true;
+        }
         match stanza.kind {
             Kind::Message(t) if t != MessageType::Error => {
                 if let Some(probe) = child_text(&stanza.payload, b"body").and_then(Probe::decode) {
-                    self.on_probe(Carrier::Chat, probe, phase, current);
+                    let carrier = match t {
+                        MessageType::Groupchat => Carrier::Groupchat,
+                        _ => Carrier::Chat,
+                    };
+                    self.on_probe(carrier, probe, phase, current);
                 }
             }
             Kind::Presence(PresenceType::Available) => {
@@ -403,7 +454,34 @@ impl Reader {
         true
     }
 
-    /// Accounts for one probe of `carrier` that arrived in `phase`.
+    /// Counts presence from a MUC room and hands a pending join its answer; `true`
+    /// when the presence needs nothing more (a room's, or the error refusing a join).
+    fn on_room_presence(&mut self, presence: &Stanza) -> bool {
+        let error = presence.kind == Kind::Presence(PresenceType::Error);
+        if !error && !muc::from_room(presence) {
+            return false;
+        }
+        if !error {
+            (self.ctx.counters.room_presence).fetch_add(1, Ordering::Relaxed);
+        }
+        let answer = presence
+            .from
+            .as_ref()
+            .filter(|_| !self.joining.is_empty())
+            .map(|j| j.to_bare())
+            .filter(|room| self.joining.contains_key(room.as_str()))
+            .and_then(|room| Some((room, muc::join_answer(presence)?)));
+        if let Some((room, answer)) = answer
+            && let Some(reply) = self.joining.remove(room.as_str())
+        {
+            let _ = reply.send(answer);
+            return true;
+        }
+        !error
+    }
+
+    /// Accounts for one probe of `carrier` that arrived in `phase`; a groupchat probe
+    /// from this very client is its echo, counted apart.
     fn on_probe(
         &mut self,
         carrier: Carrier,
@@ -419,11 +497,20 @@ impl Reader {
             return;
         }
         let arrived = self.ctx.epoch.elapsed();
-        let got = current.of_mut(carrier);
+        let echo = carrier == Carrier::Groupchat && probe.sender == self.index;
+        let got = if echo {
+            &mut current.echo
+        } else {
+            current.of_mut(carrier)
+        };
         match got.flow(probe.sender).record(probe.seq) {
             Arrival::InOrder | Arrival::OutOfOrder => {
                 let took = latency(Duration::from_micros(probe.scheduled_us), arrived);
                 got.latency.record(took);
+                if echo {
+                    counters.echoes.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 counters.received.fetch_add(1, Ordering::Relaxed);
                 if self.ctx.timeline.is_some() {
                     self.samples.push((arrived.as_secs(), took));
@@ -483,7 +570,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 pub struct SendPlan {
     pub writer: Writer,
     pub carrier: Carrier,
-    /// The bare JID chat messages go to (unused for presence).
+    /// The bare JID chat and groupchat messages go to: the partner's or the room's
+    /// (unused for presence).
     pub to: String,
     /// The sender's client index, the probes' flow key.
     pub sender: u32,
@@ -504,6 +592,10 @@ pub async fn send_phase(plan: SendPlan, counters: Arc<Counters>) -> u64 {
             "</body></message>",
         ),
         Carrier::Presence => ("<presence><status>".to_owned(), "</status></presence>"),
+        Carrier::Groupchat => (
+            format!("<message to='{}' type='groupchat'><body>", escape(&plan.to)),
+            "</body></message>",
+        ),
     };
     let base = plan.phase_start.duration_since(plan.epoch);
     let mut next = 0;

@@ -1,7 +1,8 @@
 //! Tests of the load generator itself: against a real in-process node it must see no
-//! loss at a low rate, provision mutual rosters and count every presence delivery, and
-//! against a fake server that drops and duplicates on purpose it must count exactly what
-//! the server did, for chat messages and presence updates alike.
+//! loss at a low rate, provision mutual rosters, count every presence delivery and fill
+//! MUC rooms and count every groupchat delivery, and against a fake server that drops
+//! and duplicates on purpose it must count exactly what the server did, for chat
+//! messages, presence updates and groupchat messages alike.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use shoal_loadtest::cli::Cli;
+use shoal_loadtest::muc::NS_MUC_USER;
 use shoal_loadtest::report::Report;
 use shoal_loadtest::roster;
 use shoal_loadtest::scenario::PhaseReport;
@@ -20,7 +22,7 @@ use shoal_tests::TestNode;
 use shoal_tests::client::{Client, Received};
 use shoal_xmpp::framer::{Frame, Framer, FramerLimits};
 use shoal_xmpp::ns;
-use shoal_xmpp::stanza::{Kind, PresenceType, TopLevel, parse_top_level};
+use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, TopLevel, parse_top_level};
 use shoal_xmpp::stream::response_header;
 use shoal_xmpp::xml::NsContext;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -335,6 +337,63 @@ async fn rosters_then_presence_fan_out_counts_every_delivery() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn muc_rooms_against_a_real_node_lose_nothing() {
+    let (_node, common) = node_with_users(10);
+    // 2 rooms of 5, 2 senders each: 60 messages/s for 2 s, each to 4 other occupants.
+    let muc = [
+        "muc",
+        "--rooms",
+        "2",
+        "--occupants",
+        "5",
+        "--senders",
+        "2",
+        "--rate",
+        "60",
+        "--duration",
+        "2",
+        "--join-concurrency",
+        "3",
+    ];
+    let r = run_with(&muc, &common).await;
+    let m = r.muc.as_ref().expect("muc report");
+    assert_eq!((m.joined, m.join_failed), (10, 0), "{}", r.human());
+    assert_eq!((m.rooms_created, m.rooms_configured), (2, 2));
+    assert_eq!(m.join_latency.count, 10);
+    assert_eq!(m.senders, 2);
+    // Every occupant told of every occupant, itself included.
+    assert_eq!((m.presence.expected, m.presence.received), (50, 50));
+    let (g, e) = (&r.groupchat[0], &r.echo[0]);
+    assert_eq!(
+        (g.scheduled, g.sent, g.senders),
+        (120, 120, 4),
+        "{}",
+        r.human()
+    );
+    assert_eq!((g.expected, g.received), (480, 480), "{}", r.human());
+    assert_eq!(
+        (g.lost, g.duplicated, g.out_of_order, g.unexpected),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(g.latency.count, 480);
+    assert_eq!(
+        (e.expected, e.received, e.lost),
+        (120, 120, 0),
+        "{}",
+        r.human()
+    );
+    assert_eq!(r.disconnected, 0);
+    // This process also runs the node and the other tests, so its CPU is not the
+    // generator's alone: the generator CPU warning says nothing here.
+    let warnings: Vec<_> = r
+        .warnings
+        .iter()
+        .filter(|w| !w.contains("the generator used"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
 /// What the fake server did to the stanzas it routed.
 #[derive(Default)]
 struct FakeStats {
@@ -351,19 +410,29 @@ type Registry = Arc<Mutex<HashMap<String, mpsc::Sender<Bytes>>>>;
 /// [`roster::contacts`] names, so presence updates fan out to them.
 type Ring = Option<(usize, usize)>;
 
+/// The fake's MUC rooms (on any domain), by bare JID: the occupants' bare JIDs, and
+/// whether the room waits for its owner's configuration, refusing everyone else.
+type Rooms = Arc<Mutex<HashMap<String, (Vec<String>, bool)>>>;
+
 /// A minimal plaintext XMPP server: PLAIN accepts anyone, bind answers `user@localhost/
-/// fake`, messages are routed by bare `to` and presence to the sender's ring contacts;
-/// of the probe deliveries (messages, presence with a status), every 10th overall is
-/// dropped and every 7th (that is not dropped) is delivered twice.
+/// fake`, chat messages are routed by bare `to`, presence to the sender's ring contacts,
+/// and groupchat messages to every occupant of the room they are sent to. Joining a room
+/// (presence to `room/nick`) answers with the joiner's own presence only; a new room is
+/// locked until its owner's configuration iq, as ejabberd and Prosody do. Of the probe
+/// deliveries (messages, presence with a status; not a groupchat message's copy to its
+/// sender), every 10th overall is dropped and every 7th (that is not dropped) is
+/// delivered twice.
 async fn start_fake_server(ring: Ring) -> (SocketAddr, Arc<FakeStats>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stats = Arc::new(FakeStats::default());
     let registry: Registry = Default::default();
+    let rooms: Rooms = Default::default();
     let s = stats.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(fake_session(stream, registry.clone(), s.clone(), ring));
+            let shared = (registry.clone(), rooms.clone());
+            tokio::spawn(fake_session(stream, shared, s.clone(), ring));
         }
     });
     (addr, stats)
@@ -400,7 +469,7 @@ impl Input {
 
 async fn fake_session(
     stream: tokio::net::TcpStream,
-    registry: Registry,
+    (registry, rooms): (Registry, Rooms),
     stats: Arc<FakeStats>,
     ring: Ring,
 ) {
@@ -462,7 +531,7 @@ async fn fake_session(
         .unwrap();
     // Deliveries to this session go through one writer task.
     let (tx, mut rx) = mpsc::channel::<Bytes>(4096);
-    registry.lock().await.insert(bare, tx);
+    registry.lock().await.insert(bare.clone(), tx.clone());
     tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
             if write.write_all(&b).await.is_err() {
@@ -485,14 +554,32 @@ async fn fake_session(
         let Ok(TopLevel::Stanza(st)) = parse_top_level(&bytes, NsContext::CLIENT) else {
             continue;
         };
-        let targets = match st.kind {
-            Kind::Message(_) => vec![
-                st.to
-                    .as_ref()
-                    .map(|j| j.to_bare().to_string())
-                    .unwrap_or_default(),
-            ],
-            Kind::Presence(PresenceType::Available) => contacts.clone(),
+        let to = st.to.as_ref().map(|j| j.to_bare().to_string());
+        let targets = match (st.kind, &to) {
+            (Kind::Message(MessageType::Groupchat), Some(room)) => {
+                let occupants = rooms.lock().await.get(room).map(|r| r.0.clone());
+                // The sender's own copy, faithfully.
+                let _ = tx.send(bytes.clone()).await;
+                let others = occupants.unwrap_or_default().into_iter();
+                others.filter(|o| *o != bare).collect()
+            }
+            (Kind::Message(_), Some(to)) => vec![to.clone()],
+            (Kind::Presence(PresenceType::Available), Some(room)) => {
+                let answer = fake_join(&rooms, room, &bare).await;
+                let _ = tx.send(Bytes::from(answer)).await;
+                continue;
+            }
+            (Kind::Presence(PresenceType::Available), None) => contacts.clone(),
+            (Kind::Iq(IqType::Set), Some(room)) => {
+                // The owner's configuration unlocks the room.
+                if let Some(r) = rooms.lock().await.get_mut(room) {
+                    r.1 = false;
+                }
+                let id = st.id.as_deref().unwrap_or("");
+                let result = format!("<iq type='result' id='{id}' from='{room}'/>");
+                let _ = tx.send(Bytes::from(result)).await;
+                continue;
+            }
             _ => continue,
         };
         // Stamp the sender, as a server does; the generator only reads the payload.
@@ -526,6 +613,25 @@ async fn fake_session(
             }
         }
     }
+}
+
+/// `bare` joins `room` of the fake: the answer to send it, its own presence in the room
+/// (110, and 201 when it created the room) or an error while the room is locked.
+async fn fake_join(rooms: &Rooms, room: &str, bare: &str) -> String {
+    let mut rooms = rooms.lock().await;
+    let created = !rooms.contains_key(room);
+    let (occupants, locked) = rooms.entry(room.to_owned()).or_insert((Vec::new(), true));
+    if *locked && !created {
+        return format!(
+            "<presence type='error' from='{room}'><error type='cancel'><item-not-found xmlns='{}'/></error></presence>",
+            ns::STANZA_ERRORS
+        );
+    }
+    occupants.push(bare.to_owned());
+    let new = if created { "<status code='201'/>" } else { "" };
+    format!(
+        "<presence from='{room}/{bare}'><x xmlns='{NS_MUC_USER}'><item affiliation='none' role='participant'/><status code='110'/>{new}</x></presence>"
+    )
 }
 
 /// Runs `args` against a fake server with `ring`, 2 s of traffic; returns the report
@@ -596,4 +702,41 @@ async fn counts_exactly_the_presence_losses_and_duplicates_a_server_causes() {
     let c = &r.presence[0];
     assert_eq!((c.sent, c.expected), (400, 1200), "{}", r.human());
     assert_counted_what_the_fake_did(&r, c, &stats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_exactly_the_groupchat_losses_and_duplicates_a_server_causes() {
+    // 2 rooms of 4, 2 senders each: 200 messages/s for 2 s, each to 3 other occupants,
+    // and each back to its sender.
+    let args = [
+        "muc",
+        "--rooms",
+        "2",
+        "--occupants",
+        "4",
+        "--senders",
+        "2",
+        "--rate",
+        "200",
+        "--timeout",
+        "3",
+    ];
+    let (r, stats) = run_fake(None, &args).await;
+    let m = r.muc.as_ref().expect("muc report");
+    assert_eq!(
+        (m.joined, m.rooms_created, m.rooms_configured),
+        (8, 2, 2),
+        "{}",
+        r.human()
+    );
+    let c = &r.groupchat[0];
+    assert_eq!((c.sent, c.expected), (400, 1200), "{}", r.human());
+    assert_counted_what_the_fake_did(&r, c, &stats);
+    let e = &r.echo[0];
+    assert_eq!(
+        (e.expected, e.received, e.lost, e.duplicated),
+        (400, 400, 0, 0),
+        "{}",
+        r.human()
+    );
 }
