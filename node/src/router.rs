@@ -17,7 +17,7 @@ use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition}
 use shoal_xmpp::stanza::{Kind, Stanza};
 use tracing::{debug, warn};
 
-use crate::c2s::session::{Close, Deliver};
+use crate::c2s::session::{Close, Deliver, Session};
 use crate::cluster::forward::{ForwardError, FrameKind, NodeId};
 use crate::cluster::link::{self, ClusterLink, MAX_HOPS, Owner, ToOwner};
 use crate::metrics::{Mailbox, Metrics, MucPath, RerouteReason};
@@ -61,6 +61,16 @@ impl WeakRouter {
     pub fn upgrade(&self) -> Option<Router> {
         self.0.upgrade().map(|inner| Router { inner })
     }
+}
+
+/// Where a session is, as a MUC room keeps it for each occupant: its copies of the
+/// room's stanzas go there directly rather than through the occupant's account.
+#[derive(Clone)]
+pub enum Home {
+    /// A session of this node, with what it reads of its account (the blocklist).
+    Here(Addr<Session>, Arc<UserShared>),
+    /// A session of another node.
+    Node(NodeId),
 }
 
 /// Why a stanza did not reach a session.
@@ -516,6 +526,15 @@ impl Router {
     /// Routes a stanza whose `from` is already trustworthy. `since` is when it entered
     /// the server, for the latency histogram.
     pub fn route(&self, stanza: Stanza, since: Instant) {
+        self.route_from(stanza, since, None);
+    }
+
+    /// Routes a stanza a session of this node sent, which comes from `home`.
+    pub fn route_from_session(&self, stanza: Stanza, since: Instant, home: Home) {
+        self.route_from(stanza, since, Some(home));
+    }
+
+    fn route_from(&self, stanza: Stanza, since: Instant, origin: Option<Home>) {
         let Some(to) = stanza.to.clone() else {
             // Stanzas without 'to' are resolved by the session before routing; one
             // reaching here is addressed to the server.
@@ -561,7 +580,7 @@ impl Router {
             RouteToUser {
                 stanza,
                 since,
-                origin: None,
+                origin,
             },
             0,
         ));
@@ -632,34 +651,25 @@ impl Router {
         }
     }
 
-    /// Routes what a room sent, each copy with the node holding its recipient's
-    /// session when the room knows it (ARCHITECTURE.md, `router.rs`): copies for
-    /// sessions here are delivered at once, and each other node gets one frame per
-    /// run of copies equal but for `to` (the stanza once, with its recipients); the
-    /// rest go the usual way, through the recipients' accounts.
-    pub fn route_room(
-        &self,
-        room: &BareJid,
-        copies: Vec<(Stanza, Option<NodeId>)>,
-        since: Instant,
-    ) {
+    /// Routes what a room sent, each copy with where its recipient's session is when
+    /// the room knows it: copies for sessions here are handed to them at once, each
+    /// other node gets one `RoomBroadcast` frame per run of copies equal but for `to`
+    /// (the stanza once, with its recipients), and the rest go the usual way, through
+    /// the recipients' accounts.
+    pub fn route_room(&self, room: &BareJid, copies: Vec<(Stanza, Option<Home>)>, since: Instant) {
         let metrics = &self.inner.metrics;
-        let Some(link) = self.cluster() else {
-            metrics.muc_copies(MucPath::Account, copies.len());
-            for (stanza, _) in copies {
-                self.route(stanza, since);
-            }
-            return;
-        };
+        let link = self.cluster();
+        let mut xml = Copies::default();
         // Per node, runs of equal copies in the room's order.
         let mut runs: Vec<(NodeId, Vec<Vec<Stanza>>)> = Vec::new();
         for (stanza, home) in copies {
             match home {
-                Some(node) if node == *link.me() => {
+                Some(Home::Here(addr, shared)) => {
                     metrics.muc_copies(MucPath::Here, 1);
-                    self.deliver_room_copy(stanza, since);
+                    let bytes = xml.of(&stanza);
+                    self.hand_to(&addr, &shared, stanza, bytes, since);
                 }
-                Some(node) => {
+                Some(Home::Node(node)) if link.is_some() => {
                     metrics.muc_copies(MucPath::Node, 1);
                     let i = match runs.iter().position(|(n, _)| *n == node) {
                         Some(i) => i,
@@ -674,12 +684,13 @@ impl Router {
                         _ => node_runs.push(vec![stanza]),
                     }
                 }
-                None => {
+                _ => {
                     metrics.muc_copies(MucPath::Account, 1);
                     self.route(stanza, since);
                 }
             }
         }
+        let Some(link) = link else { return };
         for (node, node_runs) in runs {
             for run in node_runs {
                 let recipients = run
@@ -703,31 +714,47 @@ impl Router {
         }
     }
 
-    /// A room's copy for a session of this node: straight to it, unless it is gone
-    /// or blocks the room (its account's owner then applies the rules).
-    pub fn deliver_room_copy(&self, stanza: Stanza, since: Instant) {
-        let session = match (self.cluster(), stanza.to.as_ref()) {
-            (Some(link), Some(to)) => to
-                .clone()
-                .try_into_full()
-                .ok()
-                .and_then(|to| link.local_session_of(&to)),
-            _ => None,
-        };
-        let sender_blocked =
-            |shared: &UserShared| stanza.from.as_ref().is_some_and(|f| shared.is_blocked(f));
-        match session {
-            Some((addr, shared)) if !sender_blocked(&shared) => {
-                let deliver = Deliver {
-                    kind: stanza.kind,
-                    xml: Bytes::from(stanza.to_xml()),
-                    since,
-                };
-                if addr.try_send(deliver).is_err() {
-                    self.route(stanza, since);
+    /// A room's broadcast from another node: `template` (without `to`) for each of
+    /// `recipients`, sessions of this node as far as that node knew.
+    pub fn deliver_room_broadcast(&self, template: &Stanza, recipients: &[String], since: Instant) {
+        let Some(link) = self.cluster() else { return };
+        let mut xml = Copies::default();
+        for to in recipients.iter().filter_map(|r| r.parse::<FullJid>().ok()) {
+            let session = link.local_session_of(&to);
+            let mut stanza = template.clone();
+            stanza.to = Some(Jid::from(to));
+            match session {
+                Some((addr, shared)) => {
+                    let bytes = xml.of(&stanza);
+                    self.hand_to(&addr, &shared, stanza, bytes, since);
                 }
+                // Gone from here: its account's owner knows where it is now, if anywhere.
+                None => self.route(stanza, since),
             }
-            _ => self.route(stanza, since),
+        }
+    }
+
+    /// Hands a room's copy (`xml`) to a session of this node, unless it blocks the
+    /// room or is gone or full (then its account's owner applies the rules).
+    fn hand_to(
+        &self,
+        session: &Addr<Session>,
+        shared: &UserShared,
+        stanza: Stanza,
+        xml: Bytes,
+        since: Instant,
+    ) {
+        let blocked = stanza.from.as_ref().is_some_and(|f| shared.is_blocked(f));
+        let handed = !blocked
+            && session
+                .try_send(Deliver {
+                    kind: stanza.kind,
+                    xml,
+                    since,
+                })
+                .is_ok();
+        if !handed {
+            self.route(stanza, since);
         }
     }
 
@@ -780,6 +807,48 @@ impl BindReplyTo {
     }
 }
 
+/// Serialises copies of one stanza that differ only in `to`: the rest once per run,
+/// the `to` attribute spliced in per copy (it is the first attribute written).
+#[derive(Default)]
+struct Copies {
+    template: Option<(Stanza, String)>,
+}
+
+impl Copies {
+    fn of(&mut self, stanza: &Stanza) -> Bytes {
+        let (_, xml) = match &mut self.template {
+            Some(t) if same_but_to(&t.0, stanza) => t,
+            slot => {
+                let mut template = stanza.clone();
+                template.to = None;
+                let xml = template.to_xml();
+                slot.insert((template, xml))
+            }
+        };
+        let Some(to) = &stanza.to else {
+            return Bytes::from(xml.clone());
+        };
+        // After the element's name: `<message` then attributes, `>` or `/>`.
+        let at = xml[1..].find([' ', '>', '/']).map_or(xml.len(), |i| i + 1);
+        let mut out = String::with_capacity(xml.len() + to.as_str().len() + 6);
+        out.push_str(&xml[..at]);
+        out.push_str(" to='");
+        shoal_xmpp::xml::escape_into(&mut out, to.as_str());
+        out.push('\'');
+        out.push_str(&xml[at..]);
+        Bytes::from(out)
+    }
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Home::Here(..) => f.write_str("Here"),
+            Home::Node(node) => write!(f, "Node({node})"),
+        }
+    }
+}
+
 /// Whether two stanzas are copies of one broadcast: everything but `to` equal.
 pub(crate) fn same_but_to(a: &Stanza, b: &Stanza) -> bool {
     a.kind == b.kind
@@ -807,5 +876,24 @@ mod tests {
             counts.iter().all(|&c| (800..1200).contains(&c)),
             "{counts:?}"
         );
+    }
+
+    /// The `to` spliced into a run's template gives what serialising the copy gives.
+    #[test]
+    fn copies_splice_to_as_serialising_would() {
+        let mut copies = Copies::default();
+        let mut message = Stanza::new(Kind::Message(shoal_xmpp::stanza::MessageType::Groupchat));
+        message.from = Some("coven@conference.localhost/first".parse().unwrap());
+        message.id = Some("m1".into());
+        message.payload = Bytes::from_static(b"<body>Hi &amp; bye</body>");
+        let mut presence = Stanza::new(Kind::Presence(shoal_xmpp::stanza::PresenceType::Available));
+        presence.from = Some("coven@conference.localhost/first".parse().unwrap());
+        for to in ["a@localhost/x", "b@localhost/it's <me>", "c@localhost"] {
+            for stanza in [&message, &presence] {
+                let mut copy = stanza.clone();
+                copy.to = Some(to.parse().unwrap());
+                assert_eq!(copies.of(&copy), Bytes::from(copy.to_xml()), "{to}");
+            }
+        }
     }
 }

@@ -35,7 +35,7 @@ use crate::jobs::{self, JobContext, StorageQueue};
 use crate::metrics::{AttachResult, DirectoryLookup, Mailbox, Metrics, RedisOp, RerouteReason};
 use crate::model::UserData;
 use crate::muc::Room;
-use crate::router::{self, Router, SendFail};
+use crate::router::{self, Home, Router, SendFail};
 use crate::storage::{Storage, StorageError};
 use crate::user::{Effect, Job, SessionFacts, SessionId, UserLimits, UserShared, UserState, Write};
 
@@ -118,9 +118,9 @@ pub struct Unbind {
 pub struct RouteToUser {
     pub stanza: Stanza,
     pub since: Instant,
-    /// The node that first passed it on, when it came from another node: for a
-    /// stanza a session sent to a room, the node holding that session.
-    pub origin: Option<NodeId>,
+    /// Where it was sent from, when known: for a stanza a session sent to a room, that
+    /// session when it is on this node, else the node that passed it on first.
+    pub origin: Option<Home>,
 }
 
 /// Something one of the account's own sessions sent that the account handles:
@@ -891,8 +891,14 @@ impl ShardHost {
             };
             let link = act.router.cluster();
             let home = |occupant: &FullJid, sessions: &HashMap<FullJid, String>| {
+                let link = link?;
                 let node = NodeId::new(sessions.get(occupant)?).ok()?;
-                link.is_some_and(|l| l.is_live(&node)).then_some(node)
+                match node == *link.me() {
+                    true => link
+                        .local_session_of(occupant)
+                        .map(|(addr, shared)| Home::Here(addr, shared)),
+                    false => link.is_live(&node).then_some(Home::Node(node)),
+                }
             };
             let max = act.config.muc_presence_max;
             let room = match result {
@@ -923,8 +929,8 @@ impl ShardHost {
     }
 
     /// Handles a stanza for a room that is here, stores what changed and routes what
-    /// the room sent. In cluster mode an occupant's presence tells the room where its
-    /// session is: here, or the node the presence came from.
+    /// the room sent. An occupant's presence tells the room where its session is: the
+    /// session itself when it is on this node, else the node the presence came from.
     fn room_ready(&mut self, jid: &BareJid, msg: RouteToUser) {
         let Some(RoomSlot::Ready(room)) = self.rooms.get_mut(jid) else {
             return;
@@ -936,15 +942,8 @@ impl ShardHost {
             _ => None,
         };
         let out = room.handle(msg.stanza, jobs::now_ms());
-        if let (Some(sender), Some(link)) = (sender, self.router.cluster()) {
-            let here = link.local_session_of(&sender).is_some();
-            if let Some(home) = if here {
-                Some(link.me().clone())
-            } else {
-                msg.origin
-            } {
-                room.set_home(&sender, home);
-            }
+        if let (Some(sender), Some(home)) = (sender, msg.origin) {
+            room.set_home(&sender, home);
         }
         let copies = out
             .into_iter()

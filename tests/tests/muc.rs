@@ -1053,3 +1053,28 @@ async fn lists_ownership_direct_invitations_and_history_since() {
     );
     assert_eq!(next(&mut n).await, empty_subject(&nf));
 }
+
+/// An occupant that blocks the room (XEP-0191) gets none of its stanzas, although
+/// the room hands copies to sessions itself.
+#[tokio::test]
+async fn a_blocked_room_reaches_nobody() {
+    let node = node();
+    let mut j = login(&node, "juliet", "balcony").await;
+    let mut r = login(&node, "romeo", "orchard").await;
+    two_in_room(&mut j, &mut r).await;
+    let (jf, rf) = (jid(&j), jid(&r));
+    assert_eq!(
+        ask(&mut r, &format!("<iq type='set' id='bl'><block xmlns='urn:xmpp:blocking'><item jid='{ROOM}'/></block></iq>")).await,
+        format!("<iq to='{rf}' id='bl' type='result'/>")
+    );
+    j.send(&format!(
+        "<message to='{ROOM}' id='g1' type='groupchat'><body>Anyone?</body></message>"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        groupchat(&jf, "juliet", "g1", "Anyone?")
+    );
+    expect_nothing(&mut r).await;
+}

@@ -25,7 +25,7 @@ use crate::c2s::{fresh_id, stanza_kind, stream_error_label};
 use crate::cluster::forward::NodeId;
 use crate::cluster::link::ToOwner;
 use crate::metrics::{ConnectionGuard, Mailbox, Metrics, SessionGuard};
-use crate::router::Router;
+use crate::router::{Home, Router};
 use crate::shard::{Attached, FromSession, FromSessionKind, SessionHandle, Unbind};
 use crate::user::{SessionFacts, SessionId, UserShared};
 
@@ -209,6 +209,14 @@ impl Session {
                         }
                         _ => {}
                     }
+                }
+                // A room keeps where its occupants' sessions are, to hand them its
+                // stanzas itself.
+                if t == PresenceType::Available
+                    && st.to.as_ref().is_some_and(|to| self.router.is_muc(to))
+                {
+                    let home = Home::Here(ctx.address(), self.shared.clone());
+                    return self.router.route_from_session(st, since, home);
                 }
                 self.router.route(st, since)
             }

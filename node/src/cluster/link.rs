@@ -37,7 +37,7 @@ use super::forward::{ForwardError, Forwarder, FrameHandler, FrameKind, NodeId};
 use super::runtime::ShardView;
 use crate::c2s::session::{Close, Deliver, ReportAttach, Session};
 use crate::metrics::{Metrics, RedisOp, RerouteReason};
-use crate::router::Router;
+use crate::router::{Home, Router};
 use crate::shard::{
     Attached, Bind, BindReplyTo, BindResult, FromSession, FromSessionKind, RouteToUser,
     SessionGone, SessionHandle, Unbind,
@@ -891,7 +891,7 @@ fn owner_work(kind: FrameKind, now: Instant, from: Option<&NodeId>) -> Vec<ToOwn
             Some(stanza) => {
                 // Forwarded once (hops counts the forwards): `from` is where it was
                 // sent.
-                let origin = from.filter(|_| f.hops == 1).cloned();
+                let origin = from.filter(|_| f.hops == 1).cloned().map(Home::Node);
                 vec![ToOwner::Route(route(stanza, origin), f.hops)]
             }
             None => {
@@ -1103,21 +1103,10 @@ impl FrameHandler for Inbound {
             FrameKind::SessionsWanted(w) => {
                 link.report_sessions(from, &w.shards.into_iter().collect(), router);
             }
-            FrameKind::RoomBroadcast(b) => {
-                let Some(template) = decode(&b.stanza) else {
-                    warn!(room = %b.room, "undecodable room broadcast from a peer dropped");
-                    return;
-                };
-                for to in b
-                    .recipients
-                    .iter()
-                    .filter_map(|r| r.parse::<FullJid>().ok())
-                {
-                    let mut stanza = template.clone();
-                    stanza.to = Some(Jid::from(to));
-                    router.deliver_room_copy(stanza, now);
-                }
-            }
+            FrameKind::RoomBroadcast(b) => match decode(&b.stanza) {
+                Some(template) => router.deliver_room_broadcast(&template, &b.recipients, now),
+                None => warn!(room = %b.room, "undecodable room broadcast from a peer dropped"),
+            },
         }
     }
 }

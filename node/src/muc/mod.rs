@@ -26,7 +26,7 @@ use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
 use shoal_xmpp::xml::{Element, Node};
 
-use crate::cluster::forward::NodeId;
+use crate::router::Home;
 
 /// `http://jabber.org/protocol/muc`: the join element.
 pub const NS_MUC: &str = "http://jabber.org/protocol/muc";
@@ -323,8 +323,8 @@ pub struct Room {
     new: bool,
     /// Created and not yet configured by its owner: nobody else may enter (§10.1.1).
     locked: bool,
-    /// The nodes holding occupants' sessions, where known (cluster mode).
-    homes: HashMap<FullJid, NodeId>,
+    /// Where occupants' sessions are, where known.
+    homes: HashMap<FullJid, Home>,
 }
 
 /// What of a room changed since its writes were last taken: its state (configuration,
@@ -357,16 +357,16 @@ impl Room {
         self.occupants.is_empty() && !self.config.persistent
     }
 
-    /// The node holding occupant `jid`'s session, when known: the room's stanzas for
-    /// it can go there directly, not through its account's owner.
-    pub fn home(&self, jid: &FullJid) -> Option<&NodeId> {
+    /// Where occupant `jid`'s session is, when known: the room's stanzas for it can
+    /// go there directly, not through its account's owner.
+    pub fn home(&self, jid: &FullJid) -> Option<&Home> {
         self.homes.get(jid)
     }
 
-    /// Records that `jid`'s session is on `node`, if `jid` is an occupant.
-    pub fn set_home(&mut self, jid: &FullJid, node: NodeId) {
+    /// Records where `jid`'s session is, if `jid` is an occupant.
+    pub fn set_home(&mut self, jid: &FullJid, home: Home) {
         if self.position(jid).is_some() {
-            self.homes.insert(jid.clone(), node);
+            self.homes.insert(jid.clone(), home);
         }
     }
 

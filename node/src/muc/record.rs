@@ -16,7 +16,7 @@ use shoal_xmpp::ns;
 use shoal_xmpp::xml::{Element, Node, NsContext, parse_fragment};
 
 use super::{Affiliation, NS_DATA, Occupant, Role, Room};
-use crate::cluster::forward::NodeId;
+use crate::router::Home;
 use crate::storage::{Storage, StorageError, StoredRoom};
 use crate::user::Write;
 
@@ -66,12 +66,12 @@ impl Room {
     }
 
     /// The room `stored` describes, with the stored occupants whose sessions are still
-    /// there, on the node `session` names; the others are written away.
+    /// there, where `session` finds them; the others are written away.
     pub fn restore(
         jid: BareJid,
         presence_max: usize,
         stored: &StoredRoom,
-        session: impl Fn(&FullJid) -> Option<NodeId>,
+        session: impl Fn(&FullJid) -> Option<Home>,
     ) -> Result<Room, String> {
         let mut room = Room::new(jid, presence_max);
         room.new = false;
@@ -189,6 +189,7 @@ pub async fn after_restart(storage: &Storage) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::forward::NodeId;
     use crate::muc::tests::{room, stanza};
 
     /// What a room's writes leave in storage, applied in order.
@@ -236,9 +237,9 @@ mod tests {
         let jid: BareJid = "coven@conference.localhost".parse().unwrap();
         let b: FullJid = "b@localhost/y".parse().unwrap();
         let node = NodeId::new("node1").unwrap();
-        let mut back =
-            Room::restore(jid, 0, &records, |o| (*o == b).then(|| node.clone())).unwrap();
-        assert_eq!(back.home(&b), Some(&node));
+        let home = || Home::Node(node.clone());
+        let mut back = Room::restore(jid, 0, &records, |o| (*o == b).then(home)).unwrap();
+        assert!(matches!(back.home(&b), Some(Home::Node(n)) if *n == node));
         assert_eq!(back.config, original.config);
         assert_eq!(back.affiliations, original.affiliations);
         assert_eq!(back.subject, original.subject);
