@@ -662,12 +662,13 @@ impl Room {
             self.subject = Some((nick.clone(), subject.text_content()));
             self.dirty.state = true;
         }
+        let mut template = stanza.clone();
+        template.from = self.room_jid(&nick);
         let out = self
             .occupants
             .iter()
             .map(|o| {
-                let mut m = stanza.clone();
-                m.from = self.room_jid(&nick);
+                let mut m = template.clone();
                 m.to = Some(Jid::from(o.jid.clone()));
                 m
             })
@@ -1160,18 +1161,27 @@ impl Room {
         p
     }
 
-    /// `occupant`'s presence to every occupant; it sees its own with `own_codes`.
+    /// `occupant`'s presence to every occupant; it sees its own with `own_codes`. The
+    /// others see one of two stanzas (with the real JID or without), each built once.
     fn broadcast_presence(&self, occupant: &Occupant, own_codes: &[&str]) -> Vec<Stanza> {
+        let mut seen: [Option<Stanza>; 2] = [None, None];
         self.occupants
             .iter()
             .filter(|o| self.hears_presence(o, occupant))
             .map(|o| {
-                let own: &[&str] = match o.jid == occupant.jid {
-                    true if own_codes.is_empty() => &["110"],
-                    true => own_codes,
-                    false => &[],
-                };
-                self.presence_of(occupant, o, own)
+                if o.jid == occupant.jid {
+                    let own: &[&str] = match own_codes {
+                        [] => &["110"],
+                        codes => codes,
+                    };
+                    return self.presence_of(occupant, o, own);
+                }
+                let view = &mut seen[usize::from(self.sees_jids(o))];
+                let mut p = view
+                    .get_or_insert_with(|| self.presence_of(occupant, o, &[]))
+                    .clone();
+                p.to = Some(Jid::from(o.jid.clone()));
+                p
             })
             .collect()
     }
