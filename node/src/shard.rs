@@ -956,12 +956,17 @@ impl ShardHost {
                 (stanza, home)
             })
             .collect();
-        let writes = match room.can_vanish() {
-            true => {
+        let writes = match (room.can_vanish(), room.is_new()) {
+            (true, new) => {
                 self.rooms.remove(jid);
-                vec![Write::RoomDeleted]
+                // A room nobody created was never stored.
+                if new {
+                    Vec::new()
+                } else {
+                    vec![Write::RoomDeleted]
+                }
             }
-            false => room.writes(),
+            (false, _) => room.writes(),
         };
         self.apply(
             jid,

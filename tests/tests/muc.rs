@@ -774,6 +774,13 @@ async fn persistent_rooms_outlive_a_restart_and_are_listed() {
         info.contains("name='The Coven'") && info.contains("<feature var='muc_persistent'/>"),
         "{info}"
     );
+    // The room information form (§6.4): one occupant, the subject.
+    for field in [
+        "<field var='muc#roominfo_occupants' label='Number of occupants'><value>1</value></field>",
+        "<field var='muc#roominfo_subject' label='Current subject'><value>Brewing</value></field>",
+    ] {
+        assert!(info.contains(field), "{info}");
+    }
     // The temporary room is gone: entering it creates it anew.
     r.send(&join_in(picnic, "romeo")).await.unwrap();
     assert_eq!(

@@ -163,6 +163,7 @@ struct RoomConfig {
 }
 
 const NS_ROOMCONFIG: &str = "http://jabber.org/protocol/muc#roomconfig";
+const NS_ROOMINFO: &str = "http://jabber.org/protocol/muc#roominfo";
 
 impl RoomConfig {
     /// The configuration form (§10.2), with the current values.
@@ -357,6 +358,11 @@ impl Room {
         self.occupants.is_empty() && !self.config.persistent
     }
 
+    /// Nobody has created it yet: nothing of it was stored.
+    pub fn is_new(&self) -> bool {
+        self.new
+    }
+
     /// Where occupant `jid`'s session is, when known: the room's stanzas for it can
     /// go there directly, not through its account's owner.
     pub fn home(&self, jid: &FullJid) -> Option<&Home> {
@@ -388,6 +394,18 @@ impl Room {
             .as_ref()
             .and_then(|t| t.resource())
             .map(|r| r.as_str().to_owned());
+        // A room nobody created exists only for the presence that creates it.
+        if self.new
+            && !matches!(
+                (stanza.kind, &nick),
+                (Kind::Presence(PresenceType::Available), Some(_))
+            )
+        {
+            return match stanza.kind {
+                Kind::Presence(_) => Vec::new(),
+                _ => refuse(&stanza, StanzaErrorCondition::ItemNotFound),
+            };
+        }
         match (stanza.kind, nick) {
             (Kind::Presence(PresenceType::Available), Some(nick)) => {
                 self.presence(from, nick, stanza, now_ms)
@@ -1137,10 +1155,48 @@ impl Room {
                 ] {
                     info = info.child(Element::new("feature", ns::DISCO_INFO).attr("var", feature));
                 }
-                vec![iq.iq_result(Some(&info))]
+                vec![iq.iq_result(Some(&info.child(self.info_form())))]
             }
             _ => refuse(iq, StanzaErrorCondition::FeatureNotImplemented),
         }
+    }
+
+    /// The room information form (§6.4, XEP-0128 `muc#roominfo`) of its disco#info.
+    fn info_form(&self) -> Element {
+        let field = |var: &str, label: &str, value: String| {
+            Element::new("field", NS_DATA)
+                .attr("var", var)
+                .attr("label", label)
+                .child(Element::new("value", NS_DATA).text(value))
+        };
+        let form_type = Element::new("field", NS_DATA)
+            .attr("var", "FORM_TYPE")
+            .attr("type", "hidden")
+            .child(Element::new("value", NS_DATA).text(NS_ROOMINFO));
+        let subject = self.subject.as_ref().map(|(_, s)| s.clone());
+        Element::new("x", NS_DATA)
+            .attr("type", "result")
+            .child(form_type)
+            .child(field(
+                "muc#roominfo_description",
+                "Description",
+                self.config.description.clone(),
+            ))
+            .child(field(
+                "muc#roominfo_occupants",
+                "Number of occupants",
+                self.occupants.len().to_string(),
+            ))
+            .child(field(
+                "muc#roominfo_subject",
+                "Current subject",
+                subject.unwrap_or_default(),
+            ))
+            .child(field(
+                "muc#roomconfig_changesubject",
+                "Occupants may change the subject",
+                if self.config.change_subject { "1" } else { "0" }.to_owned(),
+            ))
     }
 
     /// `occupant`'s presence as `to` sees it, with `codes`.
@@ -1427,6 +1483,16 @@ mod tests {
             0,
         );
         assert!(xml(&out)[0].contains("<not-acceptable"), "{out:?}");
+        // A room nobody created: only entering creates it.
+        let mut none = Room::new("none@conference.localhost".parse().unwrap(), 0);
+        for xml_in in [
+            "<message from='a@localhost/x' to='none@conference.localhost' type='groupchat'><body>x</body></message>",
+            "<iq from='a@localhost/x' to='none@conference.localhost' type='get' id='i'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+        ] {
+            let out = xml(&none.handle(stanza(xml_in), 0));
+            assert!(out[0].contains("<item-not-found"), "{out:?}");
+        }
+        assert!(none.is_new() && none.can_vanish());
     }
 
     /// §7.2.15: `seconds` keeps the recent messages, `maxchars` as many of the newest
