@@ -13,6 +13,7 @@ pub mod muc;
 pub mod ratelimit;
 pub mod roster;
 pub mod router;
+pub mod s2s;
 pub mod server;
 pub mod server_iq;
 pub mod shard;
