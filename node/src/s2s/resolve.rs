@@ -369,7 +369,16 @@ fn parse_domain(domain: &str) -> Result<Domain, ResolveError> {
         return Ok(Domain::Ip(ip));
     }
     let mut name = Name::from_utf8(domain).map_err(|_| invalid())?;
-    if name.is_root() {
+    // Host names only: after IDNA, letters, digits and hyphens (RFC 5890 §2.3.1). hickory
+    // would carry other bytes in a label, which no remote server can be named by.
+    let host_name = name.num_labels() > 0
+        && name.iter().all(|label| {
+            !label.is_empty()
+                && label
+                    .iter()
+                    .all(|byte| byte.is_ascii_alphanumeric() || *byte == b'-')
+        });
+    if !host_name {
         return Err(invalid());
     }
     // A remote domain is never relative to our own search domains (`search` in
@@ -389,4 +398,451 @@ fn host_of(name: &Name) -> String {
 
 fn not_found(name: &Name) -> ResolveError {
     ResolveError::NotFound(host_of(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use hickory_server::Server;
+    use hickory_server::proto::rr::rdata::{A, AAAA, SOA};
+    use hickory_server::proto::rr::{LowerName, Record};
+    use hickory_server::store::in_memory::InMemoryZoneHandler;
+    use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+    use tokio::net::{TcpListener, UdpSocket};
+
+    fn name(text: &str) -> Name {
+        Name::from_ascii(text).unwrap()
+    }
+
+    fn srv(priority: u16, weight: u16, port: u16, target: &str) -> SRV {
+        SRV::new(priority, weight, port, name(target))
+    }
+
+    fn candidate(host: &str, port: u16, direct_tls: bool) -> Candidate {
+        Candidate {
+            host: host.to_owned(),
+            port,
+            direct_tls,
+        }
+    }
+
+    fn fallback(host: &str) -> Vec<Candidate> {
+        vec![candidate(host, DEFAULT_PORT, false)]
+    }
+
+    /// The zone `test.` that the DNS tests resolve in.
+    fn zone() -> Vec<Record> {
+        let srv_record =
+            |owner: &str, record: SRV| Record::from_rdata(name(owner), 300, RData::SRV(record));
+        let a = |owner: &str, ip: Ipv4Addr| Record::from_rdata(name(owner), 300, RData::A(A(ip)));
+        let aaaa =
+            |owner: &str, ip: Ipv6Addr| Record::from_rdata(name(owner), 300, RData::AAAA(AAAA(ip)));
+        vec![
+            Record::from_rdata(
+                name("test."),
+                300,
+                RData::SOA(SOA::new(
+                    name("ns.test."),
+                    name("hostmaster.test."),
+                    1,
+                    3600,
+                    600,
+                    86400,
+                    60,
+                )),
+            ),
+            // Both services, over three priorities.
+            srv_record(
+                "_xmpps-server._tcp.both.test.",
+                srv(5, 0, 5270, "tls1.both.test."),
+            ),
+            srv_record(
+                "_xmpps-server._tcp.both.test.",
+                srv(20, 0, 443, "tls2.both.test."),
+            ),
+            srv_record(
+                "_xmpp-server._tcp.both.test.",
+                srv(10, 0, 5269, "plain1.both.test."),
+            ),
+            srv_record(
+                "_xmpp-server._tcp.both.test.",
+                srv(20, 0, 5269, "plain2.both.test."),
+            ),
+            // One priority, three weights.
+            srv_record(
+                "_xmpp-server._tcp.weighted.test.",
+                srv(0, 10, 5269, "w10.weighted.test."),
+            ),
+            srv_record(
+                "_xmpp-server._tcp.weighted.test.",
+                srv(0, 60, 5269, "w60.weighted.test."),
+            ),
+            srv_record(
+                "_xmpp-server._tcp.weighted.test.",
+                srv(0, 30, 5269, "w30.weighted.test."),
+            ),
+            // No direct TLS here, STARTTLS on a custom port.
+            srv_record("_xmpps-server._tcp.starttls.test.", srv(0, 0, 0, ".")),
+            srv_record(
+                "_xmpp-server._tcp.starttls.test.",
+                srv(0, 0, 5999, "xmpp.starttls.test."),
+            ),
+            // No federation at all.
+            srv_record("_xmpps-server._tcp.closed.test.", srv(0, 0, 0, ".")),
+            srv_record("_xmpp-server._tcp.closed.test.", srv(0, 0, 0, ".")),
+            // No SRV records, addresses of both families.
+            a("plain.test.", Ipv4Addr::new(192, 0, 2, 7)),
+            aaaa(
+                "plain.test.",
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7),
+            ),
+        ]
+    }
+
+    /// An authoritative DNS server for [`zone`] on loopback, UDP and TCP on one port.
+    /// Stops when dropped.
+    struct TestDns {
+        addr: SocketAddr,
+        _server: Server<Catalog>,
+    }
+
+    impl TestDns {
+        async fn start() -> Self {
+            let origin = name("test.");
+            let mut handler: InMemoryZoneHandler =
+                InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+            for record in zone() {
+                assert!(handler.upsert_mut(record, 1));
+            }
+            let mut catalog = Catalog::new();
+            catalog.upsert(LowerName::new(&origin), vec![Arc::new(handler)]);
+
+            let (udp, tcp) = bind_udp_and_tcp().await;
+            let addr = udp.local_addr().unwrap();
+            let mut server = Server::new(catalog);
+            server.register_socket(udp);
+            server.register_listener(tcp, Duration::from_secs(5), 32);
+            Self {
+                addr,
+                _server: server,
+            }
+        }
+
+        fn resolver(&self) -> Resolver {
+            let mut resolver = Resolver::new(&ResolverConfig {
+                nameservers: vec![self.addr],
+                ..ResolverConfig::default()
+            })
+            .unwrap();
+            // Without weights, the lowest draw: the first record of each priority.
+            resolver.pick = |_| 0;
+            resolver
+        }
+    }
+
+    /// A UDP socket and a TCP listener on the same free loopback port.
+    async fn bind_udp_and_tcp() -> (UdpSocket, TcpListener) {
+        for _ in 0..20 {
+            let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            // The port is free for UDP; another test may hold it for TCP.
+            if let Ok(tcp) = TcpListener::bind(addr).await {
+                return (udp, tcp);
+            }
+        }
+        panic!("no loopback port free for both UDP and TCP");
+    }
+
+    #[tokio::test]
+    async fn both_services_are_ordered_by_priority() {
+        let dns = TestDns::start().await;
+        let candidates = dns.resolver().candidates("both.test").await.unwrap();
+        assert_eq!(
+            candidates,
+            vec![
+                candidate("tls1.both.test", 5270, true),
+                candidate("plain1.both.test", 5269, false),
+                // Equal priority and weight: direct TLS first.
+                candidate("tls2.both.test", 443, true),
+                candidate("plain2.both.test", 5269, false),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn weights_order_one_priority() {
+        let dns = TestDns::start().await;
+        let mut resolver = dns.resolver();
+        // The highest draw always lands on the heaviest record left.
+        resolver.pick = |sum| sum;
+        let hosts: Vec<String> = resolver
+            .candidates("weighted.test")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.host)
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                "w60.weighted.test",
+                "w30.weighted.test",
+                "w10.weighted.test"
+            ]
+        );
+        // The lowest draw lands on the lightest.
+        resolver.pick = |_| 0;
+        let hosts: Vec<String> = resolver
+            .candidates("weighted.test")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.host)
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                "w10.weighted.test",
+                "w30.weighted.test",
+                "w60.weighted.test"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dot_target_withdraws_only_its_service() {
+        let dns = TestDns::start().await;
+        assert_eq!(
+            dns.resolver().candidates("starttls.test").await.unwrap(),
+            vec![candidate("xmpp.starttls.test", 5999, false)]
+        );
+    }
+
+    #[tokio::test]
+    async fn dot_targets_for_both_services_mean_no_federation() {
+        let dns = TestDns::start().await;
+        let err = dns.resolver().candidates("closed.test").await.unwrap_err();
+        assert!(
+            matches!(&err, ResolveError::NoService(domain) if domain == "closed.test"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_srv_records_the_domain_itself_on_5269() {
+        let dns = TestDns::start().await;
+        let resolver = dns.resolver();
+        let candidates = resolver.candidates("plain.test").await.unwrap();
+        assert_eq!(candidates, fallback("plain.test"));
+        assert_eq!(
+            resolver.addresses(&candidates[0]).await.unwrap(),
+            [
+                "[2001:db8::7]:5269".parse::<SocketAddr>().unwrap(),
+                "192.0.2.7:5269".parse().unwrap(),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_domain_that_does_not_exist_is_not_found() {
+        let dns = TestDns::start().await;
+        let resolver = dns.resolver();
+        // NXDOMAIN for the SRV names says nothing about the domain itself: fall back...
+        let candidates = resolver.candidates("nowhere.test").await.unwrap();
+        assert_eq!(candidates, fallback("nowhere.test"));
+        // ...and find out there.
+        let err = resolver.addresses(&candidates[0]).await.unwrap_err();
+        assert!(
+            matches!(&err, ResolveError::NotFound(host) if host == "nowhere.test"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusing_nameserver_is_a_failure_not_an_absence() {
+        let dns = TestDns::start().await;
+        // The test server answers REFUSED outside its zone.
+        let err = dns.resolver().candidates("example.org").await.unwrap_err();
+        assert!(matches!(err, ResolveError::Failure { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_nameserver_is_a_failure_within_the_timeout() {
+        // Bound but never read or accepted: queries go unanswered.
+        let (udp, tcp) = bind_udp_and_tcp().await;
+        let resolver = Resolver::new(&ResolverConfig {
+            nameservers: vec![udp.local_addr().unwrap()],
+            timeout: Duration::from_millis(200),
+            retries: 0,
+        })
+        .unwrap();
+        let started = Instant::now();
+        let err = resolver.candidates("silent.test").await.unwrap_err();
+        assert!(matches!(err, ResolveError::Failure { .. }), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        drop((udp, tcp));
+    }
+
+    #[tokio::test]
+    async fn an_ip_address_is_its_own_endpoint() {
+        // No DNS is asked: the resolver points at a port nobody serves.
+        let (udp, _tcp) = bind_udp_and_tcp().await;
+        let resolver = Resolver::new(&ResolverConfig {
+            nameservers: vec![udp.local_addr().unwrap()],
+            ..ResolverConfig::default()
+        })
+        .unwrap();
+        let v4 = resolver.candidates("127.0.0.1").await.unwrap();
+        assert_eq!(v4, fallback("127.0.0.1"));
+        assert_eq!(
+            resolver.addresses(&v4[0]).await.unwrap(),
+            ["127.0.0.1:5269".parse::<SocketAddr>().unwrap()]
+        );
+        let v6 = resolver.candidates("[::1]").await.unwrap();
+        assert_eq!(v6, fallback("::1"));
+        assert_eq!(
+            resolver.addresses(&v6[0]).await.unwrap(),
+            ["[::1]:5269".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn invalid_domains_are_rejected_before_any_query() {
+        for domain in [
+            "",
+            ".",
+            "[192.0.2.1]",
+            "[::1",
+            "a..b",
+            "exa mple.com",
+            "a/b.com",
+            "_xmpp-server._tcp.example.com",
+        ] {
+            assert!(
+                matches!(parse_domain(domain), Err(ResolveError::InvalidDomain(_))),
+                "{domain:?}"
+            );
+        }
+        for domain in [
+            "example.com",
+            "example.com.",
+            "xn--bcher-kva.example",
+            "bücher.example",
+        ] {
+            assert!(
+                matches!(parse_domain(domain), Ok(Domain::Name(_))),
+                "{domain:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_single_dot_target_is_not_offered_and_a_dot_among_others_is_skipped() {
+        assert!(matches!(
+            Service::from_answers(vec![srv(0, 0, 0, ".")]),
+            Service::NotOffered
+        ));
+        assert!(matches!(Service::from_answers(Vec::new()), Service::Absent));
+        match Service::from_answers(vec![srv(0, 0, 0, "."), srv(1, 0, 5269, "x.test.")]) {
+            Service::Offered(records) => assert_eq!(records, [srv(1, 0, 5269, "x.test.")]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn fallback_follows_the_xmpp_server_service() {
+        let domain = name("example.test.");
+        let plan = |direct, starttls| plan(&domain, Ok(direct), Ok(starttls), &mut |_| 0);
+        assert_eq!(
+            plan(Service::Absent, Service::Absent).unwrap(),
+            fallback("example.test")
+        );
+        // No direct TLS says nothing about STARTTLS on 5269.
+        assert_eq!(
+            plan(Service::NotOffered, Service::Absent).unwrap(),
+            fallback("example.test")
+        );
+        // No STARTTLS service rules out the fallback, which is that service.
+        for direct in [Service::Absent, Service::NotOffered] {
+            let err = plan(direct, Service::NotOffered).unwrap_err();
+            assert!(matches!(err, ResolveError::NoService(_)), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_query_hides_nothing_the_other_service_offers() {
+        let domain = name("example.test.");
+        let failure = || {
+            Err(ResolveError::Failure {
+                name: "_xmpps-server._tcp.example.test".to_owned(),
+                source: NetError::Timeout,
+            })
+        };
+        let offered = Ok(Service::Offered(vec![srv(
+            0,
+            0,
+            5269,
+            "xmpp.example.test.",
+        )]));
+        assert_eq!(
+            plan(&domain, failure(), offered, &mut |_| 0).unwrap(),
+            [candidate("xmpp.example.test", 5269, false)]
+        );
+        // Without records, the failure may be hiding some: no fallback, whichever failed.
+        for (direct, starttls) in [
+            (failure(), Ok(Service::Absent)),
+            (failure(), Ok(Service::NotOffered)),
+            (Ok(Service::Absent), failure()),
+            (Ok(Service::NotOffered), failure()),
+        ] {
+            let err = plan(&domain, direct, starttls, &mut |_| 0).unwrap_err();
+            assert!(matches!(err, ResolveError::Failure { .. }), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn weighted_selection_follows_the_draw() {
+        let records = vec![
+            srv(0, 60, 5269, "w60.test."),
+            srv(0, 0, 5269, "w0.test."),
+            srv(0, 30, 5269, "w30.test."),
+            srv(0, 10, 5269, "w10.test."),
+        ];
+        // Arranged as w0, w10, w30, w60: running sums 0, 10, 40, 100.
+        let mut draws = [41, 0, 5, 0].into_iter();
+        let mut sums = Vec::new();
+        let ordered = order(Vec::new(), records, &mut |sum| {
+            sums.push(sum);
+            draws.next().unwrap()
+        });
+        let hosts: Vec<&str> = ordered.iter().map(|c| c.host.as_str()).collect();
+        // 41 passes 40: w60. A draw of 0 takes the weight-0 record, as RFC 2782 intends.
+        assert_eq!(hosts, ["w60.test", "w0.test", "w10.test", "w30.test"]);
+        assert_eq!(sums, [100, 40, 40, 30]);
+    }
+
+    #[test]
+    fn random_selection_is_proportional_to_weight() {
+        let mut heavy_first = 0;
+        for _ in 0..10_000 {
+            let records = vec![
+                srv(0, 25, 5269, "light.test."),
+                srv(0, 75, 5269, "heavy.test."),
+            ];
+            if order(Vec::new(), records, &mut random_pick)[0].host == "heavy.test" {
+                heavy_first += 1;
+            }
+        }
+        // Draws 26..=100 of 0..=100 pick the heavy record: 74.3%, give or take 0.5%.
+        assert!((7_000..7_800).contains(&heavy_first), "{heavy_first}");
+    }
 }
