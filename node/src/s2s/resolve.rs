@@ -437,71 +437,59 @@ mod tests {
 
     /// The zone `test.` that the DNS tests resolve in.
     fn zone() -> Vec<Record> {
-        let srv_record =
-            |owner: &str, record: SRV| Record::from_rdata(name(owner), 300, RData::SRV(record));
-        let a = |owner: &str, ip: Ipv4Addr| Record::from_rdata(name(owner), 300, RData::A(A(ip)));
-        let aaaa =
-            |owner: &str, ip: Ipv6Addr| Record::from_rdata(name(owner), 300, RData::AAAA(AAAA(ip)));
-        vec![
-            Record::from_rdata(
-                name("test."),
-                300,
-                RData::SOA(SOA::new(
-                    name("ns.test."),
-                    name("hostmaster.test."),
-                    1,
-                    3600,
-                    600,
-                    86400,
-                    60,
-                )),
-            ),
+        // (service, domain under `test.`, priority, weight, port, target under the domain)
+        let services = [
             // Both services, over three priorities.
-            srv_record(
-                "_xmpps-server._tcp.both.test.",
-                srv(5, 0, 5270, "tls1.both.test."),
-            ),
-            srv_record(
-                "_xmpps-server._tcp.both.test.",
-                srv(20, 0, 443, "tls2.both.test."),
-            ),
-            srv_record(
-                "_xmpp-server._tcp.both.test.",
-                srv(10, 0, 5269, "plain1.both.test."),
-            ),
-            srv_record(
-                "_xmpp-server._tcp.both.test.",
-                srv(20, 0, 5269, "plain2.both.test."),
-            ),
+            ("xmpps", "both", 5, 0, 5270, "tls1"),
+            ("xmpps", "both", 20, 0, 443, "tls2"),
+            ("xmpp", "both", 10, 0, 5269, "plain1"),
+            ("xmpp", "both", 20, 0, 5269, "plain2"),
             // One priority, three weights.
-            srv_record(
-                "_xmpp-server._tcp.weighted.test.",
-                srv(0, 10, 5269, "w10.weighted.test."),
-            ),
-            srv_record(
-                "_xmpp-server._tcp.weighted.test.",
-                srv(0, 60, 5269, "w60.weighted.test."),
-            ),
-            srv_record(
-                "_xmpp-server._tcp.weighted.test.",
-                srv(0, 30, 5269, "w30.weighted.test."),
-            ),
+            ("xmpp", "weighted", 0, 10, 5269, "w10"),
+            ("xmpp", "weighted", 0, 60, 5269, "w60"),
+            ("xmpp", "weighted", 0, 30, 5269, "w30"),
             // No direct TLS here, STARTTLS on a custom port.
-            srv_record("_xmpps-server._tcp.starttls.test.", srv(0, 0, 0, ".")),
-            srv_record(
-                "_xmpp-server._tcp.starttls.test.",
-                srv(0, 0, 5999, "xmpp.starttls.test."),
-            ),
+            ("xmpps", "starttls", 0, 0, 0, "."),
+            ("xmpp", "starttls", 0, 0, 5999, "xmpp"),
             // No federation at all.
-            srv_record("_xmpps-server._tcp.closed.test.", srv(0, 0, 0, ".")),
-            srv_record("_xmpp-server._tcp.closed.test.", srv(0, 0, 0, ".")),
+            ("xmpps", "closed", 0, 0, 0, "."),
+            ("xmpp", "closed", 0, 0, 0, "."),
+        ];
+        let soa = SOA::new(
+            name("ns.test."),
+            name("hostmaster.test."),
+            1,
+            3600,
+            600,
+            86400,
+            60,
+        );
+        let mut records = vec![
+            Record::from_rdata(name("test."), 300, RData::SOA(soa)),
             // No SRV records, addresses of both families.
-            a("plain.test.", Ipv4Addr::new(192, 0, 2, 7)),
-            aaaa(
-                "plain.test.",
-                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7),
+            Record::from_rdata(
+                name("plain.test."),
+                300,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 7))),
             ),
-        ]
+            Record::from_rdata(
+                name("plain.test."),
+                300,
+                RData::AAAA(AAAA(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7))),
+            ),
+        ];
+        records.extend(
+            services.map(|(service, domain, priority, weight, port, target)| {
+                let owner = format!("_{service}-server._tcp.{domain}.test.");
+                let target = match target {
+                    "." => ".".to_owned(),
+                    host => format!("{host}.{domain}.test."),
+                };
+                let record = srv(priority, weight, port, &target);
+                Record::from_rdata(name(&owner), 300, RData::SRV(record))
+            }),
+        );
+        records
     }
 
     /// An authoritative DNS server for [`zone`] on loopback, UDP and TCP on one port.
@@ -578,40 +566,23 @@ mod tests {
     async fn weights_order_one_priority() {
         let dns = TestDns::start().await;
         let mut resolver = dns.resolver();
-        // The highest draw always lands on the heaviest record left.
-        resolver.pick = |sum| sum;
-        let hosts: Vec<String> = resolver
-            .candidates("weighted.test")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|c| c.host)
-            .collect();
-        assert_eq!(
-            hosts,
-            [
-                "w60.weighted.test",
-                "w30.weighted.test",
-                "w10.weighted.test"
-            ]
-        );
-        // The lowest draw lands on the lightest.
-        resolver.pick = |_| 0;
-        let hosts: Vec<String> = resolver
-            .candidates("weighted.test")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|c| c.host)
-            .collect();
-        assert_eq!(
-            hosts,
-            [
-                "w10.weighted.test",
-                "w30.weighted.test",
-                "w60.weighted.test"
-            ]
-        );
+        // The highest draw always lands on the heaviest record left, the lowest on the
+        // lightest.
+        let highest: fn(u32) -> u32 = |sum| sum;
+        let lowest: fn(u32) -> u32 = |_| 0;
+        let draws = [
+            (highest, ["w60", "w30", "w10"]),
+            (lowest, ["w10", "w30", "w60"]),
+        ];
+        for (pick, expected) in draws {
+            resolver.pick = pick;
+            let candidates = resolver.candidates("weighted.test").await.unwrap();
+            let hosts: Vec<&str> = candidates
+                .iter()
+                .map(|c| c.host.trim_end_matches(".weighted.test"))
+                .collect();
+            assert_eq!(hosts, expected);
+        }
     }
 
     #[tokio::test]
