@@ -115,6 +115,8 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// A resolver asking `config.nameservers`, or the system's nameservers when that is
+    /// empty.
     pub fn new(config: &ResolverConfig) -> Result<Self, ResolverConfigError> {
         let mut builder = if config.nameservers.is_empty() {
             TokioResolver::builder_tokio()?
@@ -151,11 +153,13 @@ impl Resolver {
     ///
     /// Queries `_xmpps-server._tcp.DOMAIN` and `_xmpp-server._tcp.DOMAIN` together and
     /// orders their records as one set: by priority, then by RFC 2782 weighted random
-    /// selection, `_xmpps-server` first among records of equal priority and weight. Without any SRV record, falls back
-    /// to the domain itself on port 5269 with STARTTLS (RFC 6120 §3.2.2); whether that
-    /// name has addresses is for [`Resolver::addresses`] to find out. An IP address
-    /// (`192.0.2.1`, or `[2001:db8::1]` as RFC 7622 §3.2 writes it in a JID) is that
-    /// one endpoint, with no DNS query.
+    /// selection, `_xmpps-server` first among records of equal priority and weight. Only
+    /// without any SRV record does it fall back to the domain itself on port 5269 with
+    /// STARTTLS (RFC 6120 §3.2.2): a domain that publishes records has said where it
+    /// listens, and RFC 6120 §3.2.1 asks not to fall back when they all fail. Whether the
+    /// fallback name has addresses is for [`Resolver::addresses`] to find out. An IP
+    /// address (`192.0.2.1`, or `[2001:db8::1]` as RFC 7622 §3.2 writes it in a JID) is
+    /// that one endpoint, with no DNS query.
     pub async fn candidates(&self, domain: &str) -> Result<Vec<Candidate>, ResolveError> {
         let name = match parse_domain(domain)? {
             Domain::Ip(ip) => {
@@ -296,8 +300,8 @@ fn plan(
 /// among records that tie on priority and weight `_xmpps-server` comes first: with no
 /// weights at all (the common case) direct TLS is then tried first, which XEP-0368
 /// allows ("clients MAY choose to prefer one type of connection") and which saves the
-/// STARTTLS round trips. Each record's chance of being chosen stays proportional to its
-/// weight.
+/// STARTTLS round trips. Each record's chance of being chosen stays what RFC 2782 gives
+/// it, in proportion to its weight.
 fn order(
     direct: Vec<SRV>,
     starttls: Vec<SRV>,
