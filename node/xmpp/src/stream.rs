@@ -22,6 +22,9 @@ pub struct StreamHeader {
     pub lang: Option<String>,
     /// `(major, minor)` of the `version` attribute.
     pub version: (u32, u32),
+    /// The header declares the dialback prefix (`xmlns:db='jabber:server:dialback'`,
+    /// XEP-0220 §2.1): the peer speaks dialback.
+    pub dialback: bool,
 }
 
 impl StreamHeader {
@@ -48,6 +51,7 @@ impl StreamHeader {
             from: None,
             lang: None,
             version: (0, 9),
+            dialback: false,
         };
         let mut default_ns = None;
         let mut element_ns = None;
@@ -64,6 +68,9 @@ impl StreamHeader {
             let key = attr.key.as_ref();
             if key == b"xmlns" {
                 default_ns = Some(value.clone());
+            }
+            if key == b"xmlns:db" && value == crate::s2s::dialback::NS {
+                header.dialback = true;
             }
             if key.strip_prefix(b"xmlns:") == Some(prefix) || (prefix.is_empty() && key == b"xmlns")
             {
