@@ -19,6 +19,8 @@ pub struct StreamHeader {
     /// The domain the stream is addressed to, prepared; `None` when absent.
     pub to: Option<BareJid>,
     pub from: Option<String>,
+    /// The stream id a responding entity assigned (RFC 6120 §4.7.3).
+    pub id: Option<String>,
     pub lang: Option<String>,
     /// `(major, minor)` of the `version` attribute.
     pub version: (u32, u32),
@@ -49,6 +51,7 @@ impl StreamHeader {
         let mut header = StreamHeader {
             to: None,
             from: None,
+            id: None,
             lang: None,
             version: (0, 9),
             dialback: false,
@@ -86,6 +89,7 @@ impl StreamHeader {
                     })?)
                 }
                 b"from" => header.from = Some(value),
+                b"id" => header.id = Some(value),
                 b"xml:lang" => header.lang = Some(value),
                 b"version" => header.version = parse_version(&value)?,
                 _ => {}

@@ -13,8 +13,10 @@
 //! about keys our own nodes issued ([`dialback_key`], with the secret all nodes share).
 
 pub mod dialback;
+mod out;
 
 pub use dialback::dialback_key;
+pub use out::{OutAction, Purpose, S2sOut, S2sOutConfig};
 
 use std::collections::HashSet;
 
@@ -282,24 +284,27 @@ impl S2sIn {
                 out,
             );
         }
-        let header = match StreamHeader::parse(tag, ns::SERVER) {
+        let peer_header = match StreamHeader::parse(tag, ns::SERVER) {
             Ok(h) => h,
             Err(e) => return self.stream_error(e, fresh_id, out),
         };
         self.stream_id = fresh_id();
-        self.dialback = header.dialback;
-        self.peer = header.from.as_deref().and_then(|f| BareJid::new(f).ok());
-        let ours = header
+        self.dialback = peer_header.dialback;
+        self.peer = peer_header
+            .from
+            .as_deref()
+            .and_then(|f| BareJid::new(f).ok());
+        let ours = peer_header
             .to
             .clone()
             .or_else(|| self.config.domains.first().cloned());
-        out.push(Action::Send(response_header(
+        out.push(Action::Send(header(
             ours.as_ref().map_or("", |d| d.as_str()),
             self.peer.as_ref().map(|p| p.as_str()),
-            &self.stream_id,
+            Some(&self.stream_id),
         )));
         self.header_sent = true;
-        match &header.to {
+        match &peer_header.to {
             Some(to) if self.ours(to) => {}
             // RFC 6120 §4.9.3.6: a domain we do not serve.
             _ => {
@@ -528,7 +533,7 @@ impl S2sIn {
         let mut s = String::new();
         if !self.header_sent {
             let ours = self.config.domains.first().map_or("", |d| d.as_str());
-            s.push_str(&response_header(ours, None, &fresh_id()));
+            s.push_str(&header(ours, None, Some(&fresh_id())));
         }
         s.push_str(&error.to_xml());
         s.push_str(STREAM_CLOSE);
@@ -541,15 +546,16 @@ impl S2sIn {
 /// `urn:xmpp:features:dialback`: the dialback stream feature (XEP-0220 §2.1).
 pub const NS_DIALBACK_FEATURE: &str = "urn:xmpp:features:dialback";
 
-/// Our header on an s2s stream: `jabber:server` with the dialback prefix declared.
-pub fn response_header(from: &str, to: Option<&str>, id: &str) -> String {
+/// A header on an s2s stream: `jabber:server` with the dialback prefix declared, `from`
+/// our domain, `to` the peer's (when known) and, answering, our stream `id`.
+fn header(from: &str, to: Option<&str>, id: Option<&str>) -> String {
     let mut s = format!(
         "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' xmlns:db='{}'",
         ns::SERVER,
         ns::STREAM,
         dialback::NS
     );
-    for (k, v) in [("from", Some(from)), ("to", to), ("id", Some(id))] {
+    for (k, v) in [("from", Some(from)), ("to", to), ("id", id)] {
         if let Some(v) = v.filter(|v| !v.is_empty()) {
             s.push(' ');
             s.push_str(k);

@@ -324,3 +324,237 @@ fn policy_and_addressing_errors() {
     );
     assert!(!s.is_closed());
 }
+
+/// The two sides of a stream talking in memory: TLS upgrades are instant, the
+/// receiving side's dialback checks go to `authoritative` over a verify stream of
+/// their own, and certificate checks answer `certificate_ok`.
+struct Wire {
+    out: S2sOut,
+    inn: S2sIn,
+    authoritative: S2sInConfig,
+    certificate_ok: bool,
+    /// What each side reported besides bytes, in order.
+    out_events: Vec<OutAction>,
+    in_events: Vec<Action>,
+}
+
+impl Wire {
+    fn new(out: S2sOutConfig, inn: S2sInConfig, authoritative: S2sInConfig) -> Self {
+        Self {
+            out: S2sOut::new(out, false),
+            inn: S2sIn::new(inn, false),
+            authoritative,
+            certificate_ok: false,
+            out_events: Vec::new(),
+            in_events: Vec::new(),
+        }
+    }
+
+    /// Runs the conversation, starting with `first` from the outbound side, until
+    /// neither side has anything more to say.
+    fn run(&mut self, first: Vec<OutAction>) {
+        let mut ids = 0;
+        let (mut to_in, mut to_out) = (BytesMut::new(), BytesMut::new());
+        let mut out_actions = first;
+        loop {
+            for a in std::mem::take(&mut out_actions) {
+                match a {
+                    OutAction::Send(s) => to_in.extend_from_slice(s.as_bytes()),
+                    OutAction::StartTls => out_actions.extend(self.out.tls_established()),
+                    other => self.out_events.push(other),
+                }
+            }
+            let mut in_actions = feed_buf(&mut self.inn, &mut to_in, &mut ids);
+            let mut i = 0;
+            while i < in_actions.len() {
+                match in_actions[i].clone() {
+                    Action::Send(s) => to_out.extend_from_slice(s.as_bytes()),
+                    Action::VerifyDialback {
+                        originating,
+                        receiving,
+                        key,
+                        stream_id,
+                    } => {
+                        let valid = verify_with(
+                            &self.authoritative,
+                            &originating,
+                            &receiving,
+                            &key,
+                            &stream_id,
+                        );
+                        in_actions.extend(self.inn.dialback_result(
+                            &originating,
+                            &receiving,
+                            valid,
+                        ));
+                    }
+                    Action::CheckCertificate { domain } => {
+                        in_actions
+                            .extend(self.inn.certificate_result(&domain, self.certificate_ok));
+                        in_actions.extend(feed_buf(&mut self.inn, &mut to_in, &mut ids));
+                    }
+                    Action::StartTls => {}
+                    other => self.in_events.push(other),
+                }
+                i += 1;
+            }
+            out_actions.extend(self.out.receive(&mut to_out));
+            // A closed side reads nothing more: what is left for it stays unread.
+            if out_actions.is_empty() && (to_in.is_empty() || self.inn.is_closed()) {
+                return;
+            }
+        }
+    }
+}
+
+fn feed_buf(s: &mut S2sIn, buf: &mut BytesMut, ids: &mut u32) -> Vec<Action> {
+    s.receive(buf, &mut || {
+        *ids += 1;
+        format!("stream{ids}")
+    })
+}
+
+/// A verify stream from the receiving server to `originating`'s authoritative server.
+fn verify_with(
+    authoritative: &S2sInConfig,
+    originating: &BareJid,
+    receiving: &BareJid,
+    key: &str,
+    stream_id: &str,
+) -> bool {
+    let config = S2sOutConfig {
+        local: receiving.clone(),
+        remote: originating.clone(),
+        limits: FramerLimits::default(),
+        tls_required: true,
+        sasl_external: false,
+        dialback_secret: b"the receiving side's own".to_vec(),
+        purpose: Purpose::Verify {
+            receiving: receiving.clone(),
+            stream_id: stream_id.to_owned(),
+            key: key.to_owned(),
+        },
+    };
+    let mut wire = Wire::new(config, authoritative.clone(), authoritative.clone());
+    let first = wire.out.start();
+    wire.run(first);
+    match wire.out_events.as_slice() {
+        [
+            OutAction::Verified { valid },
+            OutAction::Close { error: None },
+        ] => *valid,
+        other => panic!("verify stream: {other:?}"),
+    }
+}
+
+fn remote_config(secret: &[u8], sasl_external: bool) -> S2sOutConfig {
+    S2sOutConfig {
+        local: BareJid::new("remote.example").unwrap(),
+        remote: BareJid::new("localhost").unwrap(),
+        limits: FramerLimits::default(),
+        tls_required: true,
+        sasl_external,
+        dialback_secret: secret.to_vec(),
+        purpose: Purpose::Send,
+    }
+}
+
+/// remote.example's own servers, which answer db:verify with its secret.
+fn remote_authoritative(secret: &[u8]) -> S2sInConfig {
+    S2sInConfig {
+        domains: vec![BareJid::new("remote.example").unwrap()],
+        dialback_secret: secret.to_vec(),
+        ..config()
+    }
+}
+
+#[test]
+fn outbound_dialback_end_to_end() {
+    let secret = b"remote.example's secret";
+    let mut wire = Wire::new(
+        remote_config(secret, false),
+        config(),
+        remote_authoritative(secret),
+    );
+    let first = wire.out.start();
+    wire.run(first);
+    assert_eq!(wire.out_events, [OutAction::Ready]);
+    let remote = BareJid::new("remote.example").unwrap();
+    assert_eq!(wire.in_events, [Action::Authorized { domain: remote }]);
+    // A stanza written by the outbound side arrives, checked, on the inbound side.
+    let mut st = Stanza::new(crate::stanza::Kind::Message(
+        crate::stanza::MessageType::Chat,
+    ));
+    st.from = Some("romeo@remote.example/x".parse().unwrap());
+    st.to = Some("juliet@localhost".parse().unwrap());
+    let mut ids = 100;
+    let out = feed(&mut wire.inn, &wire.out.stanza(&st), &mut ids);
+    assert_eq!(out, [Action::Stanza(st)]);
+}
+
+#[test]
+fn outbound_dialback_refused_with_a_key_the_authoritative_server_disowns() {
+    let wrong = remote_authoritative(b"not the secret the key was made with");
+    let mut wire = Wire::new(
+        remote_config(b"remote.example's secret", false),
+        config(),
+        wrong,
+    );
+    let first = wire.out.start();
+    wire.run(first);
+    assert!(
+        matches!(wire.out_events.as_slice(), [OutAction::Close { error: Some(e) }] if e.condition == StreamErrorCondition::NotAuthorized),
+        "{:?}",
+        wire.out_events
+    );
+    assert!(wire.inn.is_closed());
+}
+
+#[test]
+fn outbound_sasl_external_and_its_fallback_to_dialback() {
+    let secret = b"remote.example's secret";
+    let remote = BareJid::new("remote.example").unwrap();
+    for certificate_ok in [true, false] {
+        let mut wire = Wire::new(
+            remote_config(secret, true),
+            config(),
+            remote_authoritative(secret),
+        );
+        wire.certificate_ok = certificate_ok;
+        let first = wire.out.start();
+        wire.run(first);
+        assert_eq!(
+            wire.out_events,
+            [OutAction::Ready],
+            "certificate ok: {certificate_ok}"
+        );
+        assert_eq!(
+            wire.in_events,
+            [Action::Authorized {
+                domain: remote.clone()
+            }]
+        );
+    }
+}
+
+#[test]
+fn outbound_refuses_a_peer_without_tls() {
+    let plain = S2sInConfig {
+        tls_available: false,
+        tls_required: false,
+        ..config()
+    };
+    let secret = b"s";
+    let mut wire = Wire::new(
+        remote_config(secret, false),
+        plain,
+        remote_authoritative(secret),
+    );
+    let first = wire.out.start();
+    wire.run(first);
+    assert!(
+        matches!(wire.out_events.as_slice(), [OutAction::Close { error: Some(e) }] if e.condition == StreamErrorCondition::PolicyViolation),
+        "{:?}",
+        wire.out_events
+    );
+}
