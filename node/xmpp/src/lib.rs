@@ -10,6 +10,7 @@ pub mod c2s;
 pub mod error;
 pub mod framer;
 pub mod ns;
+pub mod s2s;
 pub mod sasl;
 pub mod stanza;
 pub mod stream;

@@ -19,9 +19,14 @@ pub struct StreamHeader {
     /// The domain the stream is addressed to, prepared; `None` when absent.
     pub to: Option<BareJid>,
     pub from: Option<String>,
+    /// The stream id a responding entity assigned (RFC 6120 §4.7.3).
+    pub id: Option<String>,
     pub lang: Option<String>,
     /// `(major, minor)` of the `version` attribute.
     pub version: (u32, u32),
+    /// The header declares the dialback prefix (`xmlns:db='jabber:server:dialback'`,
+    /// XEP-0220 §2.1): the peer speaks dialback.
+    pub dialback: bool,
 }
 
 impl StreamHeader {
@@ -46,8 +51,10 @@ impl StreamHeader {
         let mut header = StreamHeader {
             to: None,
             from: None,
+            id: None,
             lang: None,
             version: (0, 9),
+            dialback: false,
         };
         let mut default_ns = None;
         let mut element_ns = None;
@@ -65,6 +72,9 @@ impl StreamHeader {
             if key == b"xmlns" {
                 default_ns = Some(value.clone());
             }
+            if key == b"xmlns:db" && value == crate::s2s::dialback::NS {
+                header.dialback = true;
+            }
             if key.strip_prefix(b"xmlns:") == Some(prefix) || (prefix.is_empty() && key == b"xmlns")
             {
                 element_ns = Some(value.clone());
@@ -79,6 +89,7 @@ impl StreamHeader {
                     })?)
                 }
                 b"from" => header.from = Some(value),
+                b"id" => header.id = Some(value),
                 b"xml:lang" => header.lang = Some(value),
                 b"version" => header.version = parse_version(&value)?,
                 _ => {}

@@ -303,12 +303,17 @@ struct Scopes {
 
 impl Scopes {
     fn new(default_ns: &str) -> Self {
+        let mut decls = vec![
+            (String::new(), default_ns.to_owned()),
+            ("stream".into(), ns::STREAM.into()),
+            ("xml".into(), ns::XML.into()),
+        ];
+        // Server streams declare the dialback prefix on their root (XEP-0220 §2.1).
+        if default_ns == ns::SERVER {
+            decls.push(("db".into(), crate::s2s::dialback::NS.into()));
+        }
         Self {
-            decls: vec![
-                (String::new(), default_ns.to_owned()),
-                ("stream".into(), ns::STREAM.into()),
-                ("xml".into(), ns::XML.into()),
-            ],
+            decls,
             marks: Vec::new(),
         }
     }
