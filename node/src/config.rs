@@ -37,7 +37,43 @@ pub struct Config {
     pub admin: AdminConfig,
     pub cluster: ClusterConfig,
     pub muc: MucConfig,
+    pub s2s: S2sConfig,
     pub shutdown: ShutdownConfig,
+}
+
+/// `[s2s]`: federation with other XMPP servers (RFC 6120, XEP-0220 dialback, XEP-0178
+/// SASL EXTERNAL, XEP-0368 direct TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S2sConfig {
+    /// `s2s.bind`, default `0.0.0.0:5269`: where peer servers connect. `""` turns
+    /// federation off: no listener, and stanzas to other domains bounce with
+    /// `<remote-server-not-found/>`.
+    pub bind: Option<SocketAddr>,
+    /// `s2s.dialback_secret`: the XEP-0185 key secret. Every node of a deployment must
+    /// share it, so any node can confirm a key another issued; required in cluster mode.
+    /// Default (single node): a random one per start.
+    pub dialback_secret: String,
+    /// `s2s.nameservers`: `ip:port` of the DNS servers asked for remote domains' SRV
+    /// records; empty (the default) uses the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// `s2s.tls_required`, default `true`: no stream without TLS, either way.
+    pub tls_required: bool,
+    /// `s2s.insecure_domains`: remote domains whose TLS certificates are not checked
+    /// (test setups with self-signed certificates); dialback still authenticates them.
+    pub insecure_domains: Vec<String>,
+    /// `s2s.allow_domains`: if not empty, the only remote domains federated with.
+    pub allow_domains: Vec<String>,
+    /// `s2s.deny_domains`: remote domains never federated with.
+    pub deny_domains: Vec<String>,
+    /// `s2s.connect_timeout_secs`, default 10: one connection attempt, and separately
+    /// the stream negotiation on it.
+    pub connect_timeout: Duration,
+    /// `s2s.idle_timeout_secs`, default 600: an outbound stream with nothing to send
+    /// for this long is closed; an inbound one that sends nothing, too.
+    pub idle_timeout: Duration,
+    /// `s2s.queue_max`, default 1000: stanzas waiting for one remote domain's stream
+    /// while it connects; beyond it they bounce with `<resource-constraint/>`.
+    pub queue_max: usize,
 }
 
 /// `[muc]`: the multi-user chat service (XEP-0045).
@@ -424,6 +460,39 @@ fn read_config(r: &mut Reader) -> Config {
             "must differ from domain: rooms and accounts would share addresses".to_owned(),
         );
     }
+    let mut s2s = S2sConfig {
+        bind: r.get("s2s.bind", Some(SocketAddr::from(([0, 0, 0, 0], 5269)))),
+        dialback_secret: r.get("s2s.dialback_secret", String::new()),
+        nameservers: Vec::new(),
+        tls_required: r.get("s2s.tls_required", true),
+        insecure_domains: r.get("s2s.insecure_domains", Vec::new()),
+        allow_domains: r.get("s2s.allow_domains", Vec::new()),
+        deny_domains: r.get("s2s.deny_domains", Vec::new()),
+        connect_timeout: r.get_secs("s2s.connect_timeout_secs", 10),
+        idle_timeout: r.get_secs("s2s.idle_timeout_secs", 600),
+        queue_max: r.get_at_least("s2s.queue_max", 1000, 1),
+    };
+    let nameservers: Vec<String> = r.get("s2s.nameservers", Vec::new());
+    for ns in nameservers {
+        match ns.parse() {
+            Ok(addr) => s2s.nameservers.push(addr),
+            Err(_) => r.invalid(
+                "s2s.nameservers",
+                format!("{ns:?} is not an IP address and port such as \"192.0.2.53:53\""),
+            ),
+        }
+    }
+    for (key, domains) in [
+        ("s2s.insecure_domains", &s2s.insecure_domains),
+        ("s2s.allow_domains", &s2s.allow_domains),
+        ("s2s.deny_domains", &s2s.deny_domains),
+    ] {
+        for d in domains {
+            if let Err(reason) = validate_domain(d) {
+                r.invalid(key, format!("{d:?}: {reason}"));
+            }
+        }
+    }
     let registration = RegistrationConfig {
         enabled: r.get("registration.enabled", true),
         per_ip_per_hour: r.get("registration.per_ip_per_hour", 10),
@@ -443,6 +512,14 @@ fn read_config(r: &mut Reader) -> Config {
     };
     if cluster.enabled {
         check_cluster(r, &mut cluster, storage.backend);
+        if s2s.bind.is_some() && s2s.dialback_secret.is_empty() {
+            r.invalid(
+                "s2s.dialback_secret",
+                "must be set in cluster mode (or s2s.bind = \"\"): every node must confirm \
+                 the dialback keys the others issue"
+                    .to_owned(),
+            );
+        }
     }
     if !r.failed("cluster.shards") && !cluster.shards.is_power_of_two() {
         r.invalid(
@@ -465,6 +542,7 @@ fn read_config(r: &mut Reader) -> Config {
         admin,
         cluster,
         muc,
+        s2s,
         shutdown,
     }
 }
@@ -714,6 +792,27 @@ impl ConfigValue for Option<SocketAddr> {
         } else {
             text.parse().ok().map(Some)
         }
+    }
+}
+
+/// Lists: a TOML array of strings, or comma-separated in the environment.
+impl ConfigValue for Vec<String> {
+    const EXPECTED: &'static str = "a list of strings (comma-separated in the environment)";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value
+            .as_array()?
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        Some(
+            text.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
     }
 }
 

@@ -22,6 +22,7 @@ use crate::cluster::forward::{ForwardError, FrameKind, NodeId};
 use crate::cluster::link::{self, ClusterLink, MAX_HOPS, Owner, ToOwner};
 use crate::metrics::{Mailbox, Metrics, MucPath, RerouteReason};
 use crate::muc;
+use crate::s2s::S2s;
 use crate::server_iq::{self, ServerInfo};
 use crate::shard::{Attached, Bind, BindReplyTo, RouteToUser, SessionHandle, ShardHost};
 use crate::storage::RoomStore;
@@ -44,6 +45,8 @@ struct Inner {
     cluster: Option<Arc<ClusterLink>>,
     /// The multi-user chat service, when it is on.
     muc: Option<MucService>,
+    /// Federation, unless it is off (`s2s.bind = ""`).
+    s2s: OnceLock<S2s>,
 }
 
 /// The multi-user chat service as the router sees it.
@@ -112,6 +115,7 @@ impl Router {
                 },
                 cluster,
                 muc,
+                s2s: OnceLock::new(),
             }),
         }
     }
@@ -132,6 +136,18 @@ impl Router {
         if self.inner.hosts.set(hosts).is_err() {
             panic!("shard hosts installed twice");
         }
+    }
+
+    /// Turns federation on; called once at start.
+    pub fn set_s2s(&self, s2s: S2s) {
+        if self.inner.s2s.set(s2s).is_err() {
+            panic!("s2s installed twice");
+        }
+    }
+
+    /// The MUC service's domain, when it is on.
+    pub fn muc_domain(&self) -> Option<&BareJid> {
+        self.inner.muc.as_ref().map(|m| &m.domain)
     }
 
     pub fn domain(&self) -> &BareJid {
@@ -541,8 +557,11 @@ impl Router {
             return self.to_server(stanza, since);
         };
         if !self.is_local(&to) {
-            // Federation arrives with the s2s work; until then other domains are
-            // unreachable, which RFC 6120 §10.4 says to report this way.
+            if let Some(s2s) = self.inner.s2s.get() {
+                return s2s.send(self, stanza, since);
+            }
+            // Federation is off: other domains are unreachable, which RFC 6120 §10.4
+            // says to report this way.
             debug!(to = %to, "no route to remote domain");
             return self.bounce(
                 &stanza,

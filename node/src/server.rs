@@ -34,7 +34,7 @@ use crate::roster::RosterLimits;
 use crate::router::{MucService, Router};
 use crate::shard::{CloseAllSessions, DrainStorage, ReleaseShards, ShardConfig, ShardHost};
 use crate::user::UserLimits;
-use crate::{storage, tls};
+use crate::{s2s, storage, tls};
 
 /// Sockets a node serves, bound before it starts (so tests can bind port 0 and learn
 /// the address first).
@@ -44,6 +44,8 @@ pub struct Listeners {
     pub admin: Option<std::net::TcpListener>,
     /// The node-to-node endpoint, in cluster mode.
     pub cluster: Option<std::net::TcpListener>,
+    /// Peer servers (federation), unless `s2s.bind` is empty.
+    pub s2s: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -68,6 +70,7 @@ impl Listeners {
                 .enabled
                 .then(|| bind(config.cluster.listen, "cluster"))
                 .transpose()?,
+            s2s: config.s2s.bind.map(|a| bind(a, "s2s")).transpose()?,
         })
     }
 
@@ -85,6 +88,10 @@ impl Listeners {
 
     pub fn cluster_addr(&self) -> Option<SocketAddr> {
         self.cluster.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn s2s_addr(&self) -> Option<SocketAddr> {
+        self.s2s.as_ref().and_then(|l| l.local_addr().ok())
     }
 }
 
@@ -354,6 +361,27 @@ pub async fn run_until(
         None => None,
     };
 
+    // Federation: outbound streams through the router, and the inbound listener below.
+    let limits = shoal_xmpp::framer::FramerLimits {
+        max_stanza_size: config.c2s.max_stanza_size,
+        max_depth: config.c2s.max_depth,
+    };
+    let s2s_settings = match config.s2s.bind {
+        Some(_) => Some(Arc::new(
+            s2s::Settings::from_config(&config.s2s, limits).context("s2s")?,
+        )),
+        None => None,
+    };
+    if let Some(settings) = &s2s_settings {
+        router.set_s2s(s2s::S2s::new(settings.clone()));
+    }
+    let mut s2s_domains = vec![domain.clone()];
+    if let Some(muc) = router.muc_domain() {
+        s2s_domains.push(muc.clone());
+    }
+    let s2s_negotiation = config.c2s.negotiation_timeout;
+    let s2s_tls = tls.clone();
+
     let data_dir = config.data_dir.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = config.shutdown.grace;
@@ -385,6 +413,19 @@ pub async fn run_until(
             shared.clone(),
             handles.clone(),
         )));
+    }
+    if let (Some(l), Some(settings), Some(tls)) = (listeners.s2s, s2s_settings, s2s_tls) {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        info!(addr = %l.local_addr()?, "s2s listening");
+        let inbound = Arc::new(s2s::inbound::Inbound {
+            settings,
+            domains: s2s_domains,
+            tls,
+            router: router.clone(),
+            negotiation_timeout: s2s_negotiation,
+            shutdown: stop_rx.clone(),
+        });
+        tasks.push(actix_rt::spawn(s2s::inbound::accept_loop(l, inbound)));
     }
     health.set_ready(ReadyComponent::Listeners, true);
     if let Some(l) = listeners.admin {

@@ -80,6 +80,7 @@ impl TestCluster {
             .set("cluster.listen", "127.0.0.1:0")
             .set("cluster.shards", SHARDS)
             .set("cluster.lease_ttl_ms", LEASE_TTL.as_millis())
+            .set("s2s.dialback_secret", "shared by the test cluster's nodes")
             .set("tls.cert", self.tls.path().join("cert.pem").display())
             .set("tls.key", self.tls.path().join("key.pem").display());
         for (u, p) in &self.users {

@@ -64,6 +64,8 @@ impl TestNodeBuilder {
                 "0".into(),
             ),
             ("SHOAL_CLUSTER_SHARD_HOSTS".into(), "2".into()),
+            // Federation listens on a free loopback port unless a test says otherwise.
+            ("SHOAL_S2S_BIND".into(), "127.0.0.1:0".into()),
             ("SHOAL_SHUTDOWN_GRACE_SECS".into(), "5".into()),
         ];
         env.extend(self.env);

@@ -409,15 +409,12 @@ mod tests {
     use super::*;
 
     use std::net::{Ipv4Addr, Ipv6Addr};
-    use std::sync::Arc;
     use std::time::Instant;
 
-    use hickory_server::Server;
-    use hickory_server::proto::rr::rdata::{A, AAAA, SOA};
-    use hickory_server::proto::rr::{LowerName, Record};
-    use hickory_server::store::in_memory::InMemoryZoneHandler;
-    use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
-    use tokio::net::{TcpListener, UdpSocket};
+    use hickory_server::proto::rr::Record;
+    use hickory_server::proto::rr::rdata::{A, AAAA};
+
+    use crate::testing::dns::{TestDns, bind_udp_and_tcp};
 
     fn name(text: &str) -> Name {
         Name::from_ascii(text).unwrap()
@@ -459,17 +456,7 @@ mod tests {
             ("xmpps", "closed", 0, 0, 0, "."),
             ("xmpp", "closed", 0, 0, 0, "."),
         ];
-        let soa = SOA::new(
-            name("ns.test."),
-            name("hostmaster.test."),
-            1,
-            3600,
-            600,
-            86400,
-            60,
-        );
         let mut records = vec![
-            Record::from_rdata(name("test."), 300, RData::SOA(soa)),
             // No SRV records, addresses of both families.
             Record::from_rdata(
                 name("plain.test."),
@@ -496,64 +483,26 @@ mod tests {
         records
     }
 
-    /// An authoritative DNS server for [`zone`] on loopback, UDP and TCP on one port.
-    /// Stops when dropped.
-    struct TestDns {
-        addr: SocketAddr,
-        _server: Server<Catalog>,
+    /// An authoritative DNS server for [`zone`] on loopback.
+    async fn test_dns() -> TestDns {
+        TestDns::start("test.", zone()).await
     }
 
-    impl TestDns {
-        async fn start() -> Self {
-            let origin = name("test.");
-            let mut handler: InMemoryZoneHandler =
-                InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-            for record in zone() {
-                assert!(handler.upsert_mut(record, 1));
-            }
-            let mut catalog = Catalog::new();
-            catalog.upsert(LowerName::new(&origin), vec![Arc::new(handler)]);
-
-            let (udp, tcp) = bind_udp_and_tcp().await;
-            let addr = udp.local_addr().unwrap();
-            let mut server = Server::new(catalog);
-            server.register_socket(udp);
-            server.register_listener(tcp, Duration::from_secs(5), 32);
-            Self {
-                addr,
-                _server: server,
-            }
-        }
-
-        fn resolver(&self) -> Resolver {
-            let mut resolver = Resolver::new(&ResolverConfig {
-                nameservers: vec![self.addr],
-                ..ResolverConfig::default()
-            })
-            .unwrap();
-            // Without weights, the lowest draw: the first record of each priority.
-            resolver.pick = |_| 0;
-            resolver
-        }
-    }
-
-    /// A UDP socket and a TCP listener on the same free loopback port.
-    async fn bind_udp_and_tcp() -> (UdpSocket, TcpListener) {
-        for _ in 0..20 {
-            let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-            let addr = udp.local_addr().unwrap();
-            // The port is free for UDP; another test may hold it for TCP.
-            if let Ok(tcp) = TcpListener::bind(addr).await {
-                return (udp, tcp);
-            }
-        }
-        panic!("no loopback port free for both UDP and TCP");
+    fn resolver(dns: &TestDns) -> Resolver {
+        let mut resolver = Resolver::new(&ResolverConfig {
+            nameservers: vec![dns.addr],
+            ..ResolverConfig::default()
+        })
+        .unwrap();
+        // Without weights, the lowest draw: the first record of each priority.
+        resolver.pick = |_| 0;
+        resolver
     }
 
     #[tokio::test]
     async fn both_services_are_ordered_by_priority() {
-        let dns = TestDns::start().await;
-        let candidates = dns.resolver().candidates("both.test").await.unwrap();
+        let dns = test_dns().await;
+        let candidates = resolver(&dns).candidates("both.test").await.unwrap();
         assert_eq!(
             candidates,
             vec![
@@ -568,8 +517,8 @@ mod tests {
 
     #[tokio::test]
     async fn weights_order_one_priority() {
-        let dns = TestDns::start().await;
-        let mut resolver = dns.resolver();
+        let dns = test_dns().await;
+        let mut resolver = resolver(&dns);
         // The highest draw always lands on the heaviest record left, the lowest on the
         // lightest.
         let highest: fn(u32) -> u32 = |sum| sum;
@@ -591,17 +540,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_dot_target_withdraws_only_its_service() {
-        let dns = TestDns::start().await;
+        let dns = test_dns().await;
         assert_eq!(
-            dns.resolver().candidates("starttls.test").await.unwrap(),
+            resolver(&dns).candidates("starttls.test").await.unwrap(),
             vec![candidate("xmpp.starttls.test", 5999, false)]
         );
     }
 
     #[tokio::test]
     async fn dot_targets_for_both_services_mean_no_federation() {
-        let dns = TestDns::start().await;
-        let err = dns.resolver().candidates("closed.test").await.unwrap_err();
+        let dns = test_dns().await;
+        let err = resolver(&dns).candidates("closed.test").await.unwrap_err();
         assert!(
             matches!(&err, ResolveError::NoService(domain) if domain == "closed.test"),
             "{err:?}"
@@ -610,8 +559,8 @@ mod tests {
 
     #[tokio::test]
     async fn without_srv_records_the_domain_itself_on_5269() {
-        let dns = TestDns::start().await;
-        let resolver = dns.resolver();
+        let dns = test_dns().await;
+        let resolver = resolver(&dns);
         let candidates = resolver.candidates("plain.test").await.unwrap();
         assert_eq!(candidates, fallback("plain.test"));
         assert_eq!(
@@ -625,8 +574,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_domain_that_does_not_exist_is_not_found() {
-        let dns = TestDns::start().await;
-        let resolver = dns.resolver();
+        let dns = test_dns().await;
+        let resolver = resolver(&dns);
         // NXDOMAIN for the SRV names says nothing about the domain itself: fall back...
         let candidates = resolver.candidates("nowhere.test").await.unwrap();
         assert_eq!(candidates, fallback("nowhere.test"));
@@ -640,9 +589,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusing_nameserver_is_a_failure_not_an_absence() {
-        let dns = TestDns::start().await;
+        let dns = test_dns().await;
         // The test server answers REFUSED outside its zone.
-        let err = dns.resolver().candidates("example.org").await.unwrap_err();
+        let err = resolver(&dns).candidates("example.org").await.unwrap_err();
         assert!(matches!(err, ResolveError::Failure { .. }), "{err:?}");
     }
 

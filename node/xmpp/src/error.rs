@@ -139,6 +139,16 @@ pub struct StreamError {
     pub text: Option<String>,
 }
 
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.condition.as_str())?;
+        match &self.text {
+            Some(text) => write!(f, " ({text})"),
+            None => Ok(()),
+        }
+    }
+}
+
 impl StreamError {
     pub fn new(condition: StreamErrorCondition) -> Self {
         Self {

@@ -1,7 +1,11 @@
 //! Support for tests that need real external parts, shared by this crate's unit tests
-//! and the `shoal-tests` harness: a real `redis-server` on a free loopback port.
+//! and the `shoal-tests` harness: a real `redis-server` on a free loopback port, and
+//! (with the `testing` feature) a DNS server for test zones.
 //!
 //! Nothing here is used by the server itself.
+
+#[cfg(any(test, feature = "testing"))]
+pub mod dns;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

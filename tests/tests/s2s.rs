@@ -1,0 +1,90 @@
+//! Federation (RFC 6120 server-to-server streams, XEP-0220 dialback over STARTTLS)
+//! between two Shoal nodes serving different domains, `a.test` and `b.test`, which find
+//! each other through a DNS server the test runs (`_xmpp-server._tcp` SRV records).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use shoal_node::testing::dns::{TestDns, address, srv};
+use shoal_tests::TestNode;
+use shoal_tests::im::*;
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A node serving `domain`, federating on `port`, resolving through `dns`.
+fn node_for(domain: &str, port: u16, dns: &TestDns, user: &str) -> TestNode {
+    TestNode::builder()
+        .set("domain", domain)
+        .set("s2s.bind", format!("127.0.0.1:{port}"))
+        .set("s2s.nameservers", dns.addr)
+        .set("s2s.insecure_domains", "a.test,b.test")
+        .user(user, PW)
+        .start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let dns = TestDns::start(
+        "test.",
+        vec![
+            srv("_xmpp-server._tcp.a.test.", 0, 0, port_a, "xmpp.a.test."),
+            address("xmpp.a.test.", loopback),
+            srv("_xmpp-server._tcp.b.test.", 0, 0, port_b, "xmpp.b.test."),
+            address("xmpp.b.test.", loopback),
+        ],
+    )
+    .await;
+    let a = node_for("a.test", port_a, &dns, "juliet");
+    let b = node_for("b.test", port_b, &dns, "romeo");
+    let mut j = online(&a, "juliet", "balcony").await;
+    let mut r = online(&b, "romeo", "orchard").await;
+
+    // a.test opens a stream to b.test; b.test checks the dialback key with a.test.
+    j.send(
+        "<message to='romeo@b.test' id='m1' type='chat'><body>Wherefore art thou?</body></message>",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        "<message to='romeo@b.test' from='juliet@a.test/balcony' id='m1' type='chat'><body>Wherefore art thou?</body></message>"
+    );
+    // And the other way, on a stream of its own.
+    r.send("<message to='juliet@a.test/balcony' id='m2' type='chat'><body>Here</body></message>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        "<message to='juliet@a.test/balcony' from='romeo@b.test/orchard' id='m2' type='chat'><body>Here</body></message>"
+    );
+    // An iq crosses and its answer comes back: a ping to the other server.
+    assert_eq!(
+        ask(
+            &mut j,
+            "<iq to='b.test' id='p1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>"
+        )
+        .await,
+        "<iq to='juliet@a.test/balcony' from='b.test' id='p1' type='result'/>"
+    );
+
+    // A domain DNS does not know: the sender gets <remote-server-not-found/>.
+    let bounce = ask(
+        &mut j,
+        "<message to='nobody@nowhere.test' id='m3' type='chat'><body>Hello?</body></message>",
+    )
+    .await;
+    assert!(
+        bounce.starts_with(
+            "<message to='juliet@a.test/balcony' from='nobody@nowhere.test' id='m3' type='error'>"
+        ) && bounce
+            .contains("<remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
+        "{bounce}"
+    );
+}
