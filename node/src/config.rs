@@ -1207,6 +1207,37 @@ mod tests {
     }
 
     #[test]
+    fn s2s_keys() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.s2s.bind, Some(SocketAddr::from(([0, 0, 0, 0], 5269))));
+        assert!(c.s2s.tls_required && c.s2s.nameservers.is_empty());
+        assert_eq!(c.s2s.idle_timeout, Duration::from_secs(600));
+        let c = Config::load(
+            None,
+            env(&[
+                ("SHOAL_S2S_BIND", ""),
+                ("SHOAL_S2S_NAMESERVERS", "127.0.0.1:5353, [::1]:53"),
+                ("SHOAL_S2S_DENY_DOMAINS", "spam.example,evil.example"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.s2s.bind, None);
+        assert_eq!(
+            c.s2s.nameservers,
+            ["127.0.0.1:5353".parse().unwrap(), "[::1]:53".parse().unwrap()]
+        );
+        assert_eq!(c.s2s.deny_domains, ["spam.example", "evil.example"]);
+        let errors = load_err(
+            None,
+            &[
+                ("SHOAL_S2S_NAMESERVERS", "dns.example"),
+                ("SHOAL_S2S_ALLOW_DOMAINS", "not a domain"),
+            ],
+        );
+        assert_eq!(errors.len(), 2, "{errors:?}");
+    }
+
+    #[test]
     fn cluster_keys() {
         let c = Config::default();
         assert!(!c.cluster.enabled);
@@ -1219,6 +1250,7 @@ mod tests {
                 ("SHOAL_CLUSTER_NODE_ID", "shoal-0"),
                 ("SHOAL_CLUSTER_LISTEN", "127.0.0.2:7071"),
                 ("SHOAL_CLUSTER_LEASE_TTL_MS", "900"),
+                ("SHOAL_S2S_DIALBACK_SECRET", "shared"),
             ]),
         )
         .unwrap();
@@ -1233,6 +1265,7 @@ mod tests {
                 ("SHOAL_CLUSTER_ENABLED", "true"),
                 ("SHOAL_CLUSTER_NODE_ID", "shoal-1"),
                 ("SHOAL_CLUSTER_ENDPOINT", "shoal-1.shoal:7070"),
+                ("SHOAL_S2S_BIND", ""),
             ]),
         )
         .unwrap();
@@ -1263,7 +1296,8 @@ mod tests {
                 "cluster.lease_ttl_ms",
                 "cluster.enabled",
                 "cluster.node_id",
-                "cluster.endpoint"
+                "cluster.endpoint",
+                "s2s.dialback_secret"
             ]
         );
         let text = ConfigErrors(errors).to_string();
@@ -1279,6 +1313,7 @@ mod tests {
                 ("SHOAL_CLUSTER_ENABLED", "true"),
                 ("SHOAL_CLUSTER_NODE_ID", "a"),
                 ("SHOAL_CLUSTER_ENDPOINT", "no-port"),
+                ("SHOAL_S2S_DIALBACK_SECRET", "shared"),
             ],
         );
         assert_eq!(errors.len(), 1);
