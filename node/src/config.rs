@@ -1224,7 +1224,10 @@ mod tests {
         assert_eq!(c.s2s.bind, None);
         assert_eq!(
             c.s2s.nameservers,
-            ["127.0.0.1:5353".parse().unwrap(), "[::1]:53".parse().unwrap()]
+            [
+                "127.0.0.1:5353".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
         );
         assert_eq!(c.s2s.deny_domains, ["spam.example", "evil.example"]);
         let errors = load_err(
