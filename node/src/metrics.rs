@@ -51,6 +51,10 @@ const REROUTED: &str = "shoal_cluster_rerouted_total";
 const ATTACHES: &str = "shoal_cluster_session_attaches_total";
 const DIRECTORY_LOOKUPS: &str = "shoal_cluster_directory_lookups_total";
 const MUC_COPIES: &str = "shoal_muc_copies_total";
+const S2S_STREAMS: &str = "shoal_s2s_streams";
+const S2S_DIALBACK: &str = "shoal_s2s_dialback_total";
+const S2S_QUEUED: &str = "shoal_s2s_queued";
+const S2S_BOUNCES: &str = "shoal_s2s_bounces_total";
 
 /// How many distinct `peer` label values the forwarding metrics take before further
 /// peers share `peer="other"`. Far above any real cluster; only there so that peer
@@ -234,6 +238,34 @@ label_enum! {
         Here => "here",
         Node => "node",
         Account => "account",
+    }
+}
+
+label_enum! {
+    /// Which way a server-to-server stream goes (`direction` label).
+    S2sDirection {
+        In => "in",
+        Out => "out",
+    }
+}
+
+label_enum! {
+    /// What a peer's authoritative server said of its dialback key (`result` label).
+    DialbackResult {
+        Valid => "valid",
+        Invalid => "invalid",
+    }
+}
+
+label_enum! {
+    /// Why stanzas to another domain bounced (`condition` label).
+    S2sBounce {
+        /// The domain has no server (DNS), or it refused us.
+        NotFound => "remote_server_not_found",
+        /// Its servers could not be reached in time, or the stream broke.
+        Timeout => "remote_server_timeout",
+        /// Too much was queued for it.
+        Busy => "resource_constraint",
     }
 }
 
@@ -422,6 +454,19 @@ fn describe() {
         DIRECTORY_LOOKUPS,
         "Account loads that found sessions in the directory (bound under a previous owner) or none."
     );
+    describe_gauge!(S2S_STREAMS, "Open server-to-server streams, by direction.");
+    describe_counter!(
+        S2S_DIALBACK,
+        "Dialback keys of peers checked with their authoritative servers, by result."
+    );
+    describe_gauge!(
+        S2S_QUEUED,
+        "Stanzas waiting for an outbound server-to-server stream."
+    );
+    describe_counter!(
+        S2S_BOUNCES,
+        "Stanzas to other domains that bounced, by error condition."
+    );
     describe_counter!(
         MUC_COPIES,
         "Copies of room stanzas sent by the rooms of this node, by path."
@@ -460,6 +505,10 @@ struct Inner {
     attaches: Vec<Counter>,
     directory_lookups: Vec<Counter>,
     muc_copies: Vec<Counter>,
+    s2s_streams: Vec<Gauge>,
+    s2s_dialback: Vec<Counter>,
+    s2s_queued: Gauge,
+    s2s_bounces: Vec<Counter>,
     /// Per-peer handles, registered on a peer's first use and kept for the process.
     peers: Mutex<HashMap<String, PeerMetrics>>,
 }
@@ -559,6 +608,19 @@ impl Metrics {
                 muc_copies: per_label(
                     MucPath::ALL,
                     |p| metrics::counter!(MUC_COPIES, "path" => p.as_str()),
+                ),
+                s2s_streams: per_label(
+                    S2sDirection::ALL,
+                    |d| metrics::gauge!(S2S_STREAMS, "direction" => d.as_str()),
+                ),
+                s2s_dialback: per_label(
+                    DialbackResult::ALL,
+                    |r| metrics::counter!(S2S_DIALBACK, "result" => r.as_str()),
+                ),
+                s2s_queued: metrics::gauge!(S2S_QUEUED),
+                s2s_bounces: per_label(
+                    S2sBounce::ALL,
+                    |c| metrics::counter!(S2S_BOUNCES, "condition" => c.as_str()),
                 ),
                 peers: Mutex::new(HashMap::new()),
             }),
@@ -688,16 +750,41 @@ impl Metrics {
         self.inner.directory_lookups[result as usize].increment(1);
     }
 
+    /// Counts an open server-to-server stream until the guard is dropped.
+    pub fn s2s_stream(&self, direction: S2sDirection) -> GaugeGuard {
+        let gauge = self.inner.s2s_streams[direction as usize].clone();
+        gauge.increment(1.0);
+        GaugeGuard { gauge }
+    }
+
+    pub fn s2s_dialback(&self, valid: bool) {
+        let result = if valid {
+            DialbackResult::Valid
+        } else {
+            DialbackResult::Invalid
+        };
+        self.inner.s2s_dialback[result as usize].increment(1);
+    }
+
+    /// Stanzas put in (`+n`) or taken out of (`-n`) outbound queues.
+    pub fn s2s_queued(&self, delta: f64) {
+        self.inner.s2s_queued.increment(delta);
+    }
+
+    pub fn s2s_bounce(&self, condition: S2sBounce) {
+        self.inner.s2s_bounces[condition as usize].increment(1);
+    }
+
     pub fn muc_copies(&self, path: MucPath, copies: usize) {
         self.inner.muc_copies[path as usize].increment(copies as u64);
     }
 
     /// Counts a bound resource until the returned guard is dropped.
     #[must_use = "the session is counted only while the guard lives"]
-    pub fn session_bound(&self) -> SessionGuard {
+    pub fn session_bound(&self) -> GaugeGuard {
         let gauge = self.inner.sessions.clone();
         gauge.increment(1.0);
-        SessionGuard { gauge }
+        GaugeGuard { gauge }
     }
 }
 
@@ -784,13 +871,14 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Keeps one bound resource counted in `shoal_sessions`; decrements on drop.
+/// Keeps one thing counted in a gauge (a bound resource in `shoal_sessions`, an open
+/// stream in `shoal_s2s_streams`); decrements on drop.
 #[derive(Debug)]
-pub struct SessionGuard {
+pub struct GaugeGuard {
     gauge: Gauge,
 }
 
-impl Drop for SessionGuard {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
     }

@@ -373,7 +373,7 @@ pub async fn run_until(
         None => None,
     };
     if let Some(settings) = &s2s_settings {
-        router.set_s2s(s2s::S2s::new(settings.clone()));
+        router.set_s2s(s2s::S2s::new(settings.clone(), metrics.clone()));
     }
     let mut s2s_domains = vec![domain.clone()];
     if let Some(muc) = router.muc_domain() {

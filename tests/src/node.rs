@@ -64,8 +64,9 @@ impl TestNodeBuilder {
                 "0".into(),
             ),
             ("SHOAL_CLUSTER_SHARD_HOSTS".into(), "2".into()),
-            // Federation listens on a free loopback port unless a test says otherwise.
-            ("SHOAL_S2S_BIND".into(), "127.0.0.1:0".into()),
+            // Federation off unless a test turns it on with its own DNS server: a
+            // stanza to another domain would otherwise ask the system's resolver.
+            ("SHOAL_S2S_BIND".into(), "".into()),
             ("SHOAL_SHUTDOWN_GRACE_SECS".into(), "5".into()),
         ];
         env.extend(self.env);

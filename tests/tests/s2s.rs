@@ -87,4 +87,20 @@ async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
             .contains("<remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
         "{bounce}"
     );
+
+    // Both nodes run in this process and share one metrics registry: two outbound
+    // streams (one each way), two keys confirmed by the authoritative servers, one
+    // bounce.
+    for (sample, value) in [
+        ("shoal_s2s_streams{direction=\"out\"}", 2.0),
+        ("shoal_s2s_dialback_total{result=\"valid\"}", 2.0),
+        ("shoal_s2s_dialback_total{result=\"invalid\"}", 0.0),
+        (
+            "shoal_s2s_bounces_total{condition=\"remote_server_not_found\"}",
+            1.0,
+        ),
+        ("shoal_s2s_queued", 0.0),
+    ] {
+        assert_eq!(a.metric(sample), value, "{sample}");
+    }
 }

@@ -24,7 +24,7 @@ use crate::c2s::io::{Outbound, QueueFull};
 use crate::c2s::{fresh_id, stanza_kind, stream_error_label};
 use crate::cluster::forward::NodeId;
 use crate::cluster::link::ToOwner;
-use crate::metrics::{ConnectionGuard, Mailbox, Metrics, SessionGuard};
+use crate::metrics::{ConnectionGuard, GaugeGuard, Mailbox, Metrics};
 use crate::router::{Home, Router};
 use crate::shard::{Attached, FromSession, FromSessionKind, SessionHandle, Unbind};
 use crate::user::{SessionFacts, SessionId, UserShared};
@@ -90,7 +90,7 @@ pub struct Session {
     idle_timeout: Duration,
     last_read: Instant,
     _connection: ConnectionGuard,
-    _session: SessionGuard,
+    _session: GaugeGuard,
     on_stop: Option<Box<dyn FnOnce()>>,
     shared: Arc<UserShared>,
     /// Entities this session sent directed available presence to.

@@ -25,6 +25,7 @@ use super::Settings;
 use super::connect::Opened;
 use crate::c2s::fresh_id;
 use crate::c2s::io::Transport;
+use crate::metrics::S2sDirection;
 use crate::router::Router;
 
 /// What every inbound connection of a node shares.
@@ -81,6 +82,7 @@ struct Conn {
 }
 
 async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) {
+    let _open = inbound.router.metrics().s2s_stream(S2sDirection::In);
     let mut conn = Conn {
         transport: Some(Either::Left(tcp)),
         stream: S2sIn::new(inbound.stream_config(), false),
@@ -153,6 +155,7 @@ impl Conn {
                     let valid = inbound.settings.policy.allows(&originating)
                         && verify(inbound, &originating, &receiving, key, stream_id).await;
                     info!(%peer, from = %originating, to = %receiving, valid, "s2s dialback");
+                    inbound.router.metrics().s2s_dialback(valid);
                     actions.extend(self.stream.dialback_result(&originating, &receiving, valid));
                 }
                 Action::Authorized { domain } => {

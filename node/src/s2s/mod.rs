@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use self::connect::{Connector, OpenStream, Opened};
 use crate::config::S2sConfig;
+use crate::metrics::{Metrics, S2sBounce, S2sDirection};
 use crate::router::{Router, WeakRouter};
 
 /// Which remote domains may federate with us.
@@ -113,15 +114,17 @@ pub struct S2s {
 
 struct Inner {
     settings: Arc<Settings>,
+    metrics: Metrics,
     /// The queue of each (our domain, their domain) stream that is open or opening.
     streams: Mutex<HashMap<Pair, mpsc::Sender<Queued>>>,
 }
 
 impl S2s {
-    pub fn new(settings: Arc<Settings>) -> Self {
+    pub fn new(settings: Arc<Settings>, metrics: Metrics) -> Self {
         Self {
             inner: Arc::new(Inner {
                 settings,
+                metrics,
                 streams: Mutex::new(HashMap::new()),
             }),
         }
@@ -143,7 +146,7 @@ impl S2s {
         if !self.inner.settings.policy.allows(&remote) {
             let text = format!("federation with {remote} is not allowed here");
             let error = StanzaError::with_text(StanzaErrorCondition::RemoteServerNotFound, text);
-            return router.bounce(&stanza, error, since);
+            return self.bounce(router, &stanza, error, since);
         }
         let pair = (local, remote);
         let mut streams = self.inner.streams.lock();
@@ -152,15 +155,33 @@ impl S2s {
             tokio::spawn(run(self.clone(), router.downgrade(), pair.clone(), rx));
             tx
         });
-        if let Err(e) = tx.try_send((stanza, since)) {
-            let (stanza, since) = e.into_inner();
-            let error = StanzaError::with_text(
-                StanzaErrorCondition::ResourceConstraint,
-                "too many stanzas waiting for that server",
-            );
-            drop(streams);
-            router.bounce(&stanza, error, since);
+        match tx.try_send((stanza, since)) {
+            Ok(()) => self.inner.metrics.s2s_queued(1.0),
+            Err(e) => {
+                let (stanza, since) = e.into_inner();
+                let error = StanzaError::with_text(
+                    StanzaErrorCondition::ResourceConstraint,
+                    "too many stanzas waiting for that server",
+                );
+                drop(streams);
+                self.bounce(router, &stanza, error, since);
+            }
         }
+    }
+
+    /// Returns a stanza that cannot reach its domain to its sender, counted.
+    fn bounce(&self, router: &Router, stanza: &Stanza, error: StanzaError, since: Instant) {
+        self.inner.metrics.s2s_bounce(match error.condition {
+            StanzaErrorCondition::RemoteServerTimeout => S2sBounce::Timeout,
+            StanzaErrorCondition::ResourceConstraint => S2sBounce::Busy,
+            _ => S2sBounce::NotFound,
+        });
+        router.bounce(stanza, error, since);
+    }
+
+    /// A stanza left its queue.
+    fn dequeued(&self) {
+        self.inner.metrics.s2s_queued(-1.0);
     }
 }
 
@@ -174,15 +195,18 @@ async fn run(s2s: S2s, router: WeakRouter, pair: Pair, mut rx: mpsc::Receiver<Qu
         match settings.connector.open(config).await {
             Ok(Opened::Ready(open)) => {
                 info!(from = %local, to = %remote, "s2s stream open");
-                serve(*open, &mut rx, settings.idle_timeout, &router).await;
+                let _open = s2s.inner.metrics.s2s_stream(S2sDirection::Out);
+                serve(&s2s, *open, &mut rx, &router).await;
             }
             Ok(Opened::Verified(_)) => unreachable!("a send stream is not a verify stream"),
             Err(e) => {
                 warn!(from = %local, to = %remote, error = %e, "s2s stream failed");
                 let error = StanzaError::with_text(e.condition(), e.to_string());
-                if let Some(router) = router.upgrade() {
-                    while let Ok((stanza, since)) = rx.try_recv() {
-                        router.bounce(&stanza, error.clone(), since);
+                let router = router.upgrade();
+                while let Ok((stanza, since)) = rx.try_recv() {
+                    s2s.dequeued();
+                    if let Some(router) = &router {
+                        s2s.bounce(router, &stanza, error.clone(), since);
                     }
                 }
             }
@@ -199,16 +223,18 @@ async fn run(s2s: S2s, router: WeakRouter, pair: Pair, mut rx: mpsc::Receiver<Qu
 /// Writes queued stanzas until the stream is idle for `idle`, breaks or is closed; a
 /// stanza the broken stream did not take bounces with `<remote-server-timeout/>`.
 async fn serve(
+    s2s: &S2s,
     mut open: OpenStream,
     rx: &mut mpsc::Receiver<Queued>,
-    idle: std::time::Duration,
     router: &WeakRouter,
 ) {
+    let idle = s2s.inner.settings.idle_timeout;
     let mut read = std::mem::take(&mut open.buf);
     loop {
         tokio::select! {
             queued = rx.recv() => {
                 let Some((stanza, since)) = queued else { return };
+                s2s.dequeued();
                 let xml = open.stream.stanza(&stanza);
                 if open.transport.write_all(xml.as_bytes()).await.is_err()
                     || open.transport.flush().await.is_err()
@@ -219,7 +245,7 @@ async fn serve(
                             StanzaErrorCondition::RemoteServerTimeout,
                             "the stream to that server broke",
                         );
-                        router.bounce(&stanza, error, since);
+                        s2s.bounce(&router, &stanza, error, since);
                     }
                     return;
                 }
