@@ -57,7 +57,7 @@ async fn login_and_chat_against_a_real_node_lose_nothing() {
         "--rate",
         "100",
         "--duration",
-        "3",
+        "4",
         "--size",
         "100",
         "--mech",
@@ -67,11 +67,11 @@ async fn login_and_chat_against_a_real_node_lose_nothing() {
     ];
     let r = run_with(&chat, &common).await;
     let c = &r.chat[0];
-    assert_eq!(c.scheduled, 300, "{}", r.human());
-    assert_eq!(c.sent, 300, "{}", r.human());
-    assert_eq!(c.received, 300, "{}", r.human());
+    assert_eq!(c.scheduled, 400, "{}", r.human());
+    assert_eq!(c.sent, 400, "{}", r.human());
+    assert_eq!(c.received, 400, "{}", r.human());
     assert_eq!((c.lost, c.duplicated, c.out_of_order), (0, 0, 0));
-    assert_eq!(c.latency.count, 300);
+    assert_eq!(c.latency.count, 400);
     assert_eq!(r.disconnected, 0);
     let svg = std::fs::read_to_string(&plot).expect("the plot was written");
     let _ = std::fs::remove_file(&plot);
@@ -171,7 +171,8 @@ fn assert_plot(svg: &str) {
             "no {label:?} in {texts:?}"
         );
     }
-    // Four data series of a point a second, and four 2-point legend samples.
+    // Four data series of a point a second (4 s: at least 3 points each, whatever
+    // the seconds' edges), and four 2-point legend samples.
     assert_eq!(series.len(), 8, "{series:?}");
     assert_eq!(series.iter().filter(|&&n| n >= 3).count(), 4, "{series:?}");
 }
