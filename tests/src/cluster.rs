@@ -43,21 +43,40 @@ pub struct TestCluster {
     users: Vec<(String, String)>,
     /// One certificate for every node, as a deployment behind one name has.
     tls: TempDir,
+    /// Settings of every node beyond the defaults, then those of node `i`.
+    settings: Vec<(String, String)>,
+    node_settings: Vec<Vec<(String, String)>>,
 }
 
 impl TestCluster {
     /// Starts Redis and `n` nodes, with these accounts created, and waits until every
     /// node is ready (member, every shard owned).
     pub fn start(n: usize, users: &[(&str, &str)]) -> Self {
+        Self::start_with(n, users, "localhost", Vec::new(), Vec::new())
+    }
+
+    /// Like [`start`](Self::start) for `domain`, with `settings` for every node and
+    /// `node_settings[i]` for node `i` (federation ports, say).
+    pub fn start_with(
+        n: usize,
+        users: &[(&str, &str)],
+        domain: &str,
+        settings: Vec<(String, String)>,
+        node_settings: Vec<Vec<(String, String)>>,
+    ) -> Self {
         let tls = TempDir::new().expect("temp dir");
         shoal_node::tls::generate_self_signed(
-            "localhost",
+            domain,
             &tls.path().join("cert.pem"),
             &tls.path().join("key.pem"),
         )
         .expect("test certificate");
         let mut cluster = Self {
             tls,
+            settings: std::iter::once(("domain".to_owned(), domain.to_owned()))
+                .chain(settings)
+                .collect(),
+            node_settings,
             nodes: Vec::new(),
             redis: RedisServer::start(),
             users: users
@@ -83,6 +102,13 @@ impl TestCluster {
             .set("s2s.dialback_secret", "shared by the test cluster's nodes")
             .set("tls.cert", self.tls.path().join("cert.pem").display())
             .set("tls.key", self.tls.path().join("key.pem").display());
+        for (key, value) in self
+            .settings
+            .iter()
+            .chain(self.node_settings.get(i).into_iter().flatten())
+        {
+            builder = builder.set(key, value);
+        }
         for (u, p) in &self.users {
             builder = builder.user(u, p);
         }
