@@ -8,6 +8,10 @@ use shoal_node::testing::dns::{TestDns, address, srv};
 use shoal_tests::TestNode;
 use shoal_tests::im::*;
 
+/// Held by each test for its whole run: the nodes of all tests in this process share
+/// one metrics registry, which the tests read.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A port nobody listens on right now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -29,6 +33,7 @@ fn node_for(domain: &str, port: u16, dns: &TestDns, user: &str) -> TestNode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (port_a, port_b) = (free_port(), free_port());
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let dns = TestDns::start(
@@ -113,6 +118,7 @@ async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
 /// cluster's nodes share the dialback secret).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clusters_federate_across_their_nodes() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let dns = TestDns::start(

@@ -170,6 +170,19 @@ fn header(content_ns: &str, attrs: &[(&str, &str)]) -> String {
 
 pub const STREAM_CLOSE: &str = "</stream:stream>";
 
+/// The answer to `<starttls/>` (RFC 6120 §5.4.2.3): `<proceed/>`, unless bytes arrived
+/// behind it before the handshake. Those would be read as if they had come over TLS
+/// (STARTTLS command injection), so the stream ends with `<policy-violation/>`.
+pub fn proceed_with_tls(unread: &[u8]) -> Result<String, StreamError> {
+    if !unread.is_empty() {
+        return Err(StreamError::with_text(
+            StreamErrorCondition::PolicyViolation,
+            "data after <starttls/> before the TLS handshake",
+        ));
+    }
+    Ok(format!("<proceed xmlns='{}'/>", ns::TLS))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

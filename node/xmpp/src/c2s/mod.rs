@@ -27,7 +27,7 @@ use crate::framer::{Frame, FrameError, Framer, FramerLimits};
 use crate::ns;
 use crate::sasl::{Mechanism, SaslFailure, SaslServer, SaslStep, StoredCredentials, saslprep_name};
 use crate::stanza::{IqType, Kind, Stanza, StanzaParseError, TopLevel, parse_top_level};
-use crate::stream::{STREAM_CLOSE, StreamHeader, response_header};
+use crate::stream::{STREAM_CLOSE, StreamHeader, proceed_with_tls, response_header};
 use crate::xml::{Element, NsContext};
 
 /// SASL attempts allowed on one stream before it is closed (RFC 6120 §6.4.5 asks for
@@ -473,22 +473,15 @@ impl C2sStream {
             (State::AwaitStartTls | State::AwaitAuth, ns::TLS, "starttls")
                 if !self.secure && self.config.tls_available =>
             {
-                if !buf.is_empty() {
-                    // Bytes pipelined behind <starttls/> would be read as if they had
-                    // come over TLS: the classic STARTTLS command injection.
-                    return self.stream_error(
-                        StreamError::with_text(
-                            StreamErrorCondition::PolicyViolation,
-                            "data after <starttls/> before the TLS handshake",
-                        ),
-                        fresh_id,
-                        out,
-                    );
+                match proceed_with_tls(buf) {
+                    Ok(proceed) => {
+                        out.push(Action::Send(proceed));
+                        out.push(Action::StartTls);
+                        self.secure = true;
+                        self.restart(Stage::AfterTls);
+                    }
+                    Err(e) => self.stream_error(e, fresh_id, out),
                 }
-                out.push(Action::Send(format!("<proceed xmlns='{}'/>", ns::TLS)));
-                out.push(Action::StartTls);
-                self.secure = true;
-                self.restart(Stage::AfterTls);
             }
             (State::AwaitStartTls, ns::SASL, "auth") => {
                 self.sasl_failure(None, SaslFailure::EncryptionRequired, fresh_id, out)

@@ -29,7 +29,7 @@ use crate::error::{StreamError, StreamErrorCondition};
 use crate::framer::{Frame, Framer, FramerLimits};
 use crate::ns;
 use crate::stanza::{Stanza, StanzaParseError, TopLevel, parse_top_level};
-use crate::stream::{STREAM_CLOSE, StreamHeader};
+use crate::stream::{STREAM_CLOSE, StreamHeader, proceed_with_tls};
 use crate::xml::{Element, NsContext, escape_into};
 
 /// Static settings of the receiving side.
@@ -355,22 +355,15 @@ impl S2sIn {
         let tls_pending = !self.secure && self.config.tls_available && self.config.tls_required;
         match (el.ns.as_str(), el.name.as_str()) {
             (ns::TLS, "starttls") if !self.secure && self.config.tls_available => {
-                if !buf.is_empty() {
-                    // Bytes pipelined behind <starttls/> would be read as if they had
-                    // come over TLS (STARTTLS command injection).
-                    return self.stream_error(
-                        StreamError::with_text(
-                            StreamErrorCondition::PolicyViolation,
-                            "data after <starttls/> before the TLS handshake",
-                        ),
-                        fresh_id,
-                        out,
-                    );
+                match proceed_with_tls(buf) {
+                    Ok(proceed) => {
+                        out.push(Action::Send(proceed));
+                        out.push(Action::StartTls);
+                        self.secure = true;
+                        self.restart();
+                    }
+                    Err(e) => self.stream_error(e, fresh_id, out),
                 }
-                out.push(Action::Send(format!("<proceed xmlns='{}'/>", ns::TLS)));
-                out.push(Action::StartTls);
-                self.secure = true;
-                self.restart();
             }
             (_, _) if tls_pending => self.stream_error(
                 StreamError::with_text(StreamErrorCondition::PolicyViolation, "TLS is required"),
