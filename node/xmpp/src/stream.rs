@@ -150,7 +150,8 @@ pub fn initial_header(content_ns: &str, to: &str) -> String {
     )
 }
 
-fn header(content_ns: &str, attrs: &[(&str, &str)]) -> String {
+/// `<?xml?>` and a `stream:stream` start tag in `content_ns` with `attrs` in order.
+pub(crate) fn header(content_ns: &str, attrs: &[(&str, &str)]) -> String {
     let mut s = String::with_capacity(200);
     s.push_str("<?xml version='1.0'?><stream:stream xmlns='");
     s.push_str(content_ns);

@@ -29,8 +29,8 @@ use crate::error::{StreamError, StreamErrorCondition};
 use crate::framer::{Frame, Framer, FramerLimits};
 use crate::ns;
 use crate::stanza::{Stanza, StanzaParseError, TopLevel, parse_top_level};
-use crate::stream::{STREAM_CLOSE, StreamHeader, proceed_with_tls};
-use crate::xml::{Element, NsContext, escape_into};
+use crate::stream::{self, STREAM_CLOSE, StreamHeader, proceed_with_tls};
+use crate::xml::{Element, NsContext, escape};
 
 /// Static settings of the receiving side.
 #[derive(Debug, Clone)]
@@ -168,8 +168,8 @@ impl S2sIn {
         let verdict = if valid { "valid" } else { "invalid" };
         out.push(Action::Send(format!(
             "<db:result from='{}' to='{}' type='{verdict}'/>",
-            attr(receiving.as_str()),
-            attr(originating.as_str())
+            escape(receiving.as_str()),
+            escape(originating.as_str())
         )));
         if valid {
             self.authorized.insert(originating.clone());
@@ -428,8 +428,8 @@ impl S2sIn {
             // XEP-0220 §2.4.3: the error goes in the result; the stream lives on.
             out.push(Action::Send(format!(
                 "<db:result from='{}' to='{}' type='error'><error type='cancel'><item-not-found xmlns='{}'/></error></db:result>",
-                attr(to.as_str()),
-                attr(from.as_str()),
+                escape(to.as_str()),
+                escape(from.as_str()),
                 ns::STANZA_ERRORS
             )));
             return;
@@ -468,9 +468,9 @@ impl S2sIn {
             );
         out.push(Action::Send(format!(
             "<db:verify from='{}' to='{}' id='{}' type='{}'/>",
-            attr(to),
-            attr(from),
-            attr(id),
+            escape(to),
+            escape(from),
+            escape(id),
             if valid { "valid" } else { "invalid" }
         )));
     }
@@ -542,29 +542,17 @@ pub const NS_DIALBACK_FEATURE: &str = "urn:xmpp:features:dialback";
 /// A header on an s2s stream: `jabber:server` with the dialback prefix declared, `from`
 /// our domain, `to` the peer's (when known) and, answering, our stream `id`.
 fn header(from: &str, to: Option<&str>, id: Option<&str>) -> String {
-    let mut s = format!(
-        "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' xmlns:db='{}'",
-        ns::SERVER,
-        ns::STREAM,
-        dialback::NS
-    );
-    for (k, v) in [("from", Some(from)), ("to", to), ("id", id)] {
-        if let Some(v) = v.filter(|v| !v.is_empty()) {
-            s.push(' ');
-            s.push_str(k);
-            s.push_str("='");
-            escape_into(&mut s, v);
-            s.push('\'');
-        }
-    }
-    s.push_str(" version='1.0'>");
-    s
-}
-
-fn attr(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    escape_into(&mut out, s);
-    out
+    let attrs: Vec<(&str, &str)> = [
+        ("xmlns:db", Some(dialback::NS)),
+        ("from", Some(from)),
+        ("to", to),
+        ("id", id),
+        ("version", Some("1.0")),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v)))
+    .collect();
+    stream::header(ns::SERVER, &attrs)
 }
 
 #[cfg(test)]

@@ -16,13 +16,13 @@ use bytes::BytesMut;
 use jid::BareJid;
 
 use super::dialback::{self, dialback_key};
-use super::{attr, header};
+use super::header;
 use crate::error::{StreamError, StreamErrorCondition};
 use crate::framer::{Frame, Framer, FramerLimits};
 use crate::ns;
 use crate::stanza::{Stanza, TopLevel, parse_top_level};
 use crate::stream::{STREAM_CLOSE, StreamHeader};
-use crate::xml::{Element, NsContext};
+use crate::xml::{Element, NsContext, escape};
 
 /// Why we open the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,10 +299,10 @@ impl S2sOut {
             self.state = State::AwaitVerify;
             out.push(OutAction::Send(format!(
                 "<db:verify from='{}' to='{}' id='{}'>{}</db:verify>",
-                attr(receiving.as_str()),
-                attr(self.config.remote.as_str()),
-                attr(stream_id),
-                attr(key)
+                escape(receiving.as_str()),
+                escape(self.config.remote.as_str()),
+                escape(stream_id),
+                escape(key)
             )));
             return;
         }
@@ -346,8 +346,8 @@ impl S2sOut {
         self.state = State::AwaitDialback;
         out.push(OutAction::Send(format!(
             "<db:result from='{}' to='{}'>{key}</db:result>",
-            attr(self.config.local.as_str()),
-            attr(self.config.remote.as_str())
+            escape(self.config.local.as_str()),
+            escape(self.config.remote.as_str())
         )));
     }
 
