@@ -676,7 +676,8 @@ impl Router {
     /// (the stanza once, with its recipients), and the rest go the usual way, through
     /// the recipients' accounts.
     pub fn route_room(&self, room: &BareJid, copies: Vec<(Stanza, Option<Home>)>, since: Instant) {
-        let metrics = &self.inner.metrics;
+        // Copies by path, counted once per broadcast rather than once per copy.
+        let mut counted = [0usize; 3];
         let link = self.cluster();
         let mut xml = Copies::default();
         // Per node, runs of equal copies in the room's order.
@@ -684,12 +685,12 @@ impl Router {
         for (stanza, home) in copies {
             match home {
                 Some(Home::Here(addr, shared)) => {
-                    metrics.muc_copies(MucPath::Here, 1);
+                    counted[MucPath::Here as usize] += 1;
                     let bytes = xml.of(&stanza);
                     self.hand_to(&addr, &shared, stanza, bytes, since);
                 }
                 Some(Home::Node(node)) if link.is_some() => {
-                    metrics.muc_copies(MucPath::Node, 1);
+                    counted[MucPath::Node as usize] += 1;
                     let i = match runs.iter().position(|(n, _)| *n == node) {
                         Some(i) => i,
                         None => {
@@ -704,10 +705,15 @@ impl Router {
                     }
                 }
                 _ => {
-                    metrics.muc_copies(MucPath::Account, 1);
+                    counted[MucPath::Account as usize] += 1;
                     self.route(stanza, since);
                 }
             }
+        }
+        for path in MucPath::ALL {
+            self.inner
+                .metrics
+                .muc_copies(*path, counted[*path as usize]);
         }
         let Some(link) = link else { return };
         for (node, node_runs) in runs {
