@@ -57,6 +57,23 @@ pub async fn ask(c: &mut Client, xml: &str) -> String {
     next(c).await
 }
 
+/// Sends `xml` until the answer is `want` (state the server updates in the
+/// background, such as the room directory), within `timeout`.
+pub async fn ask_until(c: &mut Client, xml: &str, want: &str, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = ask(c, xml).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {got}, not {want}"
+        );
+        tokio::time::sleep(crate::POLL).await;
+    }
+}
+
 /// The next `expected.len()` stanzas, compared with `expected` regardless of order.
 pub async fn next_unordered(c: &mut Client, expected: &[String]) {
     let mut got = Vec::with_capacity(expected.len());

@@ -25,9 +25,12 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut f
             tokio::time::Instant::now() < deadline,
             "timed out waiting for: {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
+
+/// How often [`eventually`] and its kind look at their condition again.
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 
 /// Installs a log subscriber once (RUST_LOG / SHOAL_LOG), so failing tests show the
 /// node's log lines.

@@ -68,11 +68,13 @@ fn configure(room: &str, id: &str, fields: &[(&str, &str)]) -> String {
 
 /// The service's room directory as `c` gets it, with `rsm` in the query.
 async fn directory(c: &mut Client, id: &str, rsm: &str) -> String {
-    ask(
-        c,
-        &format!("<iq to='conference.localhost' id='{id}' type='get'><query xmlns='http://jabber.org/protocol/disco#items'>{rsm}</query></iq>"),
+    ask(c, &directory_query(id, rsm)).await
+}
+
+fn directory_query(id: &str, rsm: &str) -> String {
+    format!(
+        "<iq to='conference.localhost' id='{id}' type='get'><query xmlns='http://jabber.org/protocol/disco#items'>{rsm}</query></iq>"
     )
-    .await
 }
 
 /// juliet creates the room, romeo enters: the stanzas XEP-0045 §7.2 and §10.1 require,
@@ -696,18 +698,8 @@ async fn persistent_rooms_outlive_a_restart_and_are_listed() {
     // The directory is read from storage, which rooms write after they answer: it
     // shows the hidden room's new configuration soon after.
     let want = answer(&rf, "l1", items(&[(ROOM, "The Coven"), (picnic, "picnic")]));
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let got = directory(&mut r, "l1", "").await;
-        if got == want {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "directory stays {got}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let query = directory_query("l1", "");
+    ask_until(&mut r, &query, &want, std::time::Duration::from_secs(5)).await;
     let rsm = "http://jabber.org/protocol/rsm";
     assert_eq!(
         directory(
