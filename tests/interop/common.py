@@ -51,6 +51,8 @@ class Client(ClientXMPP):
         self.ready: asyncio.Future[None] = loop.create_future()
         self.failed: asyncio.Future[str] = loop.create_future()
         self.inbox: asyncio.Queue = asyncio.Queue()
+        # Message ids whose error reply the scenario waits for (see expect_bounce).
+        self.bounces: dict[str, asyncio.Future] = {}
 
         # Only STARTTLS on the given port: direct TLS would be tried first by
         # default (and fail against a STARTTLS port), plaintext must never be.
@@ -201,7 +203,18 @@ class Client(ClientXMPP):
         if msg["body"]:
             self.inbox.put_nowait(msg)
 
+    def expect_bounce(self, msg_id: str) -> asyncio.Future:
+        """The error reply to the message with `msg_id`, which the scenario expects
+        (any other error fails the client)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.bounces[msg_id] = waiter
+        return waiter
+
     def _on_message_error(self, msg) -> None:
+        waiter = self.bounces.pop(msg["id"], None)
+        if waiter is not None:
+            waiter.set_result(msg)
+            return
         err = msg["error"]
         self.fail(f"message bounced from {msg['from']}: {err['condition']} {err['text']}".rstrip())
 

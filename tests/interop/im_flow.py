@@ -149,15 +149,11 @@ class Progress:
         logging.info("stage: %s", stage)
 
 
-
-async def scenario(args: argparse.Namespace, alice: ImClient, bob: ImClient,
-                   make_bob_again, summary: dict, step: Progress) -> None:
-    step("connecting, registering and logging in alice and bob")
-    for c in (alice, bob):
-        c.connect(args.host, args.port)
-    await asyncio.gather(alice.ready, bob.ready)
-    for c in (alice, bob):
-        c.snapshot = c.summary()  # bob's connection is gone at the end
+async def befriend_and_chat(alice: ImClient, bob: ImClient, summary: dict,
+                            step: Progress, tag: str) -> None:
+    """Steps 2-4: alice and bob, both bound with empty rosters, subscribe to each
+    other (roster pushes checked on both sides), see each other's available presence
+    and chat both ways. The bodies carry `tag`."""
     for c in (alice, bob):
         if c.initial_roster:
             raise CheckFailed(f"{c.name}'s roster is not empty at the start "
@@ -202,17 +198,30 @@ async def scenario(args: argparse.Namespace, alice: ImClient, bob: ImClient,
     summary["presence_seen"].append("bob sees alice")
 
     # -- 4. chat -----------------------------------------------------------------
-    tag = uuid.uuid4().hex[:8]
     step("alice -> bob chat message")
-    body = f"im_flow hello bob {tag}"
+    body = f"{tag} hello bob"
     alice.send_message(mto=b_full, mbody=body, mtype="chat")
     await expect_message(bob, alice, body)
     summary["messages"] += 1
     step("bob -> alice chat message")
-    body = f"im_flow hello alice {tag}"
+    body = f"{tag} hello alice"
     bob.send_message(mto=a_full, mbody=body, mtype="chat")
     await expect_message(alice, bob, body)
     summary["messages"] += 1
+
+
+async def scenario(args: argparse.Namespace, alice: ImClient, bob: ImClient,
+                   make_bob_again, summary: dict, step: Progress) -> None:
+    step("connecting, registering and logging in alice and bob")
+    for c in (alice, bob):
+        c.connect(args.host, args.port)
+    await asyncio.gather(alice.ready, bob.ready)
+    for c in (alice, bob):
+        c.snapshot = c.summary()  # bob's connection is gone at the end
+    a, b = alice.boundjid.bare, bob.boundjid.bare
+    a_full, b_full = alice.boundjid.full, bob.boundjid.full
+    tag = uuid.uuid4().hex[:8]
+    await befriend_and_chat(alice, bob, summary, step, f"im_flow {tag}")
 
     # -- 5. bob goes offline --------------------------------------------------
     step("bob disconnects: waiting for alice to see bob's unavailable presence")

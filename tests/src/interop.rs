@@ -23,20 +23,33 @@ fn python() -> PathBuf {
 
 /// Runs `tests/interop/<script>` against `node` with `args` after the connection
 /// options, asserts it succeeded, and returns its last stdout line (the summary).
-/// `SHOAL_INTEROP_DEBUG=1` adds `--debug` and prints the script's log.
 pub async fn run_script(node: &TestNode, script: &str, args: &[&str]) -> String {
+    let port = node.c2s.port().to_string();
+    let cert = node.cert_path().display().to_string();
+    let mut all = vec![
+        "--host",
+        "127.0.0.1",
+        "--domain",
+        &node.domain,
+        "--port",
+        &port,
+        "--cafile",
+        &cert,
+    ];
+    all.extend(args);
+    run_python(script, &all).await
+}
+
+/// Runs `tests/interop/<script>` with `args`, asserts it succeeded, and returns its
+/// last stdout line (the summary). `SHOAL_INTEROP_DEBUG=1` adds `--debug` and prints
+/// the script's log.
+pub async fn run_python(script: &str, args: &[&str]) -> String {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("interop")
         .join(script);
     let debug = std::env::var_os("SHOAL_INTEROP_DEBUG").is_some_and(|v| !v.is_empty());
     let mut cmd = Command::new(python());
-    cmd.arg(&script)
-        .args(["--host", "127.0.0.1", "--domain", &node.domain])
-        .arg("--port")
-        .arg(node.c2s.port().to_string())
-        .arg("--cafile")
-        .arg(node.cert_path())
-        .args(args);
+    cmd.arg(&script).args(args);
     if debug {
         cmd.arg("--debug");
     }

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod im;
 pub mod interop;
 pub mod node;
+pub mod prosody;
 
 pub use client::{Client, ClientReader, ClientWriter, Received};
 pub use cluster::TestCluster;
@@ -27,6 +28,15 @@ pub async fn eventually<F: FnMut() -> bool>(timeout: Duration, what: &str, mut f
         );
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// A loopback port nobody listens on right now (for servers that must be told their
+/// port before they start: federation peers named in a test's DNS records).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
 }
 
 /// How often [`eventually`] and its kind look at their condition again.

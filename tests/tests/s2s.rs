@@ -5,20 +5,12 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use shoal_node::testing::dns::{TestDns, address, srv};
-use shoal_tests::TestNode;
 use shoal_tests::im::*;
+use shoal_tests::{TestNode, free_port};
 
 /// Held by each test for its whole run: the nodes of all tests in this process share
 /// one metrics registry, which the tests read.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
 
 /// A node serving `domain`, federating on `port`, resolving through `dns`.
 fn node_for(domain: &str, port: u16, dns: &TestDns, user: &str) -> TestNode {
