@@ -49,6 +49,15 @@ pub struct S2sConfig {
     /// federation off: no listener, and stanzas to other domains bounce with
     /// `<remote-server-not-found/>`.
     pub bind: Option<SocketAddr>,
+    /// `s2s.direct_tls_bind`, default `""` (off): where peer servers connect with TLS
+    /// from the first byte (XEP-0368), as an `_xmpps-server._tcp` SRV record of the
+    /// domain announces. Needs `s2s.bind`.
+    pub direct_tls_bind: Option<SocketAddr>,
+    /// `s2s.ca_file`: a PEM file of certificate authorities trusted for peers'
+    /// certificates besides the web PKI roots (a private federation's CA). A peer with
+    /// a certificate valid for its domain may authenticate by SASL EXTERNAL
+    /// (XEP-0178); any other falls back to dialback.
+    pub ca_file: Option<PathBuf>,
     /// `s2s.dialback_secret`: the XEP-0185 key secret. Every node of a deployment must
     /// share it, so any node can confirm a key another issued; required in cluster mode.
     /// Default (single node): a random one per start.
@@ -462,6 +471,8 @@ fn read_config(r: &mut Reader) -> Config {
     }
     let mut s2s = S2sConfig {
         bind: r.get("s2s.bind", Some(SocketAddr::from(([0, 0, 0, 0], 5269)))),
+        direct_tls_bind: r.get("s2s.direct_tls_bind", None),
+        ca_file: r.get("s2s.ca_file", None),
         dialback_secret: r.get("s2s.dialback_secret", String::new()),
         nameservers: Vec::new(),
         tls_required: r.get("s2s.tls_required", true),
@@ -492,6 +503,12 @@ fn read_config(r: &mut Reader) -> Config {
                 r.invalid(key, format!("{d:?}: {reason}"));
             }
         }
+    }
+    if s2s.bind.is_none() && s2s.direct_tls_bind.is_some() {
+        r.invalid(
+            "s2s.direct_tls_bind",
+            "needs s2s.bind: with s2s.bind = \"\" federation is off".to_owned(),
+        );
     }
     let registration = RegistrationConfig {
         enabled: r.get("registration.enabled", true),
@@ -1238,6 +1255,32 @@ mod tests {
             ],
         );
         assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(c.s2s.direct_tls_bind, None);
+        let c = Config::load(
+            None,
+            env(&[
+                ("SHOAL_S2S_DIRECT_TLS_BIND", "127.0.0.1:5270"),
+                ("SHOAL_S2S_CA_FILE", "/etc/shoal/federation-ca.pem"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.s2s.direct_tls_bind,
+            Some("127.0.0.1:5270".parse().unwrap())
+        );
+        assert_eq!(
+            c.s2s.ca_file.as_deref(),
+            Some(Path::new("/etc/shoal/federation-ca.pem"))
+        );
+        let errors = load_err(
+            None,
+            &[
+                ("SHOAL_S2S_BIND", ""),
+                ("SHOAL_S2S_DIRECT_TLS_BIND", "127.0.0.1:5270"),
+            ],
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("needs s2s.bind"));
     }
 
     #[test]

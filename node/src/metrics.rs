@@ -53,6 +53,7 @@ const DIRECTORY_LOOKUPS: &str = "shoal_cluster_directory_lookups_total";
 const MUC_COPIES: &str = "shoal_muc_copies_total";
 const S2S_STREAMS: &str = "shoal_s2s_streams";
 const S2S_DIALBACK: &str = "shoal_s2s_dialback_total";
+const S2S_EXTERNAL: &str = "shoal_s2s_external_total";
 const S2S_QUEUED: &str = "shoal_s2s_queued";
 const S2S_BOUNCES: &str = "shoal_s2s_bounces_total";
 
@@ -250,10 +251,17 @@ label_enum! {
 }
 
 label_enum! {
-    /// What a peer's authoritative server said of its dialback key (`result` label).
-    DialbackResult {
+    /// Whether a peer proved its domain (`result` label): what its authoritative
+    /// server said of its dialback key, or whether its certificate is valid for it.
+    S2sAuthResult {
         Valid => "valid",
         Invalid => "invalid",
+    }
+}
+
+impl S2sAuthResult {
+    fn of(valid: bool) -> Self {
+        if valid { Self::Valid } else { Self::Invalid }
     }
 }
 
@@ -459,6 +467,10 @@ fn describe() {
         S2S_DIALBACK,
         "Dialback keys of peers checked with their authoritative servers, by result."
     );
+    describe_counter!(
+        S2S_EXTERNAL,
+        "SASL EXTERNAL attempts of peers, by whether their certificate was valid for their domain."
+    );
     describe_gauge!(
         S2S_QUEUED,
         "Stanzas waiting for an outbound server-to-server stream."
@@ -507,6 +519,7 @@ struct Inner {
     muc_copies: Vec<Counter>,
     s2s_streams: Vec<Gauge>,
     s2s_dialback: Vec<Counter>,
+    s2s_external: Vec<Counter>,
     s2s_queued: Gauge,
     s2s_bounces: Vec<Counter>,
     /// Per-peer handles, registered on a peer's first use and kept for the process.
@@ -614,8 +627,12 @@ impl Metrics {
                     |d| metrics::gauge!(S2S_STREAMS, "direction" => d.as_str()),
                 ),
                 s2s_dialback: per_label(
-                    DialbackResult::ALL,
+                    S2sAuthResult::ALL,
                     |r| metrics::counter!(S2S_DIALBACK, "result" => r.as_str()),
+                ),
+                s2s_external: per_label(
+                    S2sAuthResult::ALL,
+                    |r| metrics::counter!(S2S_EXTERNAL, "result" => r.as_str()),
                 ),
                 s2s_queued: metrics::gauge!(S2S_QUEUED),
                 s2s_bounces: per_label(
@@ -758,12 +775,12 @@ impl Metrics {
     }
 
     pub fn s2s_dialback(&self, valid: bool) {
-        let result = if valid {
-            DialbackResult::Valid
-        } else {
-            DialbackResult::Invalid
-        };
-        self.inner.s2s_dialback[result as usize].increment(1);
+        self.inner.s2s_dialback[S2sAuthResult::of(valid) as usize].increment(1);
+    }
+
+    /// A peer's SASL EXTERNAL attempt: its certificate was valid for its domain or not.
+    pub fn s2s_external(&self, valid: bool) {
+        self.inner.s2s_external[S2sAuthResult::of(valid) as usize].increment(1);
     }
 
     /// Stanzas put in (`+n`) or taken out of (`-n`) outbound queues.

@@ -46,6 +46,8 @@ pub struct Listeners {
     pub cluster: Option<std::net::TcpListener>,
     /// Peer servers (federation), unless `s2s.bind` is empty.
     pub s2s: Option<std::net::TcpListener>,
+    /// Peer servers over direct TLS (XEP-0368), if `s2s.direct_tls_bind` is set.
+    pub s2s_direct_tls: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -71,6 +73,11 @@ impl Listeners {
                 .then(|| bind(config.cluster.listen, "cluster"))
                 .transpose()?,
             s2s: config.s2s.bind.map(|a| bind(a, "s2s")).transpose()?,
+            s2s_direct_tls: config
+                .s2s
+                .direct_tls_bind
+                .map(|a| bind(a, "s2s direct TLS"))
+                .transpose()?,
         })
     }
 
@@ -92,6 +99,12 @@ impl Listeners {
 
     pub fn s2s_addr(&self) -> Option<SocketAddr> {
         self.s2s.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn s2s_direct_tls_addr(&self) -> Option<SocketAddr> {
+        self.s2s_direct_tls
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 }
 
@@ -247,7 +260,7 @@ pub async fn run_until(
             .context("cannot clear the rooms of the last run")?;
     }
     health.set_ready(ReadyComponent::Storage, true);
-    let server_tls = tls::load_or_generate(
+    let (server_tls, identity) = tls::load_or_generate(
         &config.tls.cert,
         &config.tls.key,
         config.tls.self_signed,
@@ -368,7 +381,7 @@ pub async fn run_until(
     };
     let s2s_settings = match config.s2s.bind {
         Some(_) => Some(Arc::new(
-            s2s::Settings::from_config(&config.s2s, limits).context("s2s")?,
+            s2s::Settings::from_config(&config.s2s, limits, identity).context("s2s")?,
         )),
         None => None,
     };
@@ -380,7 +393,6 @@ pub async fn run_until(
         s2s_domains.push(muc.clone());
     }
     let s2s_negotiation = config.c2s.negotiation_timeout;
-    let s2s_tls = tls.clone();
 
     let data_dir = config.data_dir.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -414,18 +426,24 @@ pub async fn run_until(
             handles.clone(),
         )));
     }
-    if let (Some(l), Some(settings), Some(tls)) = (listeners.s2s, s2s_settings, s2s_tls) {
-        let l = tokio::net::TcpListener::from_std(l)?;
-        info!(addr = %l.local_addr()?, "s2s listening");
+    if let (Some(l), Some(settings)) = (listeners.s2s, s2s_settings) {
         let inbound = Arc::new(s2s::inbound::Inbound {
             settings,
             domains: s2s_domains,
-            tls,
             router: router.clone(),
             negotiation_timeout: s2s_negotiation,
             shutdown: stop_rx.clone(),
         });
-        tasks.push(actix_rt::spawn(s2s::inbound::accept_loop(l, inbound)));
+        let direct = listeners.s2s_direct_tls.map(|l| (l, true));
+        for (l, direct) in std::iter::once((l, false)).chain(direct) {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            info!(addr = %l.local_addr()?, direct_tls = direct, "s2s listening");
+            tasks.push(actix_rt::spawn(s2s::inbound::accept_loop(
+                l,
+                inbound.clone(),
+                direct,
+            )));
+        }
     }
     health.set_ready(ReadyComponent::Listeners, true);
     if let Some(l) = listeners.admin {

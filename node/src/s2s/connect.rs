@@ -3,22 +3,19 @@
 //! STARTTLS, and drive [`S2sOut`] until the peer accepts us (or, for a verify stream,
 //! answers about a dialback key).
 //!
-//! TLS certificates are checked against the web PKI roots (webpki-roots) for the
-//! remote domain, except for the domains configured as insecure (test setups with
-//! self-signed certificates), whose certificate is not checked at all: dialback then
-//! authenticates the peer, TLS only encrypts.
+//! TLS certificates are checked for the remote domain against the roots of [`Trust`],
+//! except for the domains configured as insecure (test setups with self-signed
+//! certificates), whose certificate is not checked at all: dialback then authenticates
+//! the peer, TLS only encrypts. Our own certificate goes to every peer that asks for
+//! it, for SASL EXTERNAL.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use jid::BareJid;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use shoal_xmpp::error::{StanzaErrorCondition, StreamError};
 use shoal_xmpp::s2s::{OutAction, S2sOut, S2sOutConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,9 +25,8 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
 use super::resolve::{ResolveError, Resolver};
-
-/// ALPN protocol of direct-TLS server connections (XEP-0368 §3).
-const ALPN_XMPP_SERVER: &[u8] = b"xmpp-server";
+use super::trust::Trust;
+use crate::tls::Identity;
 
 /// A connection to a peer server, before or after TLS.
 pub type ClientTransport = Either<TcpStream, Box<TlsStream<TcpStream>>>;
@@ -92,37 +88,25 @@ pub struct Connector {
 impl Connector {
     pub fn new(
         resolver: Resolver,
+        trust: &Trust,
+        identity: &Identity,
         insecure: HashSet<BareJid>,
         connect_timeout: Duration,
         negotiation_timeout: Duration,
     ) -> Result<Self, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let builder = || {
-            ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-        };
-        let verified = builder()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let unchecked = builder()?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider.clone())))
-            .with_no_client_auth();
         // ALPN on direct TLS only: a STARTTLS peer may accept only `xmpp-client`.
-        let both = |config: ClientConfig| {
-            let mut direct = config.clone();
-            direct.alpn_protocols = vec![ALPN_XMPP_SERVER.to_vec()];
-            [
-                TlsConnector::from(Arc::new(config)),
-                TlsConnector::from(Arc::new(direct)),
-            ]
+        let both = |check: bool| -> Result<[TlsConnector; 2], rustls::Error> {
+            let connector = |alpn: bool| {
+                trust
+                    .client_config(identity, check, alpn)
+                    .map(|c| TlsConnector::from(Arc::new(c)))
+            };
+            Ok([connector(false)?, connector(true)?])
         };
         Ok(Self {
             resolver,
-            verified: both(verified),
-            unchecked: both(unchecked),
+            verified: both(true)?,
+            unchecked: both(false)?,
             insecure,
             connect_timeout,
             negotiation_timeout,
@@ -256,59 +240,5 @@ enum Failure {
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
         Failure::Io(e)
-    }
-}
-
-/// Takes any certificate; the handshake's signatures are still checked.
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl fmt::Debug for AnyCertificate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AnyCertificate")
-    }
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -1,10 +1,10 @@
-//! Inbound server-to-server connections: the accept loop and the driver of
-//! [`S2sIn`]. A peer's dialback key is checked by asking the peer domain's
-//! authoritative server over a verify stream of our own; its stanzas are routed into
-//! the node (and the cluster) like client traffic.
-//!
-//! SASL EXTERNAL on inbound streams needs the peer's client certificate, which the TLS
-//! listener does not ask for yet: EXTERNAL is refused and peers fall back to dialback.
+//! Inbound server-to-server connections: the accept loops (STARTTLS on `s2s.bind`,
+//! direct TLS on `s2s.direct_tls_bind`) and the driver of [`S2sIn`]. TLS asks the peer
+//! for its certificate; a peer that asks for SASL EXTERNAL is accepted if that
+//! certificate is valid for the domain it claims ([`super::trust::Trust::valid_for`]).
+//! A peer's dialback key is checked by asking the peer domain's authoritative server
+//! over a verify stream of our own. Its stanzas are routed into the node (and the
+//! cluster) like client traffic.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -33,7 +33,6 @@ pub struct Inbound {
     pub settings: Arc<Settings>,
     /// Our domains (the XMPP domain, the MUC service).
     pub domains: Vec<BareJid>,
-    pub tls: Arc<rustls::ServerConfig>,
     pub router: Router,
     /// How long a peer may take to authenticate.
     pub negotiation_timeout: Duration,
@@ -52,15 +51,16 @@ impl Inbound {
     }
 }
 
-/// Accepts peer servers until shutdown.
-pub async fn accept_loop(listener: TcpListener, inbound: Arc<Inbound>) {
+/// Accepts peer servers until shutdown; on a `direct` TLS listener (XEP-0368), TLS
+/// starts with the first byte.
+pub async fn accept_loop(listener: TcpListener, inbound: Arc<Inbound>, direct: bool) {
     let mut shutdown = inbound.shutdown.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    tokio::spawn(serve(tcp, peer, inbound.clone()));
+                    tokio::spawn(serve(tcp, peer, inbound.clone(), direct));
                 }
                 Err(e) => warn!(error = %e, "s2s accept failed"),
             },
@@ -81,16 +81,24 @@ struct Conn {
     authorized: bool,
 }
 
-async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) {
+async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, direct: bool) {
     let _open = inbound.router.metrics().s2s_stream(S2sDirection::In);
+    let started = Instant::now();
     let mut conn = Conn {
         transport: Some(Either::Left(tcp)),
-        stream: S2sIn::new(inbound.stream_config(), false),
+        stream: S2sIn::new(inbound.stream_config(), direct),
         buf: BytesMut::with_capacity(4096),
         peer,
         authorized: false,
     };
-    let started = Instant::now();
+    if direct {
+        let handshake = conn.start_tls(&inbound);
+        match tokio::time::timeout(inbound.negotiation_timeout, handshake).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return debug!(%peer, error = %e, "s2s direct TLS handshake failed"),
+            Err(_) => return debug!(%peer, "s2s direct TLS handshake timed out"),
+        }
+    }
     let mut shutdown = inbound.shutdown.clone();
     loop {
         let wait = match conn.authorized {
@@ -124,6 +132,26 @@ async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, inbound: Arc<Inboun
 }
 
 impl Conn {
+    /// The TLS handshake as server, on the plaintext socket.
+    async fn start_tls(&mut self, inbound: &Inbound) -> std::io::Result<()> {
+        let Some(Either::Left(tcp)) = self.transport.take() else {
+            return Err(std::io::Error::other("STARTTLS twice"));
+        };
+        let tls = crate::tls::accept(inbound.settings.server_tls.clone(), tcp).await?;
+        self.stream
+            .peer_certificate(tls.peer_certificates().is_some());
+        self.transport = Some(Either::Right(Box::new(tls)));
+        Ok(())
+    }
+
+    /// The chain the peer presented in the TLS handshake, if any.
+    fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        match &self.transport {
+            Some(Either::Right(tls)) => tls.peer_certificates(),
+            _ => None,
+        }
+    }
+
     /// Carries out `actions`; false once the stream is over.
     async fn run(&mut self, actions: Vec<Action>, inbound: &Inbound) -> std::io::Result<bool> {
         let peer = self.peer;
@@ -135,15 +163,15 @@ impl Conn {
                     transport.write_all(s.as_bytes()).await?;
                     transport.flush().await?;
                 }
-                Action::StartTls => {
-                    let Some(Either::Left(tcp)) = self.transport.take() else {
-                        return Err(std::io::Error::other("STARTTLS twice"));
-                    };
-                    let tls = crate::tls::accept(inbound.tls.clone(), tcp).await?;
-                    self.transport = Some(Either::Right(Box::new(tls)));
-                }
+                Action::StartTls => self.start_tls(inbound).await?,
                 Action::CheckCertificate { domain } => {
-                    actions.extend(self.stream.certificate_result(&domain, false));
+                    let valid = inbound.settings.policy.allows(&domain)
+                        && self
+                            .peer_certificates()
+                            .is_some_and(|chain| inbound.settings.trust.valid_for(chain, &domain));
+                    info!(%peer, %domain, valid, "s2s SASL EXTERNAL");
+                    inbound.router.metrics().s2s_external(valid);
+                    actions.extend(self.stream.certificate_result(&domain, valid));
                     actions.extend(self.stream.receive(&mut self.buf, &mut fresh_id));
                 }
                 Action::VerifyDialback {

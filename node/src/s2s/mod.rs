@@ -4,12 +4,14 @@
 //! domain, their domain) pair on this node opens the stream ([`connect`]: DNS, TLS,
 //! dialback), writes what is queued, and closes the stream when idle. What cannot be
 //! delivered bounces (`<remote-server-not-found/>`, `<remote-server-timeout/>`).
-//! Inbound: [`inbound`] accepts peer servers, verifies their dialback keys with their
-//! authoritative servers and routes their stanzas like client traffic.
+//! Inbound: [`inbound`] accepts peer servers (after STARTTLS, or direct TLS), checks
+//! their certificates for SASL EXTERNAL ([`trust`]) or verifies their dialback keys with
+//! their authoritative servers, and routes their stanzas like client traffic.
 
 pub mod connect;
 pub mod inbound;
 pub mod resolve;
+pub mod trust;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -47,6 +49,11 @@ impl Policy {
 /// What every stream of this node shares.
 pub struct Settings {
     pub connector: Connector,
+    pub trust: trust::Trust,
+    /// Our certificate and key.
+    pub identity: crate::tls::Identity,
+    /// The TLS configuration of the s2s listeners.
+    pub server_tls: Arc<rustls::ServerConfig>,
     pub policy: Policy,
     pub dialback_secret: Vec<u8>,
     pub tls_required: bool,
@@ -56,8 +63,13 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// From `[s2s]`; a missing dialback secret becomes a random one (single node).
-    pub fn from_config(config: &S2sConfig, limits: FramerLimits) -> anyhow::Result<Self> {
+    /// From `[s2s]` and our certificate; a missing dialback secret becomes a random one
+    /// (single node).
+    pub fn from_config(
+        config: &S2sConfig,
+        limits: FramerLimits,
+        identity: crate::tls::Identity,
+    ) -> anyhow::Result<Self> {
         let resolver = resolve::Resolver::new(&resolve::ResolverConfig {
             nameservers: config.nameservers.clone(),
             ..Default::default()
@@ -65,8 +77,11 @@ impl Settings {
         let domains = |list: &[String]| -> HashSet<BareJid> {
             list.iter().filter_map(|d| BareJid::new(d).ok()).collect()
         };
+        let trust = trust::Trust::new(config.ca_file.as_deref())?;
         let connector = Connector::new(
             resolver,
+            &trust,
+            &identity,
             domains(&config.insecure_domains),
             config.connect_timeout,
             config.connect_timeout,
@@ -77,6 +92,9 @@ impl Settings {
         };
         Ok(Self {
             connector,
+            server_tls: trust.server_config(&identity)?,
+            trust,
+            identity,
             policy: Policy {
                 allow: domains(&config.allow_domains),
                 deny: domains(&config.deny_domains),
@@ -96,7 +114,9 @@ impl Settings {
             remote: remote.clone(),
             limits: self.limits,
             tls_required: self.tls_required,
-            sasl_external: false,
+            // Worth trying only if our certificate is valid for `local` by the roots we
+            // trust ourselves.
+            sasl_external: self.trust.valid_for(&self.identity.chain, local),
             dialback_secret: self.dialback_secret.clone(),
             purpose,
         }

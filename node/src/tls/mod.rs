@@ -1,6 +1,7 @@
 //! TLS server configuration: loads the node's certificate chain and private key from PEM
 //! files, or generates a self-signed pair on first start, and builds the one
 //! `rustls::ServerConfig` shared by the STARTTLS and direct-TLS (XEP-0368) c2s listeners.
+//! The same [`Identity`] is what federation presents, as a server and as a client.
 //!
 //! [`stream`] is the server side of a TLS connection over that configuration.
 //!
@@ -78,8 +79,32 @@ pub enum TlsError {
     },
 }
 
+/// The node's certificate chain and private key.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// Never shows the key.
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("certificates", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
 /// Loads the certificate chain at `cert` and the private key at `key` and builds the c2s
-/// TLS server configuration.
+/// TLS server configuration; returns it with the pair.
 ///
 /// When both files are missing and `generate_if_missing` is set, a self-signed pair for
 /// `domain` is generated and written first (see [`generate_self_signed`]); this is the
@@ -90,7 +115,7 @@ pub fn load_or_generate(
     key: &Path,
     generate_if_missing: bool,
     domain: &str,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<(Arc<ServerConfig>, Identity), TlsError> {
     let incomplete = |present: &Path, missing: &Path| TlsError::Incomplete {
         present: present.into(),
         missing: missing.into(),
@@ -113,13 +138,16 @@ pub fn load_or_generate(
         (true, false) => return Err(TlsError::Missing { path: key.into() }),
     }
 
-    let chain = read_certs(cert)?;
-    let private_key = read_key(key)?;
-    server_config(chain, private_key).map_err(|source| TlsError::Config {
+    let identity = Identity {
+        chain: read_certs(cert)?,
+        key: read_key(key)?,
+    };
+    let config = server_config(identity.clone()).map_err(|source| TlsError::Config {
         cert: cert.into(),
         key: key.into(),
         source,
-    })
+    })?;
+    Ok((config, identity))
 }
 
 /// Generates a self-signed certificate for `domain` (SANs: `domain` and `*.domain`, the
@@ -151,17 +179,14 @@ pub fn generate_self_signed(domain: &str, cert: &Path, key: &Path) -> Result<(),
     Ok(())
 }
 
-fn server_config(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<Arc<ServerConfig>, rustls::Error> {
+fn server_config(identity: Identity) -> Result<Arc<ServerConfig>, rustls::Error> {
     // The provider is named explicitly so the result does not depend on which crypto
     // provider some other crate in the process happened to install as the default.
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+            .with_single_cert(identity.chain, identity.key)?;
     // rustls only enforces ALPN when the client offers it, so STARTTLS clients (which
     // send none) share this config with the direct-TLS listener.
     config.alpn_protocols = vec![ALPN_XMPP_CLIENT.to_vec()];
@@ -263,7 +288,7 @@ mod tests {
         let cert = dir.path().join("nested/tls/cert.pem");
         let key = dir.path().join("nested/tls/key.pem");
 
-        let config = load_or_generate(&cert, &key, true, "example.org").unwrap();
+        let (config, _) = load_or_generate(&cert, &key, true, "example.org").unwrap();
         assert_eq!(config.alpn_protocols, vec![b"xmpp-client".to_vec()]);
         assert!(cert.exists() && key.exists());
         #[cfg(unix)]
@@ -368,7 +393,7 @@ mod tests {
         server.await.unwrap();
 
         // Loading the same pair again serves the wildcard name too.
-        let reloaded = load_or_generate(
+        let (reloaded, _) = load_or_generate(
             &dir.path().join("cert.pem"),
             &dir.path().join("key.pem"),
             false,
@@ -400,7 +425,7 @@ pub(crate) mod test_support {
     /// Generates `cert.pem` and `key.pem` for `domain` in `dir`.
     pub fn pair(dir: &Path, domain: &str) -> (Arc<ServerConfig>, TlsConnector) {
         let cert = dir.join("cert.pem");
-        let server = load_or_generate(&cert, &dir.join("key.pem"), true, domain).unwrap();
+        let (server, _) = load_or_generate(&cert, &dir.join("key.pem"), true, domain).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         for c in read_certs(&cert).unwrap() {
             roots.add(c).unwrap();

@@ -119,6 +119,12 @@ impl ServerStream {
         self.conn.alpn_protocol()
     }
 
+    /// The certificate chain the peer presented (end entity first), if it was asked
+    /// for one and sent one.
+    pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.conn.peer_certificates()
+    }
+
     /// Runs rustls over the received bytes until it needs input or has nothing left to
     /// do: handshake records and alerts go to `outgoing`, application data to
     /// `plaintext`, and `out` is encrypted into `outgoing` once that is allowed. After

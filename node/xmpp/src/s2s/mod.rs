@@ -91,6 +91,8 @@ pub struct S2sIn {
     framer: Framer,
     state: State,
     secure: bool,
+    /// The peer presented a certificate in the TLS handshake: EXTERNAL is offered.
+    peer_certificate: bool,
     header_sent: bool,
     /// This stream's id (dialback keys are bound to it).
     stream_id: String,
@@ -114,6 +116,7 @@ impl S2sIn {
             config,
             state: State::AwaitHeader,
             secure,
+            peer_certificate: false,
             header_sent: false,
             stream_id: String::new(),
             peer: None,
@@ -126,6 +129,13 @@ impl S2sIn {
 
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
+    }
+
+    /// After a TLS handshake (STARTTLS or direct): whether the peer presented a
+    /// certificate. Only then is SASL EXTERNAL offered (XEP-0178 §2), so a peer without
+    /// one goes straight to dialback.
+    pub fn peer_certificate(&mut self, presented: bool) {
+        self.peer_certificate = presented;
     }
 
     /// The domains the peer may send from on this stream.
@@ -329,7 +339,7 @@ impl S2sIn {
         }
         let negotiable = !offer_tls || !self.config.tls_required;
         if negotiable && !self.sasl_done {
-            if self.secure {
+            if self.secure && self.peer_certificate {
                 features.push_str(&format!(
                     "<mechanisms xmlns='{}'><mechanism>EXTERNAL</mechanism></mechanisms>",
                     ns::SASL

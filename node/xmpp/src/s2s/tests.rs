@@ -42,8 +42,8 @@ fn error_condition(actions: &[Action]) -> Option<StreamErrorCondition> {
     })
 }
 
-/// Header, STARTTLS, header again: the stream is secure and offers EXTERNAL and
-/// dialback.
+/// Header, STARTTLS (the peer presents a certificate), header again: the stream is
+/// secure and offers EXTERNAL and dialback.
 fn secured(ids: &mut u32) -> S2sIn {
     let mut s = S2sIn::new(config(), false);
     let id = *ids + 1;
@@ -67,12 +67,25 @@ fn secured(ids: &mut u32) -> S2sIn {
             Action::StartTls
         ]
     );
+    s.peer_certificate(true);
     let out = feed(&mut s, HEADER, ids);
     assert_eq!(
         sent(&out)[1],
         "<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>EXTERNAL</mechanism></mechanisms><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback></stream:features>"
     );
     s
+}
+
+#[test]
+fn without_a_peer_certificate_only_dialback_is_offered() {
+    let mut ids = 0;
+    let mut s = S2sIn::new(config(), true);
+    s.peer_certificate(false);
+    let out = feed(&mut s, HEADER, &mut ids);
+    assert_eq!(
+        sent(&out)[1],
+        "<stream:features><dialback xmlns='urn:xmpp:features:dialback'><errors/></dialback></stream:features>"
+    );
 }
 
 #[test]
@@ -393,7 +406,7 @@ impl Wire {
                             .extend(self.inn.certificate_result(&domain, self.certificate_ok));
                         in_actions.extend(feed_buf(&mut self.inn, &mut to_in, &mut ids));
                     }
-                    Action::StartTls => {}
+                    Action::StartTls => self.inn.peer_certificate(true),
                     other => self.in_events.push(other),
                 }
                 i += 1;
