@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what the tests need: redis-server from Debian (the Redis storage backend
-# and cluster tests start their own servers on free loopback ports), and a Python
-# venv at .venv in the repo root with tests/interop/requirements.txt in it.
+# and cluster tests start their own servers on free loopback ports), Prosody from
+# Debian with lua-unbound (the federation interop test runs its own Prosody on loopback
+# ports, resolving through the test's DNS server), and a Python venv at .venv in the
+# repo root with tests/interop/requirements.txt in it.
 #
 # Idempotent and cheap on re-runs: pip is only invoked when requirements.txt
 # or the interpreter changed since the last successful install (a stamp file
@@ -33,6 +35,18 @@ if ! command -v redis-server >/dev/null 2>&1; then
   apt_install redis-server
 fi
 say "redis-server: $(redis-server --version | cut -d' ' -f3)"
+
+if ! command -v prosody >/dev/null 2>&1 || ! dpkg -s lua-unbound >/dev/null 2>&1; then
+  # The tests start Prosody themselves: keep the package from starting the system
+  # service (policy-rc.d 101 = "action forbidden"), unless the machine has a policy.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
+  apt_install prosody lua-unbound
+fi
+say "prosody: $(dpkg-query -W -f '${Version}' prosody)"
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   if [ -n "$PYTHON_SET" ]; then

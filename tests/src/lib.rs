@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod im;
 pub mod interop;
 pub mod node;
+pub mod pki;
 pub mod prosody;
 
 pub use client::{Client, ClientReader, ClientWriter, Received};

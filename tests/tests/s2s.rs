@@ -160,3 +160,115 @@ async fn two_clusters_federate_across_their_nodes() {
         "<message to='juliet@a.test' from='romeo@b.test/orchard' id='c2' type='chat'><body>From cluster b</body></message>"
     );
 }
+
+/// With certificates from a CA both sides trust (`s2s.ca_file`), peers authenticate by
+/// SASL EXTERNAL (XEP-0178) instead of dialback, also over direct TLS (XEP-0368: b.test
+/// announces only an `_xmpps-server` record). A peer whose certificate the other side
+/// does not trust is refused EXTERNAL and falls back to dialback on the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_from_a_trusted_ca_authenticate_by_sasl_external() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let ca = shoal_tests::pki::TestCa::new();
+    let (port_a, port_b, port_b_direct, port_c) =
+        (free_port(), free_port(), free_port(), free_port());
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let dns = TestDns::start(
+        "test.",
+        vec![
+            srv("_xmpp-server._tcp.a.test.", 0, 0, port_a, "xmpp.a.test."),
+            address("xmpp.a.test.", loopback),
+            srv(
+                "_xmpps-server._tcp.b.test.",
+                0,
+                0,
+                port_b_direct,
+                "xmpp.b.test.",
+            ),
+            address("xmpp.b.test.", loopback),
+            srv("_xmpp-server._tcp.c.test.", 0, 0, port_c, "xmpp.c.test."),
+            address("xmpp.c.test.", loopback),
+        ],
+    )
+    .await;
+    let with_ca_cert = |domain: &str, port: u16, user: &str| {
+        let (cert, key) = ca.issue(domain);
+        TestNode::builder()
+            .set("domain", domain)
+            .set("s2s.bind", format!("127.0.0.1:{port}"))
+            .set("s2s.nameservers", dns.addr)
+            .set("s2s.ca_file", ca.cert_path().display())
+            .set("tls.cert", cert.display())
+            .set("tls.key", key.display())
+            .user(user, PW)
+    };
+    let a = with_ca_cert("a.test", port_a, "juliet")
+        .set("s2s.insecure_domains", "c.test")
+        .start();
+    let b = with_ca_cert("b.test", port_b, "romeo")
+        .set("s2s.direct_tls_bind", format!("127.0.0.1:{port_b_direct}"))
+        .start();
+    let counts = [
+        "shoal_s2s_external_total{result=\"valid\"}",
+        "shoal_s2s_external_total{result=\"invalid\"}",
+        "shoal_s2s_dialback_total{result=\"valid\"}",
+        "shoal_s2s_dialback_total{result=\"invalid\"}",
+    ];
+    let read = |node: &TestNode| counts.map(|sample| node.metric(sample));
+    let before = read(&a);
+    let mut j = online(&a, "juliet", "balcony").await;
+    let mut r = online(&b, "romeo", "orchard").await;
+
+    // a.test → b.test over direct TLS, b.test → a.test after STARTTLS: both by EXTERNAL.
+    j.send("<message to='romeo@b.test' id='x1' type='chat'><body>Certified</body></message>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        "<message to='romeo@b.test' from='juliet@a.test/balcony' id='x1' type='chat'><body>Certified</body></message>"
+    );
+    r.send("<message to='juliet@a.test' id='x2' type='chat'><body>Likewise</body></message>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        "<message to='juliet@a.test' from='romeo@b.test/orchard' id='x2' type='chat'><body>Likewise</body></message>"
+    );
+    let after = read(&a);
+    let deltas: Vec<f64> = after.iter().zip(before).map(|(x, y)| x - y).collect();
+    assert_eq!(deltas, [2.0, 0.0, 0.0, 0.0], "{counts:?}");
+
+    // c.test's certificate is self-signed. c.test trusts it (its own s2s.ca_file), so
+    // it tries EXTERNAL; a.test does not, says <not-authorized/>, and checks c.test's
+    // dialback key instead. a.test's answer goes back on a stream of its own, where c.test
+    // refuses a.test's certificate (c.test trusts only itself) in turn.
+    let c_dir = tempfile::TempDir::new().unwrap();
+    let (c_cert, c_key) = (c_dir.path().join("c.pem"), c_dir.path().join("c.key"));
+    shoal_node::tls::generate_self_signed("c.test", &c_cert, &c_key).unwrap();
+    let c = TestNode::builder()
+        .set("domain", "c.test")
+        .set("s2s.bind", format!("127.0.0.1:{port_c}"))
+        .set("s2s.nameservers", dns.addr)
+        .set("s2s.ca_file", c_cert.display())
+        .set("s2s.insecure_domains", "a.test")
+        .set("tls.cert", c_cert.display())
+        .set("tls.key", c_key.display())
+        .user("mercutio", PW)
+        .start();
+    let mut m = online(&c, "mercutio", "street").await;
+    m.send("<message to='juliet@a.test' id='x3' type='chat'><body>Uncertified</body></message>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        "<message to='juliet@a.test' from='mercutio@c.test/street' id='x3' type='chat'><body>Uncertified</body></message>"
+    );
+    j.send("<message to='mercutio@c.test' id='x4' type='chat'><body>Noted</body></message>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut m).await,
+        "<message to='mercutio@c.test' from='juliet@a.test/balcony' id='x4' type='chat'><body>Noted</body></message>"
+    );
+    let deltas: Vec<f64> = read(&a).iter().zip(after).map(|(x, y)| x - y).collect();
+    assert_eq!(deltas, [0.0, 2.0, 2.0, 0.0], "{counts:?}");
+}
