@@ -19,6 +19,7 @@ fn node_for(domain: &str, port: u16, dns: &TestDns, user: &str) -> TestNode {
         .set("s2s.bind", format!("127.0.0.1:{port}"))
         .set("s2s.nameservers", dns.addr)
         .set("s2s.insecure_domains", "a.test,b.test")
+        .set("s2s.deny_domains", "denied.test")
         .user(user, PW)
         .start()
 }
@@ -26,7 +27,7 @@ fn node_for(domain: &str, port: u16, dns: &TestDns, user: &str) -> TestNode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (port_a, port_b) = (free_port(), free_port());
+    let (port_a, port_b, port_down) = (free_port(), free_port(), free_port());
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let dns = TestDns::start(
         "test.",
@@ -35,6 +36,15 @@ async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
             address("xmpp.a.test.", loopback),
             srv("_xmpp-server._tcp.b.test.", 0, 0, port_b, "xmpp.b.test."),
             address("xmpp.b.test.", loopback),
+            // A server that is down: nothing listens there.
+            srv(
+                "_xmpp-server._tcp.down.test.",
+                0,
+                0,
+                port_down,
+                "xmpp.down.test.",
+            ),
+            address("xmpp.down.test.", loopback),
         ],
     )
     .await;
@@ -46,6 +56,10 @@ async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
         ("shoal_s2s_dialback_total{result=\"invalid\"}", 0.0),
         (
             "shoal_s2s_bounces_total{condition=\"remote_server_not_found\"}",
+            2.0,
+        ),
+        (
+            "shoal_s2s_bounces_total{condition=\"remote_server_timeout\"}",
             1.0,
         ),
         ("shoal_s2s_queued", 0.0),
@@ -96,9 +110,34 @@ async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
         "{bounce}"
     );
 
+    // A domain whose server is down: <remote-server-timeout/>.
+    let bounce = ask(
+        &mut j,
+        "<message to='nurse@down.test' id='m4' type='chat'><body>Anyone?</body></message>",
+    )
+    .await;
+    assert!(
+        bounce.starts_with(
+            "<message to='juliet@a.test/balcony' from='nurse@down.test' id='m4' type='error'>"
+        ) && bounce
+            .contains("<remote-server-timeout xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
+        "{bounce}"
+    );
+    // A domain the deny list names is not even looked up.
+    let bounce = ask(
+        &mut j,
+        "<message to='tybalt@denied.test' id='m5' type='chat'><body>Truce?</body></message>",
+    )
+    .await;
+    assert!(
+        bounce.contains("<remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>")
+            && bounce.contains("federation with denied.test is not allowed here"),
+        "{bounce}"
+    );
+
     // Both nodes run in this process and share one metrics registry (with any other
     // test's nodes, hence the differences): two outbound streams (one each way), two
-    // keys confirmed by the authoritative servers, one bounce.
+    // keys confirmed by the authoritative servers, three bounces.
     for ((sample, want), before) in metrics.iter().zip(before) {
         assert_eq!(a.metric(sample) - before, *want, "{sample}");
     }
