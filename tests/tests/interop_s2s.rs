@@ -8,9 +8,7 @@
 //! keys with it over STARTTLS. The domains are under `example.`, as Prosody's resolver
 //! (libunbound) answers every name under `test.` itself, with NXDOMAIN.
 
-use std::net::{IpAddr, Ipv4Addr};
-
-use shoal_node::testing::dns::{TestDns, address, srv};
+use shoal_node::testing::dns::{TestDns, xmpp_server};
 use shoal_tests::interop::run_python;
 use shoal_tests::prosody::Prosody;
 use shoal_tests::{TestNode, free_port};
@@ -23,27 +21,13 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn federate_with_prosody(first: &str) {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (shoal_port, prosody_port) = (free_port(), free_port());
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let dns = TestDns::start(
         "example.",
-        vec![
-            srv(
-                "_xmpp-server._tcp.shoal.example.",
-                0,
-                0,
-                shoal_port,
-                "xmpp.shoal.example.",
-            ),
-            address("xmpp.shoal.example.", loopback),
-            srv(
-                "_xmpp-server._tcp.prosody.example.",
-                0,
-                0,
-                prosody_port,
-                "xmpp.prosody.example.",
-            ),
-            address("xmpp.prosody.example.", loopback),
-        ],
+        [
+            xmpp_server("shoal.example", shoal_port, false),
+            xmpp_server("prosody.example", prosody_port, false),
+        ]
+        .concat(),
     )
     .await;
     let prosody = Prosody::start("prosody.example", prosody_port, dns.addr);

@@ -2,9 +2,7 @@
 //! between two Shoal nodes serving different domains, `a.test` and `b.test`, which find
 //! each other through a DNS server the test runs (`_xmpp-server._tcp` SRV records).
 
-use std::net::{IpAddr, Ipv4Addr};
-
-use shoal_node::testing::dns::{TestDns, address, srv};
+use shoal_node::testing::dns::{TestDns, xmpp_server};
 use shoal_tests::im::*;
 use shoal_tests::{TestNode, free_port};
 
@@ -28,24 +26,15 @@ fn node_for(domain: &str, port: u16, dns: &TestDns, user: &str) -> TestNode {
 async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (port_a, port_b, port_down) = (free_port(), free_port(), free_port());
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let dns = TestDns::start(
         "test.",
-        vec![
-            srv("_xmpp-server._tcp.a.test.", 0, 0, port_a, "xmpp.a.test."),
-            address("xmpp.a.test.", loopback),
-            srv("_xmpp-server._tcp.b.test.", 0, 0, port_b, "xmpp.b.test."),
-            address("xmpp.b.test.", loopback),
+        [
+            xmpp_server("a.test", port_a, false),
+            xmpp_server("b.test", port_b, false),
             // A server that is down: nothing listens there.
-            srv(
-                "_xmpp-server._tcp.down.test.",
-                0,
-                0,
-                port_down,
-                "xmpp.down.test.",
-            ),
-            address("xmpp.down.test.", loopback),
-        ],
+            xmpp_server("down.test", port_down, false),
+        ]
+        .concat(),
     )
     .await;
     let a = node_for("a.test", port_a, &dns, "juliet");
@@ -151,15 +140,14 @@ async fn two_domains_chat_both_ways_and_unknown_domains_bounce() {
 async fn two_clusters_federate_across_their_nodes() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let dns = TestDns::start(
         "test.",
-        vec![
-            srv("_xmpp-server._tcp.a.test.", 0, 0, ports[1], "node1.a.test."),
-            address("node1.a.test.", loopback),
-            srv("_xmpp-server._tcp.b.test.", 0, 0, ports[2], "node0.b.test."),
-            address("node0.b.test.", loopback),
-        ],
+        // a.test's second node, b.test's first.
+        [
+            xmpp_server("a.test", ports[1], false),
+            xmpp_server("b.test", ports[2], false),
+        ]
+        .concat(),
     )
     .await;
     let cluster = |domain: &str, user: &str, secret: &str, ports: &[u16]| {
@@ -210,23 +198,14 @@ async fn certificates_from_a_trusted_ca_authenticate_by_sasl_external() {
     let ca = shoal_tests::pki::TestCa::new();
     let (port_a, port_b, port_b_direct, port_c) =
         (free_port(), free_port(), free_port(), free_port());
-    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let dns = TestDns::start(
         "test.",
-        vec![
-            srv("_xmpp-server._tcp.a.test.", 0, 0, port_a, "xmpp.a.test."),
-            address("xmpp.a.test.", loopback),
-            srv(
-                "_xmpps-server._tcp.b.test.",
-                0,
-                0,
-                port_b_direct,
-                "xmpp.b.test.",
-            ),
-            address("xmpp.b.test.", loopback),
-            srv("_xmpp-server._tcp.c.test.", 0, 0, port_c, "xmpp.c.test."),
-            address("xmpp.c.test.", loopback),
-        ],
+        [
+            xmpp_server("a.test", port_a, false),
+            xmpp_server("b.test", port_b_direct, true),
+            xmpp_server("c.test", port_c, false),
+        ]
+        .concat(),
     )
     .await;
     let with_ca_cert = |domain: &str, port: u16, user: &str| {

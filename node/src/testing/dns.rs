@@ -71,6 +71,24 @@ pub fn address(owner: &str, ip: IpAddr) -> Record {
     Record::from_rdata(name(owner), 300, rdata)
 }
 
+/// The records announcing `domain`'s XMPP server on `port` of 127.0.0.1:
+/// `_xmpp-server._tcp.<domain>.` (or `_xmpps-server`, direct TLS) naming
+/// `xmpp.<domain>.`, and that name's address.
+pub fn xmpp_server(domain: &str, port: u16, direct_tls: bool) -> Vec<Record> {
+    let service = if direct_tls { "xmpps" } else { "xmpp" };
+    let target = format!("xmpp.{domain}.");
+    vec![
+        srv(
+            &format!("_{service}-server._tcp.{domain}."),
+            0,
+            0,
+            port,
+            &target,
+        ),
+        address(&target, IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    ]
+}
+
 /// A UDP socket and a TCP listener on the same free loopback port.
 pub async fn bind_udp_and_tcp() -> (UdpSocket, TcpListener) {
     for _ in 0..20 {
