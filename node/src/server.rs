@@ -449,11 +449,11 @@ pub async fn run_until(
     if let Some(l) = listeners.admin {
         let l = tokio::net::TcpListener::from_std(l)?;
         info!(addr = %l.local_addr()?, "admin HTTP listening");
-        let mut rx = stop_rx.clone();
+        let health = health.clone();
+        // Up until the node has stopped (the task is aborted then): while it drains,
+        // `/readyz` says so and `/metrics` shows the drain.
         tasks.push(actix_rt::spawn(async move {
-            let stopped = async move {
-                let _ = rx.changed().await;
-            };
+            let stopped = std::future::pending();
             if let Err(e) = admin::serve(l, prometheus, health, stopped).await {
                 warn!(error = %e, "admin endpoint failed");
             }
@@ -476,6 +476,8 @@ pub async fn run_until(
         return Ok(());
     }
     info!("shutting down: draining connections");
+    // Load balancers and Kubernetes stop sending clients here at once.
+    health.set_ready(ReadyComponent::Listeners, false);
     let _ = stop_tx.send(true);
     match router.cluster() {
         Some(link) => link.close_all(StreamErrorCondition::SystemShutdown),

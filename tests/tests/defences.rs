@@ -878,6 +878,22 @@ async fn graceful_shutdown_closes_streams_with_system_shutdown() {
     let mut bound = login(&node).await;
     let mut negotiating = Client::connect(node.c2s, DOMAIN).await.unwrap();
     negotiating.open().await.unwrap();
+    // What `/readyz` answers from now until the node is gone, each change once.
+    let admin = node.admin;
+    let ready = (200, "ready".to_owned());
+    assert_eq!(
+        shoal_tests::node::http_get(admin, "/readyz").unwrap(),
+        ready
+    );
+    let readiness = std::thread::spawn(move || {
+        let mut seen: Vec<(u16, String)> = Vec::new();
+        while let Ok(answer) = shoal_tests::node::http_get(admin, "/readyz") {
+            if seen.last() != Some(&answer) {
+                seen.push(answer);
+            }
+        }
+        seen
+    });
     // `stop` joins the node's thread, so it runs off this runtime while we read.
     let stopping = tokio::task::spawn_blocking(move || node.stop());
     assert_eq!(
@@ -892,4 +908,12 @@ async fn graceful_shutdown_closes_streams_with_system_shutdown() {
         .await
         .expect("the node stopped in time")
         .expect("the node stopped cleanly");
+    // Draining, the node said it was not ready (a load balancer stops sending clients)
+    // until it was gone.
+    let seen = readiness.join().unwrap();
+    let draining = (503, "not ready: listeners".to_owned());
+    assert!(
+        seen == [draining.clone()] || seen == [ready, draining],
+        "{seen:?}"
+    );
 }
