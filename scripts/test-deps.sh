@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install what the tests need: redis-server from Debian (the Redis storage backend
-# and cluster tests start their own servers on free loopback ports), and a Python
+# and cluster tests start their own servers on free loopback ports), haproxy (the
+# PROXY protocol test runs one in front of a node), and a Python
 # venv at .venv in the repo root with tests/interop/requirements.txt in it.
 #
 # Idempotent and cheap on re-runs: pip is only invoked when requirements.txt
 # or the interpreter changed since the last successful install (a stamp file
 # inside .venv records both). Meant for CI on a fresh Debian machine as root;
-# reaches only PyPI and Debian's archive (redis-server; python3/venv if missing).
+# reaches only PyPI and Debian's archive (redis-server, haproxy; python3/venv if
+# missing).
 #
 # env: PYTHON  interpreter to build the venv from (default: python3 on PATH,
 #              i.e. pyenv's CPython 3.11 on the project's machines, else Debian's)
@@ -33,6 +35,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
   apt_install redis-server
 fi
 say "redis-server: $(redis-server --version | cut -d' ' -f3)"
+
+# The PROXY protocol test puts a real HAProxy in front of a node.
+if ! command -v haproxy >/dev/null 2>&1; then
+  apt_install haproxy
+fi
+say "haproxy: $(haproxy -v | head -1 | cut -d' ' -f3)"
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   if [ -n "$PYTHON_SET" ]; then
