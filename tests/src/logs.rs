@@ -6,10 +6,10 @@
 //! Nothing is recorded while no capture is alive, so the other tests pay nothing.
 
 use std::io::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use tracing::Level;
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -59,10 +59,8 @@ impl Drop for LogCapture {
     }
 }
 
-fn lines() -> std::sync::MutexGuard<'static, Vec<String>> {
-    LINES
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lines() -> MutexGuard<'static, Vec<String>> {
+    LINES.lock()
 }
 
 /// Whether a capture wants events and spans like these.

@@ -256,3 +256,18 @@ async fn connections_that_bypass_the_proxy_are_closed() {
     )
     .await;
 }
+
+/// The example in `deploy/haproxy/` stays a configuration HAProxy accepts.
+#[test]
+fn example_haproxy_config_is_valid() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/haproxy/haproxy.cfg");
+    let out = std::process::Command::new("haproxy")
+        .args(["-c", "-f", config])
+        .output()
+        .expect("run haproxy (scripts/test-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "haproxy -c refused {config}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
