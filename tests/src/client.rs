@@ -152,6 +152,26 @@ impl Client {
         Ok(c)
     }
 
+    /// A SCRAM-SHA-256 attempt with a wrong password for `user` (after STARTTLS) on a
+    /// new connection to `addr` from `from`, which must fail with `<not-authorized/>`.
+    /// The connection is returned as the server left it.
+    pub async fn wrong_password_from(
+        addr: SocketAddr,
+        domain: &str,
+        cert: &Path,
+        user: &str,
+        from: IpAddr,
+    ) -> anyhow::Result<Client> {
+        let mut c = Client::connect_from(addr, domain, from).await?;
+        c.open().await?;
+        c.starttls(cert).await?;
+        c.open().await?;
+        match c.auth_scram(ScramHash::Sha256, user, "wrong").await {
+            Err(e) if e.to_string() == "not-authorized" => Ok(c),
+            other => bail!("expected <not-authorized/> for a wrong password, got {other:?}"),
+        }
+    }
+
     /// The rest of [`Client::login`] on a fresh plain connection: STARTTLS,
     /// SCRAM-SHA-256, bind.
     pub async fn negotiate(
