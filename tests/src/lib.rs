@@ -49,7 +49,7 @@ pub(crate) const POLL: Duration = Duration::from_millis(20);
 /// lines, and the recorder of [`LogCapture`].
 pub fn init_logging() {
     use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{EnvFilter, filter, fmt};
+    use tracing_subscriber::{EnvFilter, fmt};
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let filter =
@@ -58,7 +58,7 @@ pub fn init_logging() {
         let captured = fmt::layer()
             .with_ansi(false)
             .with_writer(logs::CaptureWriter)
-            .with_filter(filter::filter_fn(logs::wanted));
+            .with_filter(logs::filter());
         let _ = tracing_subscriber::registry()
             .with(shown)
             .with(captured)

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
 use tracing::Level;
+use tracing_subscriber::filter::{FilterExt as _, Targets, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::Filter;
 
 /// Captured lines, in order (all captures share them; each reads from its start).
 static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -63,11 +65,12 @@ fn lines() -> MutexGuard<'static, Vec<String>> {
     LINES.lock()
 }
 
-/// Whether a capture wants events and spans like these.
-pub(crate) fn wanted(meta: &tracing::Metadata<'_>) -> bool {
-    CAPTURES.load(Ordering::Relaxed) > 0
-        && *meta.level() <= Level::DEBUG
-        && meta.target().starts_with("shoal")
+/// What a capture records: the node's lines at debug level and above, while a capture
+/// lives. The target and level part is decided once per call site.
+pub(crate) fn filter<S>() -> impl Filter<S> {
+    Targets::new()
+        .with_target("shoal_node", Level::DEBUG)
+        .and(filter_fn(|_| CAPTURES.load(Ordering::Relaxed) > 0).with_max_level_hint(Level::DEBUG))
 }
 
 /// Where the capturing formatter writes: one line per event.
