@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install what the tests need: redis-server from Debian (the Redis storage backend
-# and cluster tests start their own servers on free loopback ports), Prosody from
-# Debian with lua-unbound (the federation interop test runs its own Prosody on loopback
-# ports, resolving through the test's DNS server), and a Python venv at .venv in the
-# repo root with tests/interop/requirements.txt in it.
+# and cluster tests start their own servers on free loopback ports), haproxy (the
+# PROXY protocol test runs one in front of a node), Prosody from Debian with
+# lua-unbound (the federation interop test runs its own Prosody on loopback ports,
+# resolving through the test's DNS server), and a Python venv at .venv in the repo root
+# with tests/interop/requirements.txt in it.
 #
 # Idempotent and cheap on re-runs: pip is only invoked when requirements.txt
 # or the interpreter changed since the last successful install (a stamp file
 # inside .venv records both). Meant for CI on a fresh Debian machine as root;
-# reaches only PyPI and Debian's archive (redis-server; python3/venv if missing).
+# reaches only PyPI and Debian's archive (redis-server, haproxy; python3/venv if
+# missing).
 #
 # env: PYTHON  interpreter to build the venv from (default: python3 on PATH,
 #              i.e. pyenv's CPython 3.11 on the project's machines, else Debian's)
@@ -36,16 +38,22 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 say "redis-server: $(redis-server --version | cut -d' ' -f3)"
 
-if ! command -v prosody >/dev/null 2>&1 || ! dpkg -s lua-unbound >/dev/null 2>&1; then
-  # The tests start Prosody themselves: keep the package from starting the system
-  # service (policy-rc.d 101 = "action forbidden"), unless the machine has a policy.
+# Servers the tests start themselves (a real HAProxy in front of a node; a Prosody to
+# federate with): installed without starting their system services (policy-rc.d 101 =
+# "action forbidden"), unless the machine has a policy of its own.
+servers=()
+command -v haproxy >/dev/null 2>&1 || servers+=(haproxy)
+command -v prosody >/dev/null 2>&1 || servers+=(prosody)
+dpkg -s lua-unbound >/dev/null 2>&1 || servers+=(lua-unbound)
+if [ ${#servers[@]} -gt 0 ]; then
   policy=/usr/sbin/policy-rc.d
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
     trap 'rm -f "$policy"' EXIT
   fi
-  apt_install prosody lua-unbound
+  apt_install "${servers[@]}"
 fi
+say "haproxy: $(haproxy -v | head -1 | cut -d' ' -f3)"
 say "prosody: $(dpkg-query -W -f '${Version}' prosody)"
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then

@@ -11,9 +11,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 /// Environment variables with the `SHOAL_` prefix that are not config keys and so must
 /// not be reported as unknown.
@@ -83,6 +85,38 @@ pub struct S2sConfig {
     /// `s2s.queue_max`, default 1000: stanzas waiting for one remote domain's stream
     /// while it connects; beyond it they bounce with `<resource-constraint/>`.
     pub queue_max: usize,
+    /// `s2s.proxy_protocol`, `s2s.proxy_trusted`, `s2s.proxy_header_timeout_secs`: as
+    /// for `c2s`, on the s2s listener. `None` (the default): off.
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+}
+
+/// The PROXY protocol (HAProxy's v1 and v2 headers) on a listener that sits behind a
+/// TCP load balancer, so the node learns each connection's real source address.
+///
+/// Read from `<section>.proxy_protocol` (default `false`), `<section>.proxy_trusted`
+/// and `<section>.proxy_header_timeout_secs`; present only when turned on. Then every
+/// connection must come from a trusted address and start with a header: the listener
+/// serves the load balancers only, so nobody can reach it directly with a spoofed
+/// header, and nobody can bypass the balancer and be counted as it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocolConfig {
+    /// `<section>.proxy_trusted`, required when on: the load balancers' networks
+    /// (`10.0.0.0/8`, `fd00::/8`) or addresses. Connections from anywhere else are
+    /// refused before a byte is read.
+    pub trusted: Vec<IpNet>,
+    /// `<section>.proxy_header_timeout_secs`, default 5 s, must be > 0: how long a
+    /// trusted connection may take to send its header. A balancer sends it with its
+    /// first segment; the bound frees the slot of a connection that sends nothing.
+    pub header_timeout: Duration,
+}
+
+impl ProxyProtocolConfig {
+    /// Whether `ip` is one of the trusted load balancers. IPv4-mapped IPv6 addresses
+    /// (a dual-stack socket's view of an IPv4 peer) count as their IPv4 address.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
 }
 
 /// `[muc]`: the multi-user chat service (XEP-0045).
@@ -188,6 +222,10 @@ pub struct C2sConfig {
     /// `c2s.max_connections`, default 100000, must be > 0: total c2s connections this node
     /// accepts, a bound on memory and file descriptors.
     pub max_connections: usize,
+    /// `c2s.proxy_protocol` (default `false`), `c2s.proxy_trusted`,
+    /// `c2s.proxy_header_timeout_secs`: the PROXY protocol on both client listeners.
+    /// Off by default, since a client reaching the node directly sends no header.
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
 }
 
 /// `[limits]`: abuse limits keyed by client IP or account.
@@ -278,6 +316,13 @@ pub struct ShutdownConfig {
     /// close and shards to hand off before exiting anyway. Well under Kubernetes' default
     /// 30 s termination grace period.
     pub grace: Duration,
+    /// `shutdown.see_other_host`, default none: `host` or `host:port` (`[v6]:port`)
+    /// of a server that takes over. When set, a draining node closes client streams
+    /// with `<see-other-host/>` naming it (RFC 6120 §4.9.3.19) instead of
+    /// `<system-shutdown/>`, so clients reconnect there at once rather than after
+    /// their back-off. Empty (the default): clients reconnect through the usual
+    /// address, which a load balancer already sends to the remaining nodes.
+    pub see_other_host: Option<String>,
 }
 
 impl ClusterConfig {
@@ -411,6 +456,14 @@ fn read_config(r: &mut Reader) -> Config {
         read_rate_bytes_per_sec: r.get("c2s.read_rate_bytes_per_sec", 0),
         read_burst_bytes: r.get("c2s.read_burst_bytes", 65_536),
         max_connections: r.get_at_least("c2s.max_connections", 100_000, 1),
+        proxy_protocol: read_proxy_protocol(
+            r,
+            [
+                "c2s.proxy_protocol",
+                "c2s.proxy_trusted",
+                "c2s.proxy_header_timeout_secs",
+            ],
+        ),
     };
     for (key, value) in [
         ("c2s.negotiation_timeout_secs", c2s.negotiation_timeout),
@@ -482,6 +535,14 @@ fn read_config(r: &mut Reader) -> Config {
         connect_timeout: r.get_secs("s2s.connect_timeout_secs", 10),
         idle_timeout: r.get_secs("s2s.idle_timeout_secs", 600),
         queue_max: r.get_at_least("s2s.queue_max", 1000, 1),
+        proxy_protocol: read_proxy_protocol(
+            r,
+            [
+                "s2s.proxy_protocol",
+                "s2s.proxy_trusted",
+                "s2s.proxy_header_timeout_secs",
+            ],
+        ),
     };
     let nameservers: Vec<String> = r.get("s2s.nameservers", Vec::new());
     for ns in nameservers {
@@ -546,7 +607,14 @@ fn read_config(r: &mut Reader) -> Config {
     }
     let shutdown = ShutdownConfig {
         grace: r.get_secs("shutdown.grace_secs", 10),
+        see_other_host: r.get("shutdown.see_other_host", None),
     };
+    if let Some(host) = &shutdown.see_other_host
+        && !valid_host_port(host)
+    {
+        let reason = format!("{host:?} is not host or host:port (IPv6 as [address]:port)");
+        r.invalid("shutdown.see_other_host", reason);
+    }
 
     Config {
         domain,
@@ -606,6 +674,69 @@ fn check_cluster(r: &mut Reader, cluster: &mut ClusterConfig, backend: StorageBa
 fn valid_endpoint(endpoint: &str) -> bool {
     endpoint.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    })
+}
+
+/// The content of `<see-other-host/>` (RFC 6120 §4.9.3.19): a domain name or IPv4
+/// address with an optional port, or an IPv6 address in brackets with an optional port.
+fn valid_host_port(s: &str) -> bool {
+    let (host_ok, port) = match s.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) => (v6.parse::<std::net::Ipv6Addr>().is_ok(), port),
+            None => return false,
+        },
+        None => {
+            let host = s.split(':').next().unwrap_or_default();
+            let name_chars = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+            (
+                !host.is_empty() && host.chars().all(name_chars),
+                &s[host.len()..],
+            )
+        }
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    host_ok && port_ok
+}
+
+/// The PROXY protocol keys of one listener: `[on/off, trusted networks, header timeout]`.
+/// `None` when off; when on, a trusted network is required.
+fn read_proxy_protocol(r: &mut Reader, keys: [&'static str; 3]) -> Option<ProxyProtocolConfig> {
+    let [on_key, trusted_key, timeout_key] = keys;
+    let on = r.get(on_key, false);
+    let listed: Vec<String> = r.get(trusted_key, Vec::new());
+    let header_timeout = r.get_secs(timeout_key, 5);
+    if !r.failed(timeout_key) && header_timeout.is_zero() {
+        r.invalid(timeout_key, "must be greater than 0".to_owned());
+    }
+    let mut trusted = Vec::with_capacity(listed.len());
+    for entry in listed {
+        // A bare address is the network of that one address.
+        match entry
+            .parse::<IpNet>()
+            .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+        {
+            Ok(net) => trusted.push(net.trunc()),
+            Err(_) => r.invalid(
+                trusted_key,
+                format!("{entry:?} is not an IP network such as \"10.0.0.0/8\" or an address"),
+            ),
+        }
+    }
+    if on && trusted.is_empty() && !r.failed(trusted_key) {
+        r.invalid(
+            trusted_key,
+            format!(
+                "must name the load balancers' networks when {on_key} is true: only they may \
+                 say where a connection comes from"
+            ),
+        );
+    }
+    on.then_some(ProxyProtocolConfig {
+        trusted,
+        header_timeout,
     })
 }
 
@@ -809,6 +940,18 @@ impl ConfigValue for Option<SocketAddr> {
         } else {
             text.parse().ok().map(Some)
         }
+    }
+}
+
+/// Optional strings: an empty string means "not set".
+impl ConfigValue for Option<String> {
+    const EXPECTED: &'static str = "a string, or \"\" for none";
+    fn from_toml(value: &toml::Value) -> Option<Self> {
+        value.as_str().and_then(Self::from_env)
+    }
+    fn from_env(text: &str) -> Option<Self> {
+        let text = text.trim();
+        Some((!text.is_empty()).then(|| text.to_owned()))
     }
 }
 
@@ -1054,6 +1197,97 @@ mod tests {
         assert_eq!(c.cluster.shard_hosts, 0);
         assert!(c.cluster.effective_shard_hosts() >= 1);
         assert_eq!(c.shutdown.grace, Duration::from_secs(10));
+        assert_eq!(c.shutdown.see_other_host, None);
+        assert_eq!(c.c2s.proxy_protocol, None);
+        assert_eq!(c.s2s.proxy_protocol, None);
+    }
+
+    #[test]
+    fn proxy_protocol_with_trusted_networks() {
+        let f = file(
+            r#"
+            [c2s]
+            proxy_protocol = true
+            proxy_trusted = ["10.0.0.0/8", "192.0.2.7", "fd00::/8"]
+
+            [s2s]
+            proxy_protocol = true
+            proxy_trusted = ["10.1.2.3/16"]
+            proxy_header_timeout_secs = 2
+            "#,
+        );
+        let c = Config::load(Some(f.path()), env(&[])).unwrap();
+        let c2s = c.c2s.proxy_protocol.unwrap();
+        assert_eq!(c2s.header_timeout, Duration::from_secs(5));
+        assert!(c2s.trusts("10.200.0.1".parse().unwrap()));
+        assert!(c2s.trusts("192.0.2.7".parse().unwrap()));
+        assert!(!c2s.trusts("192.0.2.8".parse().unwrap()));
+        assert!(c2s.trusts("fd12::1".parse().unwrap()));
+        // A dual-stack socket's view of an IPv4 balancer.
+        assert!(c2s.trusts("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!c2s.trusts("11.0.0.1".parse().unwrap()));
+        let s2s = c.s2s.proxy_protocol.unwrap();
+        assert_eq!(s2s.header_timeout, Duration::from_secs(2));
+        // Host bits after the prefix are dropped: the network is 10.1.0.0/16.
+        assert_eq!(s2s.trusted, vec!["10.1.0.0/16".parse::<IpNet>().unwrap()]);
+        assert!(s2s.trusts("10.1.255.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn proxy_protocol_errors_are_reported_together() {
+        let errors = Config::load(
+            None,
+            env(&[
+                ("SHOAL_C2S_PROXY_PROTOCOL", "true"),
+                ("SHOAL_S2S_PROXY_PROTOCOL", "true"),
+                ("SHOAL_S2S_PROXY_TRUSTED", "10.0.0.0/8, lb.example"),
+                ("SHOAL_S2S_PROXY_HEADER_TIMEOUT_SECS", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            errors,
+            "c2s.proxy_trusted must name the load balancers' networks when \
+             c2s.proxy_protocol is true: only they may say where a connection comes from\n\
+             s2s.proxy_header_timeout_secs must be greater than 0\n\
+             s2s.proxy_trusted \"lb.example\" is not an IP network such as \"10.0.0.0/8\" \
+             or an address"
+        );
+    }
+
+    #[test]
+    fn see_other_host() {
+        for good in [
+            "xmpp.example.org",
+            "xmpp.example.org:5222",
+            "192.0.2.1:5222",
+            "[2001:db8::1]:5222",
+            "[::1]",
+        ] {
+            let c = Config::load(None, env(&[("SHOAL_SHUTDOWN_SEE_OTHER_HOST", good)])).unwrap();
+            assert_eq!(c.shutdown.see_other_host.as_deref(), Some(good));
+        }
+        for bad in [
+            "a b",
+            "host:",
+            "host:0",
+            "host:70000",
+            "[::1",
+            "[xyz]:1",
+            ":5222",
+            "h<st",
+        ] {
+            let e = Config::load(None, env(&[("SHOAL_SHUTDOWN_SEE_OTHER_HOST", bad)])).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "shutdown.see_other_host {bad:?} is not host or host:port (IPv6 as [address]:port)"
+                )
+            );
+        }
+        let c = Config::load(None, env(&[("SHOAL_SHUTDOWN_SEE_OTHER_HOST", "")])).unwrap();
+        assert_eq!(c.shutdown.see_other_host, None);
     }
 
     #[test]

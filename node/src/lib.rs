@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod model;
 pub mod muc;
+pub mod proxy;
 pub mod ratelimit;
 pub mod roster;
 pub mod router;

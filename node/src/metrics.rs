@@ -56,6 +56,7 @@ const S2S_DIALBACK: &str = "shoal_s2s_dialback_total";
 const S2S_EXTERNAL: &str = "shoal_s2s_external_total";
 const S2S_QUEUED: &str = "shoal_s2s_queued";
 const S2S_BOUNCES: &str = "shoal_s2s_bounces_total";
+const PROXY_HEADERS: &str = "shoal_proxy_headers_total";
 
 /// How many distinct `peer` label values the forwarding metrics take before further
 /// peers share `peer="other"`. Far above any real cluster; only there so that peer
@@ -118,6 +119,30 @@ label_enum! {
     RejectReason {
         RateLimited => "rate_limited",
         TooManyConnections => "too_many_connections",
+    }
+}
+
+label_enum! {
+    /// Which listener read a PROXY protocol header (`service` label).
+    ProxyService {
+        /// Either client listener (STARTTLS or direct TLS).
+        C2s => "c2s",
+        S2s => "s2s",
+    }
+}
+
+label_enum! {
+    /// What became of a connection on a PROXY protocol listener before its first XMPP
+    /// byte (`result` label).
+    ProxyResult {
+        /// A valid header from a trusted load balancer: the connection is served.
+        Accepted => "accepted",
+        /// Not from a trusted load balancer: closed before reading.
+        Rejected => "rejected",
+        /// No valid header (none, malformed, oversized, or the connection closed).
+        Invalid => "invalid",
+        /// No complete header within the header timeout.
+        Timeout => "timeout",
     }
 }
 
@@ -480,6 +505,10 @@ fn describe() {
         "Stanzas to other domains that bounced, by error condition."
     );
     describe_counter!(
+        PROXY_HEADERS,
+        "Connections on PROXY protocol listeners by what their header was: accepted, rejected (untrusted source), invalid, timeout; by service."
+    );
+    describe_counter!(
         MUC_COPIES,
         "Copies of room stanzas sent by the rooms of this node, by path."
     );
@@ -522,6 +551,8 @@ struct Inner {
     s2s_external: Vec<Counter>,
     s2s_queued: Gauge,
     s2s_bounces: Vec<Counter>,
+    /// Indexed by [`ProxyService`], then [`ProxyResult`].
+    proxy_headers: Vec<Vec<Counter>>,
     /// Per-peer handles, registered on a peer's first use and kept for the process.
     peers: Mutex<HashMap<String, PeerMetrics>>,
 }
@@ -639,6 +670,12 @@ impl Metrics {
                     S2sBounce::ALL,
                     |c| metrics::counter!(S2S_BOUNCES, "condition" => c.as_str()),
                 ),
+                proxy_headers: per_label(ProxyService::ALL, |service| {
+                    per_label(
+                        ProxyResult::ALL,
+                        |result| metrics::counter!(PROXY_HEADERS, "service" => service.as_str(), "result" => result.as_str()),
+                    )
+                }),
                 peers: Mutex::new(HashMap::new()),
             }),
         }
@@ -790,6 +827,11 @@ impl Metrics {
 
     pub fn s2s_bounce(&self, condition: S2sBounce) {
         self.inner.s2s_bounces[condition as usize].increment(1);
+    }
+
+    /// What a PROXY protocol listener made of a new connection.
+    pub fn proxy_header(&self, service: ProxyService, result: ProxyResult) {
+        self.inner.proxy_headers[service as usize][result as usize].increment(1);
     }
 
     pub fn muc_copies(&self, path: MucPath, copies: usize) {
@@ -970,6 +1012,7 @@ mod tests {
         peer.state(PeerState::Connected);
         metrics.forward_batch(3);
         metrics.forward_latency(Duration::from_micros(900));
+        metrics.proxy_header(ProxyService::C2s, ProxyResult::Accepted);
 
         let rendered = again.render();
         for expected in [
@@ -1003,6 +1046,8 @@ mod tests {
             r#"shoal_cluster_peer_state{peer="node-b",state="backoff"} 0"#,
             r#"shoal_cluster_forward_batch_frames_bucket{le="4"}"#,
             r#"shoal_cluster_forward_latency_seconds_bucket{le="0.001"}"#,
+            r#"shoal_proxy_headers_total{service="c2s",result="accepted"}"#,
+            r#"shoal_proxy_headers_total{service="s2s",result="timeout"}"#,
         ] {
             assert!(
                 rendered.contains(expected),

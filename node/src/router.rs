@@ -444,7 +444,7 @@ impl Router {
             // A full mailbox means the session is already being dropped as a slow
             // consumer; the close is then not needed.
             SessionHandle::Local(addr) => {
-                let _ = addr.try_send(Close(condition));
+                let _ = addr.try_send(Close(condition.into()));
             }
             SessionHandle::Remote { node, jid, id } => {
                 let link = self

@@ -3,7 +3,8 @@
 //!
 //! [`run`] is a library function so tests boot real nodes in-process on port 0; the
 //! binary's `main` only parses the command line. Shutdown is a drain: stop accepting,
-//! close every stream with `<system-shutdown/>`, wait (bounded) for connections to end.
+//! close every stream with `<system-shutdown/>` (or `<see-other-host/>` when
+//! `shutdown.see_other_host` is set), wait (bounded) for connections to end.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -15,7 +16,6 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use futures_util::future::BoxFuture;
 use jid::BareJid;
-use shoal_xmpp::error::StreamErrorCondition;
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
@@ -479,11 +479,12 @@ pub async fn run_until(
     // Load balancers and Kubernetes stop sending clients here at once.
     health.set_ready(ReadyComponent::Listeners, false);
     let _ = stop_tx.send(true);
+    let farewell = shared.farewell();
     match router.cluster() {
-        Some(link) => link.close_all(StreamErrorCondition::SystemShutdown),
+        Some(link) => link.close_all(&farewell),
         None => {
             for host in router.hosts() {
-                let _ = host.try_send(CloseAllSessions);
+                let _ = host.try_send(CloseAllSessions(farewell.clone()));
             }
         }
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 use jid::{BareJid, FullJid};
-use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition};
 use shoal_xmpp::stanza::{Kind, PresenceType, Stanza};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
@@ -187,10 +187,11 @@ pub struct Reload {
     pub attempts: u32,
 }
 
-/// Node shutdown: close every session with `<system-shutdown/>`.
+/// Node shutdown: close every session with this error (`<system-shutdown/>`, or
+/// `<see-other-host/>` where configured).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct CloseAllSessions;
+pub struct CloseAllSessions(pub StreamError);
 
 /// Node shutdown: answers `done` once every storage operation queued before this
 /// message has finished, so a stopping node loses no write.
@@ -1169,7 +1170,7 @@ impl Handler<ReleaseShards> for ShardHost {
 impl Handler<CloseAllSessions> for ShardHost {
     type Result = ();
 
-    fn handle(&mut self, _: CloseAllSessions, _: &mut Self::Context) {
+    fn handle(&mut self, msg: CloseAllSessions, _: &mut Self::Context) {
         for slot in self.users.values() {
             if let Slot::Ready(state) = slot {
                 // Only this node's sessions: the others' nodes are not shutting down.
@@ -1177,7 +1178,7 @@ impl Handler<CloseAllSessions> for ShardHost {
                     if let SessionHandle::Local(addr) = session {
                         // Sessions that cannot take the message are closed by the final
                         // stop.
-                        let _ = addr.try_send(Close(StreamErrorCondition::SystemShutdown));
+                        let _ = addr.try_send(Close(msg.0.clone()));
                     }
                 }
             }

@@ -83,13 +83,7 @@ impl Client {
         domain: &str,
         local: IpAddr,
     ) -> anyhow::Result<Client> {
-        let socket = match local {
-            IpAddr::V4(_) => TcpSocket::new_v4()?,
-            IpAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        socket.bind(SocketAddr::new(local, 0))?;
-        let tcp = socket.connect(addr).await?;
-        tcp.set_nodelay(true)?;
+        let tcp = tcp_from(addr, local).await?;
         Ok(Self::with_transport(Either::Left(tcp), domain))
     }
 
@@ -100,10 +94,35 @@ impl Client {
         cert: &Path,
     ) -> anyhow::Result<Client> {
         let tcp = TcpStream::connect(addr).await?;
+        Self::direct_tls_over(tcp, domain, cert).await
+    }
+
+    /// [`Client::connect_direct_tls`] from a chosen local address, like
+    /// [`Client::connect_from`].
+    pub async fn connect_direct_tls_from(
+        addr: SocketAddr,
+        domain: &str,
+        cert: &Path,
+        local: IpAddr,
+    ) -> anyhow::Result<Client> {
+        let tcp = tcp_from(addr, local).await?;
+        Self::direct_tls_over(tcp, domain, cert).await
+    }
+
+    async fn direct_tls_over(tcp: TcpStream, domain: &str, cert: &Path) -> anyhow::Result<Client> {
         let tls = connector(cert)?
             .connect(ServerName::try_from(domain.to_string())?, tcp)
             .await?;
         Ok(Self::with_transport(Either::Right(Box::new(tls)), domain))
+    }
+
+    /// This end's address (the source address the server sees without a proxy).
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        let tcp = match self.transport.as_ref().context("not connected")? {
+            Either::Left(tcp) => tcp,
+            Either::Right(tls) => tls.get_ref().0,
+        };
+        Ok(tcp.local_addr()?)
     }
 
     fn with_transport(t: Transport, domain: &str) -> Client {
@@ -131,6 +150,26 @@ impl Client {
         let mut c = Client::connect(addr, domain).await?;
         c.negotiate(cert, user, password, resource).await?;
         Ok(c)
+    }
+
+    /// A SCRAM-SHA-256 attempt with a wrong password for `user` (after STARTTLS) on a
+    /// new connection to `addr` from `from`, which must fail with `<not-authorized/>`.
+    /// The connection is returned as the server left it.
+    pub async fn wrong_password_from(
+        addr: SocketAddr,
+        domain: &str,
+        cert: &Path,
+        user: &str,
+        from: IpAddr,
+    ) -> anyhow::Result<Client> {
+        let mut c = Client::connect_from(addr, domain, from).await?;
+        c.open().await?;
+        c.starttls(cert).await?;
+        c.open().await?;
+        match c.auth_scram(ScramHash::Sha256, user, "wrong").await {
+            Err(e) if e.to_string() == "not-authorized" => Ok(c),
+            other => bail!("expected <not-authorized/> for a wrong password, got {other:?}"),
+        }
     }
 
     /// The rest of [`Client::login`] on a fresh plain connection: STARTTLS,
@@ -332,15 +371,23 @@ impl Client {
 
     /// Waits for a stream error and the close that must follow; returns the condition.
     pub async fn expect_stream_error(&mut self) -> anyhow::Result<String> {
+        let error = self.expect_stream_error_element().await?;
+        Received::Element(error)
+            .stream_error()
+            .context("a stream error without a condition")
+    }
+
+    /// Like [`Client::expect_stream_error`], but returns the whole `<stream:error/>`
+    /// (for its text, or the content of `<see-other-host/>`).
+    pub async fn expect_stream_error_element(&mut self) -> anyhow::Result<Element> {
         loop {
-            let r = self.recv().await?;
-            if let Some(cond) = r.stream_error() {
-                match self.recv().await? {
-                    Received::StreamClose | Received::Eof => return Ok(cond),
-                    other => bail!("expected the stream close after the error, got {other:?}"),
+            match self.recv().await? {
+                Received::Element(e) if e.is("error", ns::STREAM) => {
+                    return match self.recv().await? {
+                        Received::StreamClose | Received::Eof => Ok(e),
+                        other => bail!("expected the stream close after the error, got {other:?}"),
+                    };
                 }
-            }
-            match r {
                 Received::Header(_) => continue,
                 other => bail!("expected a stream error, got {other:?}"),
             }
@@ -516,6 +563,18 @@ fn parse(bytes: &Bytes) -> anyhow::Result<Received> {
 }
 
 /// A TLS connector that trusts exactly the node's certificate.
+/// A TCP connection to `addr` from `local` (any `127.x.y.z` works on Linux loopback).
+async fn tcp_from(addr: SocketAddr, local: IpAddr) -> anyhow::Result<TcpStream> {
+    let socket = match local {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 fn connector(cert: &Path) -> anyhow::Result<TlsConnector> {
     let pem = std::fs::read(cert).with_context(|| format!("read {}", cert.display()))?;
     let mut roots = rustls::RootCertStore::empty();

@@ -7,14 +7,17 @@
 
 pub mod client;
 pub mod cluster;
+pub mod haproxy;
 pub mod im;
 pub mod interop;
+pub mod logs;
 pub mod node;
 pub mod pki;
 pub mod prosody;
 
 pub use client::{Client, ClientReader, ClientWriter, Received};
 pub use cluster::TestCluster;
+pub use logs::LogCapture;
 pub use node::{TestNode, TestNodeBuilder};
 
 use std::time::Duration;
@@ -43,16 +46,23 @@ pub fn free_port() -> u16 {
 /// How often [`eventually`] and its kind look at their condition again.
 pub(crate) const POLL: Duration = Duration::from_millis(20);
 
-/// Installs a log subscriber once (RUST_LOG / SHOAL_LOG), so failing tests show the
-/// node's log lines.
+/// Installs a log subscriber once (SHOAL_LOG), so failing tests show the node's log
+/// lines, and the recorder of [`LogCapture`].
 pub fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt};
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
+        let filter =
+            EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+        let shown = fmt::layer().with_test_writer().with_filter(filter);
+        let captured = fmt::layer()
+            .with_ansi(false)
+            .with_writer(logs::CaptureWriter)
+            .with_filter(logs::filter());
+        let _ = tracing_subscriber::registry()
+            .with(shown)
+            .with(captured)
             .try_init();
     });
 }

@@ -2,13 +2,17 @@
 //! 5223): accepting, admission control, and handing each socket to a worker arbiter.
 //!
 //! Admission (per-address connection rate, the global connection cap) is decided here
-//! before any byte is read. Negotiation runs in [`negotiate`]; a bound session becomes a
-//! [`session::Session`] actor. This module never parses XMPP itself.
+//! before any XMPP byte is read. Behind a load balancer speaking the PROXY protocol
+//! (`c2s.proxy_protocol`) the address is the one its header names ([`crate::proxy`]),
+//! so the per-address rate is checked once the header is read, on the worker.
+//! Negotiation runs in [`negotiate`]; a bound session becomes a [`session::Session`]
+//! actor. This module never parses XMPP itself.
 
 pub mod io;
 pub mod negotiate;
 pub mod session;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -18,7 +22,7 @@ use jid::BareJid;
 use rand::Rng;
 use rand::distributions::Alphanumeric;
 use shoal_xmpp::c2s::C2sConfig;
-use shoal_xmpp::error::StreamErrorCondition;
+use shoal_xmpp::error::{StreamError, StreamErrorCondition};
 use shoal_xmpp::framer::FramerLimits;
 use shoal_xmpp::sasl::Mechanism;
 use shoal_xmpp::stanza::Kind;
@@ -27,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::config::Config;
-use crate::metrics::{self, Listener, Metrics, RejectReason};
+use crate::metrics::{self, Listener, Metrics, ProxyService, RejectReason};
 use crate::ratelimit::IpLimiter;
 use crate::router::Router;
 use crate::storage::Storage;
@@ -93,6 +97,15 @@ impl Shared {
     pub fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// The stream error a draining node closes client streams with: where to go
+    /// instead (`shutdown.see_other_host`), or `<system-shutdown/>`.
+    pub fn farewell(&self) -> StreamError {
+        match &self.config.shutdown.see_other_host {
+            Some(host) => StreamError::see_other_host(host.as_str()),
+            None => StreamError::new(StreamErrorCondition::SystemShutdown),
+        }
+    }
 }
 
 /// Accepts connections on `listener` until shutdown, spreading them over `workers`.
@@ -102,7 +115,10 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     workers: Vec<ArbiterHandle>,
 ) {
-    let conn_limiter = IpLimiter::new(shared.config.limits.connections_per_ip_per_minute);
+    let conn_limiter = Arc::new(IpLimiter::new(
+        shared.config.limits.connections_per_ip_per_minute,
+    ));
+    let proxy = shared.config.c2s.proxy_protocol.is_some();
     let mut shutdown = shared.shutdown.clone();
     let mut next = 0usize;
     loop {
@@ -118,11 +134,9 @@ pub async fn accept_loop(
             },
             _ = shutdown.changed() => break,
         };
-        if !conn_limiter.check(peer.ip(), Instant::now()) {
-            debug!(%peer, "connection rate limit exceeded");
-            shared
-                .metrics
-                .connection_rejected(RejectReason::RateLimited);
+        // Without a PROXY header to wait for, the source is known now: a refused one
+        // costs nothing more than the accept.
+        if !proxy && !within_rate(&conn_limiter, peer, &shared.metrics) {
             continue;
         }
         if shared.open.load(Ordering::Relaxed) >= shared.config.c2s.max_connections {
@@ -142,15 +156,38 @@ pub async fn accept_loop(
         next = next.wrapping_add(1);
         shared.open.fetch_add(1, Ordering::Relaxed);
         let conn_shared = shared.clone();
+        let limiter = conn_limiter.clone();
         // The negotiation future holds the session's actor context, which is not
         // `Send`, so it is created on the worker's thread.
         let spawned = worker.spawn_fn(move || {
             actix_rt::spawn(async move {
-                match tokio::net::TcpStream::from_std(std_tcp) {
-                    Ok(tcp) => negotiate::run(tcp, peer, kind, conn_shared).await,
+                let mut tcp = match tokio::net::TcpStream::from_std(std_tcp) {
+                    Ok(tcp) => tcp,
                     Err(e) => {
                         conn_shared.open.fetch_sub(1, Ordering::Relaxed);
                         warn!(error = %e, "could not register socket");
+                        return;
+                    }
+                };
+                let peer = match &conn_shared.config.c2s.proxy_protocol {
+                    None => Some(peer),
+                    Some(settings) => {
+                        let metrics = &conn_shared.metrics;
+                        crate::proxy::real_source(
+                            &mut tcp,
+                            peer,
+                            settings,
+                            ProxyService::C2s,
+                            metrics,
+                        )
+                        .await
+                        .filter(|source| within_rate(&limiter, *source, metrics))
+                    }
+                };
+                match peer {
+                    Some(peer) => negotiate::run(tcp, peer, kind, conn_shared).await,
+                    None => {
+                        conn_shared.open.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
             });
@@ -160,6 +197,16 @@ pub async fn accept_loop(
             warn!("worker arbiter gone; connection dropped");
         }
     }
+}
+
+/// Takes one connection from `peer`'s budget; false (logged, counted) when it is spent.
+fn within_rate(limiter: &IpLimiter, peer: SocketAddr, metrics: &Metrics) -> bool {
+    if limiter.check(peer.ip(), Instant::now()) {
+        return true;
+    }
+    debug!(%peer, "connection rate limit exceeded");
+    metrics.connection_rejected(RejectReason::RateLimited);
+    false
 }
 
 /// A random token for stream ids, SASL nonces and server-chosen resources.

@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::either::Either;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::c2s::io::{self, Outbound, Transport};
 use crate::c2s::session::{Incoming, Session, SessionParts};
@@ -56,7 +56,15 @@ struct Bound {
 }
 
 /// Serves one accepted connection until it is bound (then hands over) or closed.
+/// `peer` is the client's address: the socket's, or the one a trusted load balancer's
+/// PROXY header named.
 pub async fn run(tcp: TcpStream, peer: SocketAddr, kind: Listener, shared: Arc<Shared>) {
+    // Every line logged while negotiating names the client.
+    let span = info_span!("c2s", %peer, listener = kind.as_str());
+    serve(tcp, peer, kind, shared).instrument(span).await;
+}
+
+async fn serve(tcp: TcpStream, peer: SocketAddr, kind: Listener, shared: Arc<Shared>) {
     let guard = shared.metrics.connection_accepted(kind);
     let direct_tls = kind == Listener::DirectTls;
     let mut conn = Conn {
@@ -69,18 +77,20 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, kind: Listener, shared: Arc<S
         r = tokio::time::timeout(
             shared.config.c2s.negotiation_timeout,
             negotiate(&mut conn, tcp, peer, direct_tls, &shared),
-        ) => r.unwrap_or(Err(StreamErrorCondition::ConnectionTimeout)),
-        _ = shutdown.changed() => Err(StreamErrorCondition::SystemShutdown),
+        ) => r.unwrap_or_else(|_| Err(StreamErrorCondition::ConnectionTimeout.into())),
+        _ = shutdown.changed() => Err(shared.farewell()),
     };
     match outcome {
         Ok(Some(bound)) => return start_session(*bound, guard, &shared),
         Ok(None) => {}
-        Err(condition) => {
-            info!(%peer, condition = condition.as_str(), "closing connection during negotiation");
-            shared.metrics.stream_error(stream_error_label(condition));
+        Err(error) => {
+            info!(%error, "closing connection during negotiation");
+            shared
+                .metrics
+                .stream_error(stream_error_label(error.condition));
             if let Some(mut t) = conn.transport.take() {
                 let mut bytes = String::new();
-                for a in conn.stream.close_with(StreamError::new(condition)) {
+                for a in conn.stream.close_with(error) {
                     if let Action::Send(s) = a {
                         bytes.push_str(&s);
                     }
@@ -105,7 +115,7 @@ async fn negotiate(
     peer: SocketAddr,
     direct_tls: bool,
     shared: &Shared,
-) -> Result<Option<Box<Bound>>, StreamErrorCondition> {
+) -> Result<Option<Box<Bound>>, StreamError> {
     conn.transport = Some(if direct_tls {
         let Some(tls) = &shared.tls else {
             return Ok(None);
@@ -113,7 +123,7 @@ async fn negotiate(
         match crate::tls::accept(tls.clone(), tcp).await {
             Ok(s) => Either::Right(Box::new(s)),
             Err(e) => {
-                debug!(%peer, error = %e, "direct TLS handshake failed");
+                debug!(error = %e, "direct TLS handshake failed");
                 return Ok(None);
             }
         }
@@ -184,7 +194,7 @@ async fn negotiate(
                     match crate::tls::accept(tls.clone(), tcp).await {
                         Ok(s) => conn.transport = Some(Either::Right(Box::new(s))),
                         Err(e) => {
-                            info!(%peer, error = %e, "TLS handshake after STARTTLS failed");
+                            info!(error = %e, "TLS handshake after STARTTLS failed");
                             return Ok(None);
                         }
                     }
@@ -193,7 +203,7 @@ async fn negotiate(
                     let creds = match shared.storage.accounts.credentials(user.as_str()).await {
                         Ok(c) => c,
                         Err(e) => {
-                            warn!(%peer, error = %e, "credential lookup failed");
+                            warn!(error = %e, "credential lookup failed");
                             None
                         }
                     };
@@ -201,7 +211,7 @@ async fn negotiate(
                 }
                 Action::Authenticated { user, mechanism } => {
                     shared.metrics.auth_success(mechanism_label(mechanism));
-                    debug!(%peer, %user, mechanism = mechanism.name(), "authenticated");
+                    debug!(%user, mechanism = mechanism.name(), "authenticated");
                 }
                 Action::AuthFailed {
                     mechanism,
@@ -210,9 +220,12 @@ async fn negotiate(
                     if let Some(m) = mechanism {
                         shared.metrics.auth_failure(mechanism_label(m));
                     }
-                    info!(%peer, condition = condition.element_name(), "authentication failed");
+                    info!(
+                        condition = condition.element_name(),
+                        "authentication failed"
+                    );
                     if !shared.auth_limiter.check(peer.ip(), Instant::now()) {
-                        warn!(%peer, "too many authentication failures from this address");
+                        warn!("too many authentication failures from this address");
                         actions.clear();
                         actions.extend(conn.stream.close_with(StreamError::with_text(
                             StreamErrorCondition::PolicyViolation,
@@ -245,7 +258,11 @@ async fn negotiate(
                 }
                 Action::Close { error } => {
                     if let Some(e) = &error {
-                        info!(%peer, condition = e.condition.as_str(), text = e.text.as_deref().unwrap_or(""), "stream error during negotiation");
+                        info!(
+                            condition = e.condition.as_str(),
+                            text = e.text.as_deref().unwrap_or(""),
+                            "stream error during negotiation"
+                        );
                         shared.metrics.stream_error(stream_error_label(e.condition));
                     }
                     if let Some(t) = conn.transport.as_mut() {
@@ -254,7 +271,7 @@ async fn negotiate(
                     return Ok(None);
                 }
                 // The machine only emits stanzas once bound, which ends this loop.
-                Action::Stanza(_) => debug!(%peer, "stanza before binding ignored"),
+                Action::Stanza(_) => debug!("stanza before binding ignored"),
             }
         }
     }
@@ -283,7 +300,7 @@ async fn register(
     // Every attempt that reaches storage costs a token, conflicts included, so the
     // budget also bounds probing for existing account names.
     if !shared.register_limiter.check(peer.ip(), Instant::now()) {
-        info!(%peer, %user, "registration refused: too many from this address");
+        info!(%user, "registration refused: too many from this address");
         return refuse(
             StanzaErrorCondition::ResourceConstraint,
             "too many registrations from your address; try again later",
@@ -295,7 +312,7 @@ async fn register(
     {
         Ok(c) => c,
         Err(e) => {
-            warn!(%peer, %user, error = %e, "registration: deriving credentials failed");
+            warn!(%user, error = %e, "registration: deriving credentials failed");
             return refuse(StanzaErrorCondition::InternalServerError, "internal error");
         }
     };
@@ -307,16 +324,16 @@ async fn register(
     {
         Ok(()) => {
             shared.metrics.registration(RegistrationResult::Created);
-            info!(%peer, %user, "account registered in-band");
+            info!(%user, "account registered in-band");
             Ok(())
         }
         Err(StorageError::AlreadyExists) => {
             shared.metrics.registration(RegistrationResult::Conflict);
-            info!(%peer, %user, "registration refused: account exists");
+            info!(%user, "registration refused: account exists");
             Err(StanzaError::new(StanzaErrorCondition::Conflict))
         }
         Err(e) => {
-            warn!(%peer, %user, error = %e, "registration: storing the account failed");
+            warn!(%user, error = %e, "registration: storing the account failed");
             refuse(StanzaErrorCondition::InternalServerError, "internal error")
         }
     }

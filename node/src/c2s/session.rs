@@ -51,7 +51,7 @@ pub struct Deliver {
 /// Close the stream with this error (conflict, shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Close(pub StreamErrorCondition);
+pub struct Close(pub StreamError);
 
 /// Cluster mode: the account's shard moved to `owner`; report this session to it.
 #[derive(Message)]
@@ -321,8 +321,8 @@ impl Session {
         ctx.stop();
     }
 
-    fn close_with(&mut self, condition: StreamErrorCondition, ctx: &mut Context<Self>) {
-        let actions = self.stream.close_with(StreamError::new(condition));
+    fn close_with(&mut self, error: StreamError, ctx: &mut Context<Self>) {
+        let actions = self.stream.close_with(error);
         self.run_actions(actions, ctx);
     }
 }
@@ -342,7 +342,7 @@ impl Actor for Session {
         ctx.run_interval(period, |act, ctx| {
             if act.last_read.elapsed() >= act.idle_timeout {
                 info!(jid = %act.jid, "idle timeout");
-                act.close_with(StreamErrorCondition::ConnectionTimeout, ctx);
+                act.close_with(StreamErrorCondition::ConnectionTimeout.into(), ctx);
             }
         });
     }
@@ -422,7 +422,7 @@ impl Handler<Close> for Session {
     type Result = ();
 
     fn handle(&mut self, msg: Close, ctx: &mut Self::Context) {
-        info!(jid = %self.jid, condition = msg.0.as_str(), "closing session");
+        info!(jid = %self.jid, error = %msg.0, "closing session");
         self.close_with(msg.0, ctx);
     }
 }

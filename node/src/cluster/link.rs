@@ -26,7 +26,7 @@ use bytes::Bytes;
 use jid::{BareJid, FullJid, Jid};
 use parking_lot::{Mutex, RwLock};
 use shoal_proto::v1::{self, from_session::Kind as FromKind, session_event::Kind as EventKind};
-use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
+use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition};
 use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza, TopLevel};
 use shoal_xmpp::xml::NsContext;
 use tokio::sync::{oneshot, watch};
@@ -487,12 +487,12 @@ impl ClusterLink {
         }
     }
 
-    /// Closes every session of this node with `condition` (shutdown: the accounts'
+    /// Closes every session of this node with `error` (shutdown: the accounts'
     /// owners may be other nodes, so their shard hosts do not know these sessions).
-    pub fn close_all(&self, condition: StreamErrorCondition) {
+    pub fn close_all(&self, error: &StreamError) {
         for s in self.sessions.lock().values().flatten() {
             // Sessions that cannot take the message are closed by the final stop.
-            let _ = s.addr.try_send(Close(condition));
+            let _ = s.addr.try_send(Close(error.clone()));
         }
     }
 
@@ -1062,7 +1062,7 @@ impl FrameHandler for Inbound {
                     return;
                 };
                 if let Some(addr) = link.local_session(&jid, c.session_id) {
-                    let _ = addr.try_send(Close(condition));
+                    let _ = addr.try_send(Close(condition.into()));
                 }
             }
             FrameKind::Reattach(r) => {

@@ -4,7 +4,8 @@
 //! certificate is valid for the domain it claims ([`super::trust::Trust::valid_for`]).
 //! A peer's dialback key is checked by asking the peer domain's authoritative server
 //! over a verify stream of our own. Its stanzas are routed into the node (and the
-//! cluster) like client traffic.
+//! cluster) like client traffic. Behind a load balancer (`s2s.proxy_protocol`), the
+//! peer's address is the one its PROXY protocol header names.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use super::Settings;
 use super::connect::Opened;
 use crate::c2s::fresh_id;
 use crate::c2s::io::Transport;
-use crate::metrics::S2sDirection;
+use crate::metrics::{ProxyService, S2sDirection};
 use crate::router::Router;
 
 /// What every inbound connection of a node shares.
@@ -81,7 +82,24 @@ struct Conn {
     authorized: bool,
 }
 
-async fn serve(tcp: tokio::net::TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, direct: bool) {
+async fn serve(
+    mut tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    inbound: Arc<Inbound>,
+    direct: bool,
+) {
+    // Behind a load balancer, the peer is who its PROXY protocol header names.
+    let peer = match &inbound.settings.proxy_protocol {
+        None => peer,
+        Some(proxy) => {
+            let metrics = inbound.router.metrics();
+            match crate::proxy::real_source(&mut tcp, peer, proxy, ProxyService::S2s, metrics).await
+            {
+                Some(source) => source,
+                None => return,
+            }
+        }
+    };
     let _open = inbound.router.metrics().s2s_stream(S2sDirection::In);
     let started = Instant::now();
     let mut conn = Conn {

@@ -60,6 +60,8 @@ pub struct Settings {
     pub limits: FramerLimits,
     pub idle_timeout: std::time::Duration,
     pub queue_max: usize,
+    /// The PROXY protocol on the s2s listeners (`s2s.proxy_protocol`).
+    pub proxy_protocol: Option<crate::config::ProxyProtocolConfig>,
 }
 
 impl Settings {
@@ -104,6 +106,7 @@ impl Settings {
             limits,
             idle_timeout: config.idle_timeout,
             queue_max: config.queue_max,
+            proxy_protocol: config.proxy_protocol.clone(),
         })
     }
 

@@ -137,11 +137,17 @@ pub struct StreamError {
     pub condition: StreamErrorCondition,
     /// Human-readable text for the peer (and the log line).
     pub text: Option<String>,
+    /// With `<see-other-host/>` only: where the peer should reconnect, `host` or
+    /// `host:port` (RFC 6120 §4.9.3.19), the condition element's content.
+    pub other_host: Option<String>,
 }
 
 impl std::fmt::Display for StreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.condition.as_str())?;
+        if let Some(host) = &self.other_host {
+            write!(f, " {host}")?;
+        }
         match &self.text {
             Some(text) => write!(f, " ({text})"),
             None => Ok(()),
@@ -154,23 +160,38 @@ impl StreamError {
         Self {
             condition,
             text: None,
+            other_host: None,
         }
     }
 
     pub fn with_text(condition: StreamErrorCondition, text: impl Into<String>) -> Self {
         Self {
-            condition,
             text: Some(text.into()),
+            ..Self::new(condition)
+        }
+    }
+
+    /// `<see-other-host>host</see-other-host>`: the peer should reconnect to `host`
+    /// (`host` or `host:port`, an IPv6 address in brackets).
+    pub fn see_other_host(host: impl Into<String>) -> Self {
+        Self {
+            other_host: Some(host.into()),
+            ..Self::new(StreamErrorCondition::SeeOtherHost)
         }
     }
 
     /// `<stream:error>…</stream:error>` (the stream close is written separately).
     pub fn to_xml(&self) -> String {
-        let mut s = format!(
-            "<stream:error><{} xmlns='{}'/>",
-            self.condition.as_str(),
-            ns::STREAM_ERRORS
-        );
+        let condition = self.condition.as_str();
+        let mut s = format!("<stream:error><{condition} xmlns='{}'", ns::STREAM_ERRORS);
+        match &self.other_host {
+            Some(host) => {
+                s.push('>');
+                escape_into(&mut s, host);
+                let _ = write!(s, "</{condition}>");
+            }
+            None => s.push_str("/>"),
+        }
         if let Some(text) = &self.text {
             let _ = write!(s, "<text xmlns='{}'>", ns::STREAM_ERRORS);
             escape_into(&mut s, text);
@@ -178,6 +199,12 @@ impl StreamError {
         }
         s.push_str("</stream:error>");
         s
+    }
+}
+
+impl From<StreamErrorCondition> for StreamError {
+    fn from(condition: StreamErrorCondition) -> Self {
+        Self::new(condition)
     }
 }
 
@@ -274,6 +301,17 @@ mod tests {
             "<stream:error><policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
              <text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>too &lt;big&gt;</text></stream:error>"
         );
+    }
+
+    #[test]
+    fn see_other_host_xml() {
+        let e = StreamError::see_other_host("[2001:db8::1]:5222");
+        assert_eq!(
+            e.to_xml(),
+            "<stream:error><see-other-host xmlns='urn:ietf:params:xml:ns:xmpp-streams'>\
+             [2001:db8::1]:5222</see-other-host></stream:error>"
+        );
+        assert_eq!(e.to_string(), "see-other-host [2001:db8::1]:5222");
     }
 
     #[test]
