@@ -2,7 +2,10 @@
 //! between two Shoal nodes serving different domains, `a.test` and `b.test`, which find
 //! each other through a DNS server the test runs (`_xmpp-server._tcp` SRV records).
 
+use std::net::SocketAddr;
+
 use shoal_node::testing::dns::{TestDns, xmpp_server};
+use shoal_tests::haproxy::{HaProxy, ProxyHeader};
 use shoal_tests::im::*;
 use shoal_tests::{TestNode, free_port};
 
@@ -289,4 +292,54 @@ async fn certificates_from_a_trusted_ca_authenticate_by_sasl_external() {
     );
     let deltas: Vec<f64> = read(&a).iter().zip(after).map(|(x, y)| x - y).collect();
     assert_eq!(deltas, [0.0, 2.0, 2.0, 0.0], "{counts:?}");
+}
+
+/// b.test's servers sit behind a real HAProxy that announces each peer with a PROXY
+/// protocol v2 header (`s2s.proxy_protocol`): a.test reaches b.test through it, and
+/// b.test reads the header before the stream starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_through_haproxy_with_the_proxy_protocol() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let haproxy = HaProxy::start(&[(SocketAddr::from(([127, 0, 0, 1], port_b)), ProxyHeader::V2)]);
+    let dns = TestDns::start(
+        "test.",
+        [
+            xmpp_server("a.test", port_a, false),
+            xmpp_server("b.test", haproxy.frontends[0].port(), false),
+        ]
+        .concat(),
+    )
+    .await;
+    let a = node_for("a.test", port_a, &dns, "juliet");
+    let b = TestNode::builder()
+        .set("domain", "b.test")
+        .set("s2s.bind", format!("127.0.0.1:{port_b}"))
+        .set("s2s.nameservers", dns.addr)
+        .set("s2s.insecure_domains", "a.test")
+        .set("s2s.proxy_protocol", true)
+        .set("s2s.proxy_trusted", "127.0.0.1")
+        .user("romeo", PW)
+        .start();
+    let accepted = r#"shoal_proxy_headers_total{service="s2s",result="accepted"}"#;
+    let before = b.metric(accepted);
+    let mut j = online(&a, "juliet", "balcony").await;
+    let mut r = online(&b, "romeo", "orchard").await;
+    j.send("<message to='romeo@b.test' id='h1' type='chat'><body>Via the proxy</body></message>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut r).await,
+        "<message to='romeo@b.test' from='juliet@a.test/balcony' id='h1' type='chat'><body>Via the proxy</body></message>"
+    );
+    r.send("<message to='juliet@a.test' id='h2' type='chat'><body>Directly</body></message>")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut j).await,
+        "<message to='juliet@a.test' from='romeo@b.test/orchard' id='h2' type='chat'><body>Directly</body></message>"
+    );
+    // Two streams came through HAProxy: a.test's stream, and the verify stream on
+    // which a.test asked b.test about the key of b.test's stream.
+    assert_eq!(b.metric(accepted) - before, 2.0);
 }
