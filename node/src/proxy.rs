@@ -125,10 +125,8 @@ pub fn source_of(header: &[u8], peer: SocketAddr) -> Result<SocketAddr, HeaderEr
 /// Where the connection `tcp`, accepted from `peer`, really comes from, on a listener
 /// with the PROXY protocol on. `None`: the connection must be closed (the reason is
 /// logged and counted). On return the socket is positioned at the first byte after the
-/// header.
-///
-/// For the s2s listener: `real_source(&mut tcp, peer, settings, ProxyService::S2s,
-/// metrics)` right after accepting, before the TLS or stream handshake.
+/// header. Listeners call it right after accepting, before any TLS or stream
+/// handshake.
 pub async fn real_source(
     tcp: &mut TcpStream,
     peer: SocketAddr,
