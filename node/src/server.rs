@@ -379,6 +379,7 @@ pub async fn run_until(
         max_stanza_size: config.c2s.max_stanza_size,
         max_depth: config.c2s.max_depth,
     };
+    let (stop_tx, stop_rx) = watch::channel(false);
     let s2s_settings = match config.s2s.bind {
         Some(_) => Some(Arc::new(
             s2s::Settings::from_config(&config.s2s, limits, identity).context("s2s")?,
@@ -386,7 +387,11 @@ pub async fn run_until(
         None => None,
     };
     if let Some(settings) = &s2s_settings {
-        router.set_s2s(s2s::S2s::new(settings.clone(), metrics.clone()));
+        router.set_s2s(s2s::S2s::new(
+            settings.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
     }
     let mut s2s_domains = vec![domain.clone()];
     if let Some(muc) = router.muc_domain() {
@@ -395,7 +400,6 @@ pub async fn run_until(
     let s2s_negotiation = config.c2s.negotiation_timeout;
 
     let data_dir = config.data_dir.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
     let grace = config.shutdown.grace;
     let shared = Arc::new(Shared::new(
         config,

@@ -24,7 +24,7 @@ use shoal_xmpp::framer::FramerLimits;
 use shoal_xmpp::s2s::{OutAction, Purpose, S2sOutConfig};
 use shoal_xmpp::stanza::Stanza;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use self::connect::{Connector, OpenStream, Opened};
@@ -138,16 +138,19 @@ pub struct S2s {
 struct Inner {
     settings: Arc<Settings>,
     metrics: Metrics,
+    /// Becomes true when the node drains: open streams send what is queued and close.
+    shutdown: watch::Receiver<bool>,
     /// The queue of each (our domain, their domain) stream that is open or opening.
     streams: Mutex<HashMap<Pair, mpsc::Sender<Queued>>>,
 }
 
 impl S2s {
-    pub fn new(settings: Arc<Settings>, metrics: Metrics) -> Self {
+    pub fn new(settings: Arc<Settings>, metrics: Metrics, shutdown: watch::Receiver<bool>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 settings,
                 metrics,
+                shutdown,
                 streams: Mutex::new(HashMap::new()),
             }),
         }
@@ -243,8 +246,9 @@ async fn run(s2s: S2s, router: WeakRouter, pair: Pair, mut rx: mpsc::Receiver<Qu
     }
 }
 
-/// Writes queued stanzas until the stream is idle for `idle`, breaks or is closed; a
-/// stanza the broken stream did not take bounces with `<remote-server-timeout/>`.
+/// Writes queued stanzas until the stream is idle for `idle`, breaks, is closed or the
+/// node drains (then what is queued goes out first); a stanza the broken stream did not
+/// take bounces with `<remote-server-timeout/>`.
 async fn serve(
     s2s: &S2s,
     mut open: OpenStream,
@@ -253,25 +257,22 @@ async fn serve(
 ) {
     let idle = s2s.inner.settings.idle_timeout;
     let mut read = std::mem::take(&mut open.buf);
+    let mut shutdown = s2s.inner.shutdown.clone();
     loop {
         tokio::select! {
             queued = rx.recv() => {
-                let Some((stanza, since)) = queued else { return };
-                s2s.dequeued();
-                let xml = open.stream.stanza(&stanza);
-                if open.transport.write_all(xml.as_bytes()).await.is_err()
-                    || open.transport.flush().await.is_err()
-                {
-                    warn!(to = ?stanza.to, "s2s stream broke while writing");
-                    if let Some(router) = router.upgrade() {
-                        let error = StanzaError::with_text(
-                            StanzaErrorCondition::RemoteServerTimeout,
-                            "the stream to that server broke",
-                        );
-                        s2s.bounce(&router, &stanza, error, since);
-                    }
+                let Some(queued) = queued else { return };
+                if !write(s2s, &mut open, queued, router).await {
                     return;
                 }
+            }
+            _ = draining(&mut shutdown) => {
+                while let Ok(queued) = rx.try_recv() {
+                    if !write(s2s, &mut open, queued, router).await {
+                        return;
+                    }
+                }
+                return close(&mut open).await;
             }
             n = open.transport.read_buf(&mut read) => {
                 if !matches!(n, Ok(n) if n > 0) {
@@ -287,15 +288,47 @@ async fn serve(
                     }
                 }
             }
-            _ = tokio::time::sleep(idle) => {
-                for action in open.stream.close() {
-                    if let OutAction::Send(s) = action {
-                        let _ = open.transport.write_all(s.as_bytes()).await;
-                    }
-                }
-                let _ = open.transport.shutdown().await;
-                return;
-            }
+            _ = tokio::time::sleep(idle) => return close(&mut open).await,
         }
     }
+}
+
+/// Returns once the node drains.
+async fn draining(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Writes one queued stanza; false (and the stanza bounced) if the stream broke.
+async fn write(
+    s2s: &S2s,
+    open: &mut OpenStream,
+    (stanza, since): Queued,
+    router: &WeakRouter,
+) -> bool {
+    s2s.dequeued();
+    let xml = open.stream.stanza(&stanza);
+    if open.transport.write_all(xml.as_bytes()).await.is_ok()
+        && open.transport.flush().await.is_ok()
+    {
+        return true;
+    }
+    warn!(to = ?stanza.to, "s2s stream broke while writing");
+    if let Some(router) = router.upgrade() {
+        let error = StanzaError::with_text(
+            StanzaErrorCondition::RemoteServerTimeout,
+            "the stream to that server broke",
+        );
+        s2s.bounce(&router, &stanza, error, since);
+    }
+    false
+}
+
+/// Ends the stream (`</stream:stream>`) and the connection.
+async fn close(open: &mut OpenStream) {
+    for action in open.stream.close() {
+        if let OutAction::Send(s) = action {
+            let _ = open.transport.write_all(s.as_bytes()).await;
+        }
+    }
+    let _ = open.transport.shutdown().await;
 }
