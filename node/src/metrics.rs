@@ -1076,6 +1076,8 @@ mod tests {
         peer.state(PeerState::Connected);
         metrics.forward_batch(3);
         metrics.forward_latency(Duration::from_micros(900));
+        metrics.routed(StanzaKind::Presence, Route::Remote);
+        collect_process();
 
         let rendered = again.render();
         for expected in [
@@ -1109,6 +1111,12 @@ mod tests {
             r#"shoal_cluster_peer_state{peer="node-b",state="backoff"} 0"#,
             r#"shoal_cluster_forward_batch_frames_bucket{le="4"}"#,
             r#"shoal_cluster_forward_latency_seconds_bucket{le="0.001"}"#,
+            r#"shoal_routed_total{kind="presence",route="remote"}"#,
+            r#"shoal_routed_total{kind="iq",route="server"}"#,
+            "shoal_muc_rooms",
+            "shoal_muc_occupants",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
         ] {
             assert!(
                 rendered.contains(expected),
