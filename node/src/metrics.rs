@@ -47,6 +47,7 @@ const SHARD_CHANGES: &str = "shoal_cluster_shard_changes_total";
 const REDIS_LATENCY: &str = "shoal_cluster_redis_seconds";
 const REDIS_ERRORS: &str = "shoal_cluster_redis_errors_total";
 const PARKED: &str = "shoal_cluster_parked_total";
+const PARK_DEPTH: &str = "shoal_cluster_park_depth";
 const REROUTED: &str = "shoal_cluster_rerouted_total";
 const ATTACHES: &str = "shoal_cluster_session_attaches_total";
 const DIRECTORY_LOOKUPS: &str = "shoal_cluster_directory_lookups_total";
@@ -462,6 +463,10 @@ fn describe() {
         PARKED,
         "Stanzas and session events held because their account's shard had no owner."
     );
+    describe_gauge!(
+        PARK_DEPTH,
+        "Stanzas and session events held now because their account's shard has no owner."
+    );
     describe_counter!(
         REROUTED,
         "Stanzas and session events routed again: the receiver was not the owner, or a departed peer had not acknowledged them."
@@ -550,6 +555,7 @@ struct Inner {
     redis_latency: Vec<Histogram>,
     redis_errors: Vec<Counter>,
     parked: Counter,
+    park_depth: Gauge,
     rerouted: Vec<Counter>,
     attaches: Vec<Counter>,
     directory_lookups: Vec<Counter>,
@@ -646,6 +652,7 @@ impl Metrics {
                     |o| metrics::counter!(REDIS_ERRORS, "op" => o.as_str()),
                 ),
                 parked: metrics::counter!(PARKED),
+                park_depth: metrics::gauge!(PARK_DEPTH),
                 rerouted: per_label(
                     RerouteReason::ALL,
                     |r| metrics::counter!(REROUTED, "reason" => r.as_str()),
@@ -805,6 +812,11 @@ impl Metrics {
     /// Work for an account parked while its shard had no owner.
     pub fn parked(&self) {
         self.inner.parked.increment(1);
+    }
+
+    /// How much work the park holds now.
+    pub fn park_depth(&self, parked: usize) {
+        self.inner.park_depth.set(parked as f64);
     }
 
     pub fn rerouted(&self, reason: RerouteReason, frames: usize) {
