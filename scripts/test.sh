@@ -4,6 +4,8 @@
 #   bash scripts/test.sh            # what CI runs (via .ci/run)
 #
 # 1. Python venv with slixmpp for the interop tests (scripts/test-deps.sh, idempotent).
+#    Then the Kubernetes manifests, Prometheus rules and Grafana dashboards under
+#    deploy/ (scripts/check-deploy.sh).
 # 2. Formatting and lint checks (cargo fmt, clippy with warnings as errors).
 # 3. The whole test suite: unit tests, framer fuzzing (bounded proptest), in-process
 #    integration tests over real TCP/TLS, and the slixmpp interop test.
@@ -13,6 +15,8 @@ cd "$ROOT"
 
 bash scripts/test-deps.sh
 
+echo "== deploy/: manifests, alert rules, dashboards"
+bash scripts/check-deploy.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -149,6 +149,7 @@ pub async fn serve(
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    crate::metrics::collect_process();
     (
         [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
         state.handle.render(),

@@ -47,10 +47,15 @@ const SHARD_CHANGES: &str = "shoal_cluster_shard_changes_total";
 const REDIS_LATENCY: &str = "shoal_cluster_redis_seconds";
 const REDIS_ERRORS: &str = "shoal_cluster_redis_errors_total";
 const PARKED: &str = "shoal_cluster_parked_total";
+const PARK_DEPTH: &str = "shoal_cluster_park_depth";
 const REROUTED: &str = "shoal_cluster_rerouted_total";
 const ATTACHES: &str = "shoal_cluster_session_attaches_total";
 const DIRECTORY_LOOKUPS: &str = "shoal_cluster_directory_lookups_total";
 const MUC_COPIES: &str = "shoal_muc_copies_total";
+const MUC_ROOMS: &str = "shoal_muc_rooms";
+const MUC_OCCUPANTS: &str = "shoal_muc_occupants";
+const ROUTED: &str = "shoal_routed_total";
+const SHARDS: &str = "shoal_cluster_shards";
 const S2S_STREAMS: &str = "shoal_s2s_streams";
 const S2S_DIALBACK: &str = "shoal_s2s_dialback_total";
 const S2S_EXTERNAL: &str = "shoal_s2s_external_total";
@@ -161,6 +166,21 @@ label_enum! {
         ScramSha256 => "scram_sha_256",
         ScramSha1 => "scram_sha_1",
         Plain => "plain",
+    }
+}
+
+label_enum! {
+    /// Where the router sent a stanza (`route` label of `shoal_routed_total`).
+    Route {
+        /// To the server itself or to the MUC service (disco, ping, the room directory).
+        Server => "server",
+        /// To a local account, through the shard host that owns it (on this node or,
+        /// in a cluster, another one: `shoal_cluster_forwards_sent_total` counts those).
+        Account => "account",
+        /// To a MUC room, through the shard host that owns it.
+        Room => "room",
+        /// To another domain (server-to-server), or bounced when federation is off.
+        Remote => "remote",
     }
 }
 
@@ -381,6 +401,7 @@ pub fn install_recorder() -> PrometheusHandle {
                 tracing::error!(%error, "a foreign metrics recorder is installed; /metrics will be empty");
             }
             describe();
+            process_collector().describe();
             handle
         })
         .clone()
@@ -475,6 +496,10 @@ fn describe() {
         PARKED,
         "Stanzas and session events held because their account's shard had no owner."
     );
+    describe_gauge!(
+        PARK_DEPTH,
+        "Stanzas and session events held now because their account's shard has no owner."
+    );
     describe_counter!(
         REROUTED,
         "Stanzas and session events routed again: the receiver was not the owner, or a departed peer had not acknowledged them."
@@ -512,6 +537,35 @@ fn describe() {
         MUC_COPIES,
         "Copies of room stanzas sent by the rooms of this node, by path."
     );
+    describe_gauge!(MUC_ROOMS, "MUC rooms live on this node.");
+    describe_gauge!(
+        MUC_OCCUPANTS,
+        "Occupants of the MUC rooms live on this node."
+    );
+    describe_counter!(
+        ROUTED,
+        "Stanzas routed, by kind and by where the router sent them."
+    );
+    describe_gauge!(
+        SHARDS,
+        "Shards of the cluster (`cluster.shards`): every one should have an owner."
+    );
+}
+
+/// The collector of the standard process metrics (`process_resident_memory_bytes`,
+/// `process_cpu_seconds_total`, `process_open_fds`, ...), named by the
+/// `metrics-process` crate after the Prometheus client conventions so that existing
+/// dashboards and alerts understand them.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process metrics from the operating system into the registry; called
+/// before each rendering, so they are as fresh as the scrape. Cheap: a few reads of
+/// `/proc/self`.
+pub fn collect_process() {
+    process_collector().collect();
 }
 
 /// Pre-registered handles for every metric. Build once with [`Metrics::new`] and clone
@@ -542,10 +596,15 @@ struct Inner {
     redis_latency: Vec<Histogram>,
     redis_errors: Vec<Counter>,
     parked: Counter,
+    park_depth: Gauge,
     rerouted: Vec<Counter>,
     attaches: Vec<Counter>,
     directory_lookups: Vec<Counter>,
     muc_copies: Vec<Counter>,
+    muc_rooms: Gauge,
+    muc_occupants: Gauge,
+    /// Indexed by `kind * Route::ALL.len() + route`.
+    routed: Vec<Counter>,
     s2s_streams: Vec<Gauge>,
     s2s_dialback: Vec<Counter>,
     s2s_external: Vec<Counter>,
@@ -637,6 +696,7 @@ impl Metrics {
                     |o| metrics::counter!(REDIS_ERRORS, "op" => o.as_str()),
                 ),
                 parked: metrics::counter!(PARKED),
+                park_depth: metrics::gauge!(PARK_DEPTH),
                 rerouted: per_label(
                     RerouteReason::ALL,
                     |r| metrics::counter!(REROUTED, "reason" => r.as_str()),
@@ -653,6 +713,16 @@ impl Metrics {
                     MucPath::ALL,
                     |p| metrics::counter!(MUC_COPIES, "path" => p.as_str()),
                 ),
+                muc_rooms: metrics::gauge!(MUC_ROOMS),
+                muc_occupants: metrics::gauge!(MUC_OCCUPANTS),
+                routed: StanzaKind::ALL
+                    .iter()
+                    .flat_map(|k| {
+                        Route::ALL.iter().map(move |r| {
+                            metrics::counter!(ROUTED, "kind" => k.as_str(), "route" => r.as_str())
+                        })
+                    })
+                    .collect(),
                 s2s_streams: per_label(
                     S2sDirection::ALL,
                     |d| metrics::gauge!(S2S_STREAMS, "direction" => d.as_str()),
@@ -775,6 +845,12 @@ impl Metrics {
         metrics::gauge!(SHARDS_OWNED, "node" => node.to_owned())
     }
 
+    /// Records the cluster's shard count, against which the owned shards of all nodes
+    /// are compared.
+    pub fn shard_count(&self, shards: u32) {
+        metrics::gauge!(SHARDS).set(shards);
+    }
+
     pub fn shard_change(&self, change: ShardChange, shards: usize) {
         self.inner.shard_changes[change as usize].increment(shards as u64);
     }
@@ -790,6 +866,11 @@ impl Metrics {
     /// Work for an account parked while its shard had no owner.
     pub fn parked(&self) {
         self.inner.parked.increment(1);
+    }
+
+    /// How much work the park holds now.
+    pub fn park_depth(&self, parked: usize) {
+        self.inner.park_depth.set(parked as f64);
     }
 
     pub fn rerouted(&self, reason: RerouteReason, frames: usize) {
@@ -836,6 +917,20 @@ impl Metrics {
 
     pub fn muc_copies(&self, path: MucPath, copies: usize) {
         self.inner.muc_copies[path as usize].increment(copies as u64);
+    }
+
+    /// The rooms and occupants one shard host holds, counted in the node's gauges
+    /// until the returned value is dropped.
+    pub fn muc_rooms(&self) -> RoomGauges {
+        RoomGauges {
+            rooms: self.inner.muc_rooms.clone(),
+            occupants: self.inner.muc_occupants.clone(),
+            counted: (0, 0),
+        }
+    }
+
+    pub fn routed(&self, kind: StanzaKind, route: Route) {
+        self.inner.routed[kind as usize * Route::ALL.len() + route as usize].increment(1);
     }
 
     /// Counts a bound resource until the returned guard is dropped.
@@ -943,6 +1038,46 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// The MUC rooms and occupants of one shard host, added to the node's gauges; what it
+/// still counts is taken off them when it is dropped (the host stopped), so the gauges
+/// never keep rooms that are gone.
+#[derive(Debug)]
+pub struct RoomGauges {
+    rooms: Gauge,
+    occupants: Gauge,
+    /// Rooms and occupants counted so far.
+    counted: (usize, usize),
+}
+
+impl RoomGauges {
+    /// A room with `occupants` became live.
+    pub fn room_added(&mut self, occupants: usize) {
+        self.counted.0 += 1;
+        self.rooms.increment(1.0);
+        self.occupants_changed(0, occupants);
+    }
+
+    /// A room with `occupants` went away.
+    pub fn room_removed(&mut self, occupants: usize) {
+        self.counted.0 -= 1;
+        self.rooms.decrement(1.0);
+        self.occupants_changed(occupants, 0);
+    }
+
+    /// A live room went from `before` to `after` occupants.
+    pub fn occupants_changed(&mut self, before: usize, after: usize) {
+        self.counted.1 = self.counted.1 + after - before;
+        self.occupants.increment(after as f64 - before as f64);
+    }
+}
+
+impl Drop for RoomGauges {
+    fn drop(&mut self) {
+        self.rooms.decrement(self.counted.0 as f64);
+        self.occupants.decrement(self.counted.1 as f64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1013,6 +1148,8 @@ mod tests {
         metrics.forward_batch(3);
         metrics.forward_latency(Duration::from_micros(900));
         metrics.proxy_header(ProxyService::C2s, ProxyResult::Accepted);
+        metrics.routed(StanzaKind::Presence, Route::Remote);
+        collect_process();
 
         let rendered = again.render();
         for expected in [
@@ -1048,6 +1185,12 @@ mod tests {
             r#"shoal_cluster_forward_latency_seconds_bucket{le="0.001"}"#,
             r#"shoal_proxy_headers_total{service="c2s",result="accepted"}"#,
             r#"shoal_proxy_headers_total{service="s2s",result="timeout"}"#,
+            r#"shoal_routed_total{kind="presence",route="remote"}"#,
+            r#"shoal_routed_total{kind="iq",route="server"}"#,
+            "shoal_muc_rooms",
+            "shoal_muc_occupants",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
         ] {
             assert!(
                 rendered.contains(expected),

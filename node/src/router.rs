@@ -18,9 +18,10 @@ use shoal_xmpp::stanza::{Kind, Stanza};
 use tracing::{debug, warn};
 
 use crate::c2s::session::{Close, Deliver, Session};
+use crate::c2s::stanza_kind;
 use crate::cluster::forward::{ForwardError, FrameKind, NodeId};
 use crate::cluster::link::{self, ClusterLink, MAX_HOPS, Owner, ToOwner};
-use crate::metrics::{Mailbox, Metrics, MucPath, RerouteReason};
+use crate::metrics::{Mailbox, Metrics, MucPath, RerouteReason, Route};
 use crate::muc;
 use crate::s2s::S2s;
 use crate::server_iq::{self, ServerInfo};
@@ -551,12 +552,16 @@ impl Router {
     }
 
     fn route_from(&self, stanza: Stanza, since: Instant, origin: Option<Home>) {
+        let kind = stanza_kind(stanza.kind);
+        let route = |route| self.inner.metrics.routed(kind, route);
         let Some(to) = stanza.to.clone() else {
             // Stanzas without 'to' are resolved by the session before routing; one
             // reaching here is addressed to the server.
+            route(Route::Server);
             return self.to_server(stanza, since);
         };
         if !self.is_local(&to) {
+            route(Route::Remote);
             if let Some(s2s) = self.inner.s2s.get() {
                 return s2s.send(self, stanza, since);
             }
@@ -570,6 +575,7 @@ impl Router {
             );
         }
         if to.node().is_none() {
+            route(Route::Server);
             if let Some(muc) = self.inner.muc.as_ref().filter(|_| self.is_muc(&to)) {
                 if muc::is_room_listing(&stanza) {
                     let (rooms, router) = (muc.rooms.clone(), self.clone());
@@ -595,6 +601,10 @@ impl Router {
             }
             return self.to_server(stanza, since);
         }
+        route(match self.is_muc(&to) {
+            true => Route::Room,
+            false => Route::Account,
+        });
         self.to_owner(ToOwner::Route(
             RouteToUser {
                 stanza,

@@ -32,7 +32,9 @@ use crate::cluster::directory::Entry;
 use crate::cluster::forward::NodeId;
 use crate::cluster::link::ToOwner;
 use crate::jobs::{self, JobContext, StorageQueue};
-use crate::metrics::{AttachResult, DirectoryLookup, Mailbox, Metrics, RedisOp, RerouteReason};
+use crate::metrics::{
+    AttachResult, DirectoryLookup, Mailbox, Metrics, RedisOp, RerouteReason, RoomGauges,
+};
 use crate::model::UserData;
 use crate::muc::Room;
 use crate::router::{self, Home, Router, SendFail};
@@ -274,6 +276,8 @@ pub struct ShardHost {
     users: HashMap<BareJid, Slot>,
     /// The MUC rooms whose shard maps here.
     rooms: HashMap<BareJid, RoomSlot>,
+    /// The ready rooms and their occupants, in the node's gauges.
+    room_gauges: RoomGauges,
     /// Loaded users without sessions, and since when.
     idle: HashMap<BareJid, Instant>,
     router: Router,
@@ -288,6 +292,7 @@ impl ShardHost {
         Self {
             users: HashMap::new(),
             rooms: HashMap::new(),
+            room_gauges: metrics.muc_rooms(),
             idle: HashMap::new(),
             router,
             metrics,
@@ -912,6 +917,7 @@ impl ShardHost {
             };
             match room {
                 Ok(room) => {
+                    act.room_gauges.room_added(room.occupant_count());
                     act.rooms
                         .insert(jid.clone(), RoomSlot::Ready(Box::new(room)));
                     for msg in queue {
@@ -942,7 +948,10 @@ impl ShardHost {
             }
             _ => None,
         };
+        let before = room.occupant_count();
         let out = room.handle(msg.stanza, jobs::now_ms());
+        self.room_gauges
+            .occupants_changed(before, room.occupant_count());
         if let (Some(sender), Some(home)) = (sender, msg.origin) {
             room.set_home(&sender, home);
         }
@@ -960,6 +969,7 @@ impl ShardHost {
         let writes = match (room.can_vanish(), room.is_new()) {
             (true, new) => {
                 self.rooms.remove(jid);
+                self.room_gauges.room_removed(0);
                 // A room nobody created was never stored.
                 if new {
                     Vec::new()
@@ -988,10 +998,14 @@ impl ShardHost {
             .cloned()
             .collect();
         for room in rooms {
-            if let Some(RoomSlot::Loading(queue)) = self.rooms.remove(&room) {
-                for msg in queue {
-                    router.to_owner(ToOwner::Route(msg, 0));
+            match self.rooms.remove(&room) {
+                Some(RoomSlot::Loading(queue)) => {
+                    for msg in queue {
+                        router.to_owner(ToOwner::Route(msg, 0));
+                    }
                 }
+                Some(RoomSlot::Ready(room)) => self.room_gauges.room_removed(room.occupant_count()),
+                None => {}
             }
         }
         let leaving: Vec<BareJid> = self

@@ -433,6 +433,7 @@ impl ClusterLink {
             self.metrics.parked();
             parked.push_front(Parked { msg, until });
         }
+        self.metrics.park_depth(parked.len());
     }
 
     /// How much work is parked.
@@ -451,6 +452,7 @@ impl ClusterLink {
             until: Instant::now() + self.park_for,
         });
         self.metrics.parked();
+        self.metrics.park_depth(parked.len());
         None
     }
 
@@ -1180,6 +1182,7 @@ pub fn retry_parked(router: &Router, link: &ClusterLink) {
                     })
             });
         *parked = waiting.into();
+        link.metrics.park_depth(parked.len());
         ready
     };
     for p in ready {

@@ -104,6 +104,7 @@ impl Cluster {
         coordinator.join().await?;
         let coordinator = Arc::new(Mutex::new(coordinator));
         let (gains_tx, gains) = mpsc::unbounded_channel();
+        metrics.shard_count(settings.shards);
         let observer = Observer {
             owned: metrics.shards_owned(&settings.node.id),
             metrics,

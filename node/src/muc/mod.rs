@@ -358,6 +358,11 @@ impl Room {
         self.occupants.is_empty() && !self.config.persistent
     }
 
+    /// How many occupants the room has.
+    pub fn occupant_count(&self) -> usize {
+        self.occupants.len()
+    }
+
     /// Nobody has created it yet: nothing of it was stored.
     pub fn is_new(&self) -> bool {
         self.new
