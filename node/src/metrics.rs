@@ -339,6 +339,7 @@ label_enum! {
         PolicyViolation => "policy_violation",
         ResourceConstraint => "resource_constraint",
         RestrictedXml => "restricted_xml",
+        SeeOtherHost => "see_other_host",
         SystemShutdown => "system_shutdown",
         UnsupportedVersion => "unsupported_version",
         Other => "other",

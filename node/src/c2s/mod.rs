@@ -249,6 +249,7 @@ pub fn stream_error_label(c: StreamErrorCondition) -> metrics::StreamErrorCondit
         StreamErrorCondition::PolicyViolation => M::PolicyViolation,
         StreamErrorCondition::ResourceConstraint => M::ResourceConstraint,
         StreamErrorCondition::RestrictedXml => M::RestrictedXml,
+        StreamErrorCondition::SeeOtherHost => M::SeeOtherHost,
         StreamErrorCondition::SystemShutdown => M::SystemShutdown,
         StreamErrorCondition::UnsupportedVersion => M::UnsupportedVersion,
         _ => M::Other,
