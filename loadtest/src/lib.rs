@@ -112,12 +112,17 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         .plot()
         .map(|_| Arc::new(stats::Timeline::default()));
     let run = Run {
-        connector,
+        connector: connector.clone(),
         counters: counters.clone(),
         epoch,
         server_pid,
         metrics_url: c.metrics_url.clone(),
         timeline: timeline.clone(),
+        reconnect: c.reconnect.then(|| session::Reconnect {
+            connector: connector.clone(),
+            attempts: c.reconnect_attempts,
+            allow_remote: c.allow_remote,
+        }),
     };
     let out = match &scenario {
         Scenario::Login(a) => run.login(a).await,
@@ -161,6 +166,10 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         idle: out.idle,
         late_messages: counters.late.load(Ordering::Relaxed),
         disconnected: counters.disconnected.load(Ordering::Relaxed),
+        ends: counters.ends.lock().clone(),
+        reconnects: counters.reconnects.load(Ordering::Relaxed),
+        reconnects_given_up: counters.reconnects_given_up.load(Ordering::Relaxed),
+        write_failed: counters.write_failed.load(Ordering::Relaxed),
         generator: ProcReport::between(&self_before, &self_after, peaks.own_rss_kib),
         server,
         warnings: Vec::new(),
