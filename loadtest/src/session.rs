@@ -941,3 +941,108 @@ mod tests {
         assert_eq!(child_text(b"<priority>1</priority>", b"status"), None);
     }
 }
+
+#[cfg(test)]
+mod reconnect_tests {
+    use super::*;
+    use crate::conn::ConnectConfig;
+    use crate::negotiate::{Mech, TlsMode};
+
+    fn policy(ports: &[u16]) -> Reconnect {
+        let servers = ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect();
+        Reconnect {
+            connector: Arc::new(Connector::new(ConnectConfig {
+                servers,
+                sources: Vec::new(),
+                domain: "localhost".into(),
+                tls: TlsMode::None,
+                tls_config: None,
+                mech: Mech::Plain,
+                prefix: "load".into(),
+                password: "pw".into(),
+                timeout: Duration::from_secs(1),
+            })),
+            attempts: 5,
+            allow_remote: false,
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn reconnects_go_round_the_other_endpoints() {
+        let p = policy(&[1, 2, 3]);
+        let from_2: Vec<u16> = (0..4).map(|a| p.target(addr(2), None, a).port()).collect();
+        assert_eq!(from_2, [3, 1, 2, 3]);
+        // The host <see-other-host/> names comes first, then the list as before.
+        let named = Some(addr(9));
+        let told: Vec<u16> = (0..3).map(|a| p.target(addr(1), named, a).port()).collect();
+        assert_eq!(told, [9, 2, 3]);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_two_seconds_staggered_by_client() {
+        let ms = |attempt, index| Reconnect::backoff(attempt, index).as_millis();
+        assert_eq!(ms(0, 7), 0);
+        assert_eq!(
+            [ms(1, 0), ms(2, 0), ms(3, 0), ms(6, 0)],
+            [50, 100, 200, 1600]
+        );
+        assert_eq!([ms(7, 0), ms(30, 0)], [2000, 2000]);
+        assert_eq!([ms(1, 3), ms(1, 23)], [65, 65]);
+    }
+
+    fn ending(xml: &str) -> Ending {
+        let e = Element::parse(xml.as_bytes(), NsContext::CLIENT).expect("element");
+        Ending::closed(Some(&e))
+    }
+
+    #[test]
+    fn stream_ends_are_told_apart() {
+        const E: &str = "xmlns:stream='http://etherx.jabber.org/streams'";
+        const NS: &str = "xmlns='urn:ietf:params:xml:ns:xmpp-streams'";
+        let e = ending(&format!(
+            "<stream:error {E}><system-shutdown {NS}/><text {NS}>bye</text></stream:error>"
+        ));
+        assert_eq!((e.reason.as_str(), e.closed), ("system-shutdown", true));
+        assert_eq!(e.other_host, None);
+        let e = ending(&format!(
+            "<stream:error {E}><see-other-host {NS}>[::1]:5223</see-other-host></stream:error>"
+        ));
+        assert_eq!(e.reason, "see-other-host");
+        assert_eq!(e.other_host.as_deref(), Some("[::1]:5223"));
+        let e = ending(&format!(
+            "<stream:error {E}><conflict {NS}/></stream:error>"
+        ));
+        assert_eq!(e.reason, "stream-error:conflict");
+        assert_eq!(Ending::closed(None).reason, "closed");
+        let e = Ending::dropped("dropped");
+        assert!(!e.closed);
+    }
+
+    #[tokio::test]
+    async fn see_other_host_names_are_resolved_on_loopback_only() {
+        assert_eq!(
+            other_host("127.0.0.2", false).await,
+            Some("127.0.0.2:5222".parse().unwrap())
+        );
+        assert_eq!(
+            other_host("[::1]:5223", false).await,
+            Some("[::1]:5223".parse().unwrap())
+        );
+        assert_eq!(
+            other_host("localhost:6000", false).await.map(|a| a.port()),
+            Some(6000)
+        );
+        assert_eq!(other_host("192.0.2.1:5222", false).await, None);
+        assert_eq!(
+            other_host("192.0.2.1", true).await,
+            Some("192.0.2.1:5222".parse().unwrap())
+        );
+    }
+}

@@ -330,13 +330,20 @@ impl Client {
         }
     }
 
-    /// Waits for a stream error and the close that must follow; returns the condition.
+    /// Waits for a stream error and the close that must follow, answers the close with
+    /// ours (RFC 6120 §4.4: a server that closed a bound stream reads until then);
+    /// returns the condition.
     pub async fn expect_stream_error(&mut self) -> anyhow::Result<String> {
         loop {
             let r = self.recv().await?;
             if let Some(cond) = r.stream_error() {
                 match self.recv().await? {
-                    Received::StreamClose | Received::Eof => return Ok(cond),
+                    Received::StreamClose => {
+                        // The server may have dropped the connection already.
+                        let _ = self.close().await;
+                        return Ok(cond);
+                    }
+                    Received::Eof => return Ok(cond),
                     other => bail!("expected the stream close after the error, got {other:?}"),
                 }
             }

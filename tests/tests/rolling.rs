@@ -75,6 +75,7 @@ async fn rolling_restart_under_load_loses_no_message() {
         // The traffic starts once every client is logged in.
         let traffic_ends = Instant::now() + duration;
         for i in 0..3 {
+            let start = Instant::now();
             // Stopping and booting block this thread (the generator's sessions run on
             // the runtime's workers meanwhile).
             cluster.stop(i);
@@ -86,6 +87,10 @@ async fn rolling_restart_under_load_loses_no_message() {
                 || all_online(&cluster),
             )
             .await;
+            println!(
+                "node {i} restarted, every client back, in {:?}",
+                start.elapsed()
+            );
         }
         (Instant::now(), traffic_ends)
     };
