@@ -664,9 +664,8 @@ impl Reader {
                 }
             }
             Kind::Presence(PresenceType::Subscribe) => {
-                let Some(from) = stanza.from.as_ref().map(|j| j.to_bare().to_string()) else {
-                    return None;
-                };
+                // One without a sender is ignored (`None`: the stream goes on).
+                let from = stanza.from.as_ref().map(|j| j.to_bare().to_string())?;
                 if self.approve.contains(&from) {
                     if write(&self.writer, roster::approve(&escape(&from)).as_bytes())
                         .await

@@ -26,7 +26,7 @@ const CLIENTS: usize = 90;
 const RATE: &str = "60";
 /// Seconds of traffic: longer than three restarts take, even on a slow machine (the
 /// test checks that the traffic outlasted them).
-const DURATION: &str = "40";
+const DURATION: &str = "30";
 const PASSWORD: &str = "rolling-password";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -714,17 +714,17 @@ impl C2sStream {
     ) {
         match &self.state {
             State::Established { jid } => {
-                if let Some(from) = &st.from {
-                    if !names_itself(from, jid) {
-                        return self.stream_error(
-                            StreamError::with_text(
-                                StreamErrorCondition::InvalidFrom,
-                                "'from' does not match the bound JID",
-                            ),
-                            fresh_id,
-                            out,
-                        );
-                    }
+                if let Some(from) = &st.from
+                    && !names_itself(from, jid)
+                {
+                    return self.stream_error(
+                        StreamError::with_text(
+                            StreamErrorCondition::InvalidFrom,
+                            "'from' does not match the bound JID",
+                        ),
+                        fresh_id,
+                        out,
+                    );
                 }
                 st.from = Some(Jid::from(jid.clone()));
                 if is_iq_set_of(&st, ns::SESSION) {
