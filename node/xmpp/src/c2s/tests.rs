@@ -523,20 +523,6 @@ fn every_split_point_negotiates_the_same() {
     }
 }
 
-#[test]
-fn shutdown_close() {
-    let mut h = Harness::new(true, true);
-    h.authenticate_plain();
-    h.bind("r");
-    let out = h
-        .stream
-        .close_with(StreamError::new(StreamErrorCondition::SystemShutdown));
-    assert_eq!(
-        sent(&out),
-        "<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>"
-    );
-}
-
 // ---------------------------------------------------------------------------------
 // XEP-0077 in-band registration
 // ---------------------------------------------------------------------------------
