@@ -180,6 +180,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         step: out.step,
         idle: out.idle,
         late_messages: counters.late.load(Ordering::Relaxed),
+        bounced_messages: counters.bounced.load(Ordering::Relaxed),
         disconnected: counters.disconnected.load(Ordering::Relaxed),
         ends: counters.ends.lock().clone(),
         reconnects: counters.reconnects.load(Ordering::Relaxed),

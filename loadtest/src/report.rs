@@ -42,6 +42,8 @@ pub struct Report {
     pub idle: Option<IdleReport>,
     /// Probe messages that arrived after their phase had been counted.
     pub late_messages: u64,
+    /// Probe messages the server sent back to their sender as errors.
+    pub bounced_messages: u64,
     /// Sessions the server closed during the run (not counting our own closes).
     pub disconnected: u64,
     /// How they ended: `system-shutdown`, `see-other-host`, `stream-error:CONDITION`,
@@ -283,6 +285,13 @@ impl Report {
         }
         if self.late_messages > 0 {
             let _ = writeln!(o, "late messages  {}", self.late_messages);
+        }
+        if self.bounced_messages > 0 {
+            let _ = writeln!(
+                o,
+                "bounced messages {} (errors back to the sender)",
+                self.bounced_messages
+            );
         }
         if self.disconnected > 0 {
             let _ = writeln!(

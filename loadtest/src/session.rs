@@ -70,6 +70,8 @@ pub struct Counters {
     /// Probes in writes that failed (the connection broke under them): counted as sent,
     /// since the server may have read them.
     pub write_failed: AtomicU64,
+    /// Probe messages the server sent back to their sender as errors (undeliverable).
+    pub bounced: AtomicU64,
     /// Sessions logged in again after their connection ended (`--reconnect`).
     pub reconnects: AtomicU64,
     /// Sessions that gave up reconnecting after `--reconnect-attempts` logins failed.
@@ -644,6 +646,14 @@ impl Reader {
                     let delayed = find(&stanza.payload, ns::DELAY.as_bytes()).is_some();
                     self.on_probe(carrier, probe, delayed, phase, current);
                 }
+            }
+            // A probe the server refused comes back to its sender as an error.
+            Kind::Message(MessageType::Error)
+                if child_text(&stanza.payload, b"body")
+                    .and_then(Probe::decode)
+                    .is_some() =>
+            {
+                (self.ctx.counters.bounced).fetch_add(1, Ordering::Relaxed);
             }
             Kind::Presence(PresenceType::Available) => {
                 match child_text(&stanza.payload, b"status").and_then(Probe::decode) {

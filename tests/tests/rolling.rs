@@ -117,7 +117,15 @@ async fn rolling_restart_under_load_loses_no_message() {
         (chat.sent, chat.sent, 0, 0),
         "every message delivered exactly once: {summary}"
     );
-    assert_eq!((chat.unexpected, report.late_messages), (0, 0), "{summary}");
+    assert_eq!(
+        (
+            chat.unexpected,
+            report.late_messages,
+            report.bounced_messages
+        ),
+        (0, 0, 0),
+        "{summary}"
+    );
     assert_eq!(
         report.write_failed, 0,
         "no write met a broken connection: {summary}"
