@@ -482,11 +482,14 @@ impl Handler<ReportAttach> for Session {
     type Result = ();
 
     fn handle(&mut self, msg: ReportAttach, ctx: &mut Self::Context) {
+        // A session that unbound (closing) is gone for its account: it answers so, or
+        // the new owner would attach it again and deliver to it.
+        let present = !self.unbound;
         let attached = Attached {
             jid: self.jid.clone(),
             id: self.id,
-            handle: Some(SessionHandle::Local(ctx.address())),
-            facts: Some(self.facts.clone()),
+            handle: present.then(|| SessionHandle::Local(ctx.address())),
+            facts: present.then(|| self.facts.clone()),
         };
         self.router.attached(&msg.owner, attached);
     }
