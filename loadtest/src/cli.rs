@@ -103,8 +103,15 @@ impl Scenario {
 /// Options every scenario shares.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct Common {
-    /// Server endpoint (IP:port); repeat for several, clients are spread round-robin.
-    #[arg(long = "server", default_value = "127.0.0.1:5222")]
+    /// Server endpoint (IP:port); repeat it or give a comma-separated list (`--servers
+    /// A,B,C`) for several nodes: clients are spread round-robin, and with --reconnect
+    /// a client whose node goes away logs in at the next one.
+    #[arg(
+        long = "server",
+        visible_alias = "servers",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:5222"
+    )]
     pub servers: Vec<SocketAddr>,
     /// The XMPP domain (stream `to`, TLS server name, JID domain).
     #[arg(long, default_value = "localhost")]
@@ -162,6 +169,16 @@ pub struct Common {
     /// Allow endpoints outside 127.0.0.0/8 and ::1.
     #[arg(long)]
     pub allow_remote: bool,
+    /// When the server ends a session (`<system-shutdown/>`, `<see-other-host/>`, any
+    /// other close) or its connection drops, log in again: at the host see-other-host
+    /// names, else at the next --server in turn, with backoff (50 ms doubling to 2 s).
+    /// The session keeps counting, so messages delivered after the reconnect (offline
+    /// ones, with an XEP-0203 delay) count as delivered. Rooms are not joined again.
+    #[arg(long)]
+    pub reconnect: bool,
+    /// Logins a reconnecting session tries before it gives up.
+    #[arg(long, default_value_t = 10)]
+    pub reconnect_attempts: u32,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -541,6 +558,9 @@ pub fn validate(s: &Scenario) -> anyhow::Result<()> {
     if c.concurrency == 0 {
         errors.push("--concurrency must be at least 1".into());
     }
+    if c.reconnect && c.reconnect_attempts == 0 {
+        errors.push("--reconnect-attempts must be at least 1".into());
+    }
     if c.servers.is_empty() {
         errors.push("at least one --server is needed".into());
     }
@@ -604,6 +624,32 @@ mod tests {
         validate(&s).unwrap();
         assert_eq!(s.common().source_addrs, 8);
         assert_eq!(source_addresses(s.common()).len(), 8);
+        assert!(!s.common().reconnect);
+
+        let s = parse(&[
+            "chat",
+            "--servers",
+            "127.0.0.1:5222,127.0.0.2:5223",
+            "--server",
+            "127.0.0.3:5224",
+            "--reconnect",
+            "--tls",
+            "none",
+        ]);
+        validate(&s).unwrap();
+        let ports: Vec<u16> = s.common().servers.iter().map(|a| a.port()).collect();
+        assert_eq!(ports, [5222, 5223, 5224]);
+        assert_eq!(s.common().reconnect_attempts, 10);
+        let s = parse(&[
+            "chat",
+            "--reconnect",
+            "--reconnect-attempts",
+            "0",
+            "--tls",
+            "none",
+        ]);
+        let err = validate(&s).unwrap_err().to_string();
+        assert!(err.contains("--reconnect-attempts"), "{err}");
 
         let s = parse(&["login", "--clients", "0", "--server", "10.1.2.3:5222"]);
         let err = validate(&s).unwrap_err().to_string();

@@ -75,6 +75,8 @@ pub struct LoginTimings {
 /// bytes that arrived behind the bind result.
 pub struct Established {
     pub index: usize,
+    /// The endpoint it is connected to.
+    pub server: SocketAddr,
     pub io: Box<dyn Io>,
     pub framer: Framer,
     pub buf: BytesMut,
@@ -203,16 +205,32 @@ impl Connector {
         &self.cfg
     }
 
-    /// Logs client `index` in: connect, TLS, SASL, bind, initial presence.
+    /// The endpoint client `index` uses first.
+    pub fn server_for(&self, index: usize) -> SocketAddr {
+        self.cfg.servers[index % self.cfg.servers.len()]
+    }
+
+    /// Logs client `index` in at its own endpoint: connect, TLS, SASL, bind, initial
+    /// presence.
     pub async fn login(&self, index: usize) -> Result<Established, LoginError> {
+        self.login_via(index, self.server_for(index)).await
+    }
+
+    /// Logs client `index` in at `server` (a reconnect goes to another endpoint).
+    pub async fn login_via(
+        &self,
+        index: usize,
+        server: SocketAddr,
+    ) -> Result<Established, LoginError> {
         let (socket, framer, buf, outcome, timings) = self
-            .negotiate(index, Goal::Login { resource: None })
+            .negotiate(index, server, Goal::Login { resource: None })
             .await?;
         let Outcome::Established { jid } = outcome else {
             unreachable!("a login goal ends established");
         };
         Ok(Established {
             index,
+            server,
             io: Box::new(socket),
             framer,
             buf,
@@ -223,7 +241,8 @@ impl Connector {
 
     /// Registers client `index` by XEP-0077 and closes the stream.
     pub async fn register(&self, index: usize) -> Result<Outcome, LoginError> {
-        let (mut socket, _, _, outcome, _) = self.negotiate(index, Goal::Register).await?;
+        let server = self.server_for(index);
+        let (mut socket, _, _, outcome, _) = self.negotiate(index, server, Goal::Register).await?;
         // Best effort: the account exists either way.
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             socket.write_all(b"</stream:stream>").await?;
@@ -244,8 +263,7 @@ impl Connector {
         format!("{:016x}{:016x}", a.finish(), b.finish())
     }
 
-    async fn tcp_connect(&self, index: usize) -> io::Result<TcpStream> {
-        let server = self.cfg.servers[index % self.cfg.servers.len()];
+    async fn tcp_connect(&self, index: usize, server: SocketAddr) -> io::Result<TcpStream> {
         let stream = if self.cfg.sources.is_empty() {
             TcpStream::connect(server).await?
         } else {
@@ -284,11 +302,12 @@ impl Connector {
     async fn negotiate(
         &self,
         index: usize,
+        server: SocketAddr,
         goal: Goal,
     ) -> Result<(Socket, Framer, BytesMut, Outcome, LoginTimings), LoginError> {
         let start = Instant::now();
         let deadline = start + self.cfg.timeout;
-        let tcp = timeout_at(deadline, self.tcp_connect(index))
+        let tcp = timeout_at(deadline, self.tcp_connect(index, server))
             .await
             .map_err(|_| LoginError::Timeout("connect"))?
             .map_err(|e| LoginError::Connect(e.kind()))?;

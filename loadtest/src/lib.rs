@@ -20,6 +20,21 @@
 //! - `day`: ramped logins, then chat, presence changes, reconnect churn and idle
 //!   sessions side by side, reported per activity.
 //!
+//! Several nodes: `--servers A,B,C` (or `--server` repeated) spreads the clients
+//! round-robin. `--reconnect` keeps every session alive across the server ending it,
+//! for rolling restarts: a client whose stream ends (`<system-shutdown/>`,
+//! `<see-other-host/>`, any other close) or whose connection drops answers the close
+//! with its own, logs in again (at the host see-other-host names, else at the next
+//! endpoint in turn; backoff from 50 ms doubling to 2 s, at most
+//! `--reconnect-attempts` logins) and keeps counting into the same phase. Senders wait
+//! while their session reconnects and never write a stanza twice, so the final tally
+//! is exact: every chat message counts once as delivered (live, or from offline
+//! storage with an XEP-0203 delay: `delayed`), as a duplicate, or as lost after the
+//! drain; the report adds how sessions ended (`ended: system-shutdown xN`),
+//! reconnects, clients that gave up, and stanzas whose write met a broken connection.
+//! `tests/tests/rolling.rs` restarts the three nodes of a cluster one by one under
+//! `chat --reconnect` and asserts that nothing is lost or duplicated.
+//!
 //! `--plot FILE.svg` (chat, step, presence, muc, day) draws sent/received per second and
 //! p50/p99 latency per second. A typical presence run on accounts `load0..load999`:
 //! `shoal-load rosters --clients 1000 --contacts 10`, then `shoal-load presence
@@ -112,12 +127,17 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         .plot()
         .map(|_| Arc::new(stats::Timeline::default()));
     let run = Run {
-        connector,
+        connector: connector.clone(),
         counters: counters.clone(),
         epoch,
         server_pid,
         metrics_url: c.metrics_url.clone(),
         timeline: timeline.clone(),
+        reconnect: c.reconnect.then(|| session::Reconnect {
+            connector: connector.clone(),
+            attempts: c.reconnect_attempts,
+            allow_remote: c.allow_remote,
+        }),
     };
     let out = match &scenario {
         Scenario::Login(a) => run.login(a).await,
@@ -160,7 +180,12 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         step: out.step,
         idle: out.idle,
         late_messages: counters.late.load(Ordering::Relaxed),
+        bounced_messages: counters.bounced.load(Ordering::Relaxed),
         disconnected: counters.disconnected.load(Ordering::Relaxed),
+        ends: counters.ends.lock().clone(),
+        reconnects: counters.reconnects.load(Ordering::Relaxed),
+        reconnects_given_up: counters.reconnects_given_up.load(Ordering::Relaxed),
+        write_failed: counters.write_failed.load(Ordering::Relaxed),
         generator: ProcReport::between(&self_before, &self_after, peaks.own_rss_kib),
         server,
         warnings: Vec::new(),

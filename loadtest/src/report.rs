@@ -42,8 +42,19 @@ pub struct Report {
     pub idle: Option<IdleReport>,
     /// Probe messages that arrived after their phase had been counted.
     pub late_messages: u64,
+    /// Probe messages the server sent back to their sender as errors.
+    pub bounced_messages: u64,
     /// Sessions the server closed during the run (not counting our own closes).
     pub disconnected: u64,
+    /// How they ended: `system-shutdown`, `see-other-host`, `stream-error:CONDITION`,
+    /// `closed` (a close without error), `dropped` (no close), `framing`.
+    pub ends: Failures,
+    /// Sessions logged in again after their connection ended (`--reconnect`).
+    pub reconnects: u64,
+    /// Sessions that gave up after `--reconnect-attempts` failed logins.
+    pub reconnects_given_up: u64,
+    /// Probes in writes that failed under a broken connection (counted as sent).
+    pub write_failed: u64,
     pub generator: ProcReport,
     pub server: Option<ProcReport>,
     pub warnings: Vec<String>,
@@ -65,10 +76,22 @@ impl Report {
                 self.login.failed, self.login.attempted
             ));
         }
-        if self.disconnected > 0 {
+        if self.disconnected > self.reconnects {
             self.warnings.push(format!(
-                "{} sessions were closed by the server",
-                self.disconnected
+                "{} sessions were closed by the server ({} came back)",
+                self.disconnected, self.reconnects
+            ));
+        }
+        if self.reconnects_given_up > 0 {
+            self.warnings.push(format!(
+                "{} sessions gave up reconnecting",
+                self.reconnects_given_up
+            ));
+        }
+        if self.write_failed > 0 {
+            self.warnings.push(format!(
+                "{} stanzas were in writes that failed (the connection broke)",
+                self.write_failed
             ));
         }
         if let Some(r) = &self.rosters
@@ -263,6 +286,23 @@ impl Report {
         if self.late_messages > 0 {
             let _ = writeln!(o, "late messages  {}", self.late_messages);
         }
+        if self.bounced_messages > 0 {
+            let _ = writeln!(
+                o,
+                "bounced messages {} (errors back to the sender)",
+                self.bounced_messages
+            );
+        }
+        if self.disconnected > 0 {
+            let _ = writeln!(
+                o,
+                "sessions ended by the server {}, reconnected {}, gave up {}, write failures {}",
+                self.disconnected, self.reconnects, self.reconnects_given_up, self.write_failed
+            );
+            for (reason, n) in &self.ends.0 {
+                let _ = writeln!(o, "  ended: {reason} x{n}");
+            }
+        }
         let g = &self.generator;
         let _ = writeln!(
             o,
@@ -310,6 +350,9 @@ fn phase(o: &mut String, what: &str, unit: &str, c: &PhaseReport) {
         c.unexpected,
         c.loss_fraction * 100.0
     );
+    if c.delayed > 0 {
+        let _ = writeln!(o, "  delayed      {} (from offline storage)", c.delayed);
+    }
     let _ = writeln!(
         o,
         "  rates        sent {:.0} {unit}  received {:.0} deliveries/s",

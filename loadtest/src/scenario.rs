@@ -31,7 +31,9 @@ use crate::muc::{self, JoinAnswer};
 use crate::negotiate::{Outcome, stanza_error_condition};
 use crate::roster;
 use crate::schedule::Schedule;
-use crate::session::{Carrier, Counters, Live, PhaseReceived, RunContext, SendPlan, send_phase};
+use crate::session::{
+    Carrier, Counters, Live, PhaseReceived, Reconnect, RunContext, SendPlan, send_phase,
+};
 use crate::stats::{Failures, Latency, Percentiles, Timeline};
 use crate::sysmon;
 
@@ -87,6 +89,9 @@ pub struct PhaseReport {
     pub lost: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
+    /// Distinct deliveries that came with an XEP-0203 delay: kept in offline storage
+    /// while the receiver had no session (`--reconnect`), then delivered.
+    pub delayed: u64,
     /// Distinct deliveries from a sender the receiver does not expect (none with a
     /// correct server and rosters provisioned as asked).
     pub unexpected: u64,
@@ -311,6 +316,8 @@ pub struct Run {
     pub metrics_url: Option<String>,
     /// Per-second latencies, kept when a plot is asked for.
     pub timeline: Option<Arc<Timeline>>,
+    /// How sessions log in again when their connection ends (`--reconnect`).
+    pub reconnect: Option<Reconnect>,
 }
 
 impl Run {
@@ -319,6 +326,7 @@ impl Run {
             epoch: self.epoch,
             counters: self.counters.clone(),
             timeline: self.timeline.clone(),
+            reconnect: self.reconnect.clone(),
         }
     }
 
@@ -1386,6 +1394,7 @@ fn account(
             received.of(carrier)
         };
         latency.merge(&received.latency);
+        r.delayed += received.delayed;
         for (id, flow) in &received.flows {
             match by_id.get(id) {
                 Some(k) if expects[at].contains(k) => {

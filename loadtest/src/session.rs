@@ -8,8 +8,20 @@
 //! for a phase's results over a channel, so no lock is taken per message. The write half
 //! is shared behind an async mutex by the sender of the current phase and the reader's
 //! answers (both rare contenders on one session).
+//!
+//! With `--reconnect`, a session outlives its connections: when the server ends the
+//! stream (`<system-shutdown/>`, `<see-other-host/>`, any other close) or the
+//! connection drops, the reader answers the server's close with its own (RFC 6120
+//! §4.4: the server then knows it has everything the client sent), logs in again (at
+//! the host `<see-other-host/>` names, else at the next endpoint, with backoff, a
+//! bounded number of times) and goes on counting into the same phase, so a message
+//! delivered late, from offline storage with an XEP-0203 delay, counts as delivered
+//! and a second copy as a duplicate. Senders wait while the reader reconnects; what
+//! they had written stays written, nothing is sent twice.
 
 use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,17 +32,17 @@ use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{
     IqType, Kind, MessageType, PresenceType, Stanza, TopLevel, parse_top_level,
 };
-use shoal_xmpp::xml::{NsContext, escape};
+use shoal_xmpp::xml::{Element, NsContext, escape};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::conn::{Established, Io};
+use crate::conn::{Connector, Established, Io};
 use crate::muc::{self, JoinAnswer};
 use crate::roster;
 use crate::schedule::{Arrival, FlowTracker, Probe, Schedule, latency};
-use crate::stats::{Latency, Timeline};
+use crate::stats::{Failures, Latency, Timeline};
 
 /// Run-wide counters, for the progress line and for early completion checks.
 #[derive(Debug, Default)]
@@ -55,15 +67,66 @@ pub struct Counters {
     pub approved: AtomicU64,
     /// Available presence from MUC rooms (occupants entering, mostly during joins).
     pub room_presence: AtomicU64,
+    /// Probes in writes that failed (the connection broke under them): counted as sent,
+    /// since the server may have read them.
+    pub write_failed: AtomicU64,
+    /// Probe messages the server sent back to their sender as errors (undeliverable).
+    pub bounced: AtomicU64,
+    /// Sessions logged in again after their connection ended (`--reconnect`).
+    pub reconnects: AtomicU64,
+    /// Sessions that gave up reconnecting after `--reconnect-attempts` logins failed.
+    pub reconnects_given_up: AtomicU64,
+    /// How the server ended sessions: `system-shutdown`, `see-other-host`,
+    /// `stream-error:CONDITION`, `closed` (a close without error) or `dropped` (the
+    /// connection ended without a close).
+    pub ends: parking_lot::Mutex<Failures>,
 }
 
 /// What the readers of a run share: the time origin probe timestamps are relative to,
-/// the counters, and the per-second latency series when one is kept.
+/// the counters, the per-second latency series when one is kept, and how to reconnect
+/// when `--reconnect` asks for it.
 #[derive(Clone)]
 pub struct RunContext {
     pub epoch: Instant,
     pub counters: Arc<Counters>,
     pub timeline: Option<Arc<Timeline>>,
+    pub reconnect: Option<Reconnect>,
+}
+
+/// How a session whose connection ended logs in again.
+#[derive(Clone)]
+pub struct Reconnect {
+    pub connector: Arc<Connector>,
+    /// Logins tried before giving up.
+    pub attempts: u32,
+    /// Whether a `<see-other-host/>` outside loopback may be followed.
+    pub allow_remote: bool,
+}
+
+impl Reconnect {
+    /// The wait before login `attempt` (0 is at once): 50 ms doubling up to 2 s, plus a
+    /// few milliseconds that depend on the client, so that the sessions of a node that
+    /// goes away do not all come back in the same instant.
+    fn backoff(attempt: u32, index: u32) -> Duration {
+        if attempt == 0 {
+            return Duration::ZERO;
+        }
+        let base = Duration::from_millis(50 << (attempt - 1).min(6)).min(Duration::from_secs(2));
+        base + Duration::from_millis(u64::from(index % 20) * 5)
+    }
+
+    /// Where login `attempt` goes: the host `<see-other-host/>` named first when there
+    /// is one, then the endpoints in turn from the one after `current`.
+    fn target(&self, current: SocketAddr, named: Option<SocketAddr>, attempt: u32) -> SocketAddr {
+        let servers = &self.connector.config().servers;
+        let attempt = match named {
+            Some(addr) if attempt == 0 => return addr,
+            Some(_) => attempt - 1,
+            None => attempt,
+        } as usize;
+        let at = servers.iter().position(|s| *s == current).unwrap_or(0);
+        servers[(at + 1 + attempt) % servers.len()]
+    }
 }
 
 /// The stanza a probe travels in.
@@ -84,6 +147,8 @@ pub struct Received {
     /// One tracker per sender (client index) that reached this receiver.
     pub flows: Vec<(u32, FlowTracker)>,
     pub latency: Latency,
+    /// Distinct probes that came with an XEP-0203 delay (from offline storage).
+    pub delayed: u64,
 }
 
 /// What one receiver saw in one phase.
@@ -150,7 +215,80 @@ enum Control {
     },
 }
 
-type Writer = Arc<Mutex<WriteHalf<Box<dyn Io>>>>;
+/// The write half of a session's current connection, shared by the phase's sender and
+/// the reader's answers; none while the reader reconnects or once the session is over.
+pub struct Link {
+    half: Mutex<Option<WriteHalf<Box<dyn Io>>>>,
+    state: watch::Sender<LinkState>,
+    /// Connections made so far.
+    connections: std::sync::atomic::AtomicU32,
+}
+
+/// Where a session's connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    /// Connection number `n` (from 0) is up.
+    Up(u32),
+    /// The reader is logging in again.
+    Down,
+    /// No connection will come any more.
+    Gone,
+}
+
+type Writer = Arc<Link>;
+
+impl Link {
+    fn new(half: WriteHalf<Box<dyn Io>>) -> Writer {
+        Arc::new(Link {
+            half: Mutex::new(Some(half)),
+            state: watch::Sender::new(LinkState::Up(0)),
+            connections: 1.into(),
+        })
+    }
+
+    /// Takes the write half away (the connection ended): senders wait from now on.
+    async fn take(&self) -> Option<WriteHalf<Box<dyn Io>>> {
+        let mut half = self.half.lock().await;
+        self.state.send_replace(LinkState::Down);
+        half.take()
+    }
+
+    /// Installs the write half of a new connection.
+    async fn put(&self, new: WriteHalf<Box<dyn Io>>) {
+        let mut half = self.half.lock().await;
+        *half = Some(new);
+        let n = self.connections.fetch_add(1, Ordering::Relaxed);
+        self.state.send_replace(LinkState::Up(n));
+    }
+
+    /// Ends the session for its senders.
+    async fn end(&self) {
+        let mut half = self.half.lock().await;
+        half.take();
+        self.state.send_replace(LinkState::Gone);
+    }
+
+    /// Waits until a connection other than `not` is up; `false` when none will be.
+    async fn wait_up(&self, not: Option<u32>) -> bool {
+        let mut rx = self.state.subscribe();
+        let usable = |s: &LinkState| match *s {
+            LinkState::Up(n) => Some(n) != not,
+            LinkState::Down => false,
+            LinkState::Gone => true,
+        };
+        match rx.wait_for(usable).await {
+            Ok(s) => *s != LinkState::Gone,
+            Err(_) => false,
+        }
+    }
+
+    fn connection(&self) -> Option<u32> {
+        match *self.state.borrow() {
+            LinkState::Up(n) => Some(n),
+            _ => None,
+        }
+    }
+}
 
 /// A running session.
 pub struct Live {
@@ -166,7 +304,7 @@ impl Live {
     /// are approved; any other is left unanswered.
     pub fn start(est: Established, ctx: &RunContext, approve: Vec<String>) -> Live {
         let (read, write) = tokio::io::split(est.io);
-        let writer: Writer = Arc::new(Mutex::new(write));
+        let writer = Link::new(write);
         // One outstanding request at a time is all the controller ever makes.
         let (control, requests) = mpsc::channel(1);
         let own_bare = est
@@ -177,6 +315,7 @@ impl Live {
         let reader = tokio::spawn(read_loop(
             Reader {
                 read,
+                server: est.server,
                 framer: est.framer,
                 buf: est.buf,
                 writer: writer.clone(),
@@ -251,21 +390,32 @@ impl Live {
     }
 
     /// Stops the reader, then closes the stream politely. The reader goes first so the
-    /// server's answering close is not counted as a disconnection.
+    /// server's answering close is not counted as a disconnection; one still logging
+    /// in again is stopped.
     pub async fn close(self) {
         drop(self.control);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.reader).await;
+        let reader = self.reader.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(2), self.reader)
+            .await
+            .is_err()
+        {
+            reader.abort();
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut w = self.writer.lock().await;
-            let _ = w.write_all(b"</stream:stream>").await;
-            let _ = w.shutdown().await;
+            if let Some(mut w) = self.writer.take().await {
+                let _ = w.write_all(b"</stream:stream>").await;
+                let _ = w.shutdown().await;
+            }
         })
         .await;
+        self.writer.end().await;
     }
 }
 
-async fn write(writer: &Writer, data: &[u8]) -> std::io::Result<()> {
-    let mut w = writer.lock().await;
+/// Writes to the session's current connection; `NotConnected` while there is none.
+async fn write(writer: &Writer, data: &[u8]) -> io::Result<()> {
+    let mut half = writer.half.lock().await;
+    let w = half.as_mut().ok_or(io::ErrorKind::NotConnected)?;
     w.write_all(data).await?;
     w.flush().await
 }
@@ -275,6 +425,8 @@ const TIMELINE_BATCH: usize = 512;
 
 struct Reader {
     read: ReadHalf<Box<dyn Io>>,
+    /// The endpoint of the current connection.
+    server: SocketAddr,
     framer: Framer,
     buf: BytesMut,
     writer: Writer,
@@ -299,18 +451,13 @@ async fn read_loop(mut r: Reader, mut requests: mpsc::Receiver<Control>) {
     counters.sessions_open.fetch_add(1, Ordering::Relaxed);
     loop {
         while open {
-            match r.framer.next_frame(&mut r.buf) {
-                Ok(Some(frame)) => {
-                    if !r.on_frame(frame, phase, &mut current).await {
-                        open = false;
-                    }
-                }
+            let ending = match r.framer.next_frame(&mut r.buf) {
+                Ok(Some(frame)) => r.on_frame(frame, phase, &mut current).await,
                 Ok(None) => break,
-                Err(_) => open = false,
-            }
-            if !open {
-                counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
-                counters.disconnected.fetch_add(1, Ordering::Relaxed);
+                Err(_) => Some(Ending::dropped("framing")),
+            };
+            if let Some(ending) = ending {
+                open = r.ended(ending).await;
             }
         }
         r.buf.reserve(8192);
@@ -339,9 +486,7 @@ async fn read_loop(mut r: Reader, mut requests: mpsc::Receiver<Control>) {
             },
             n = r.read.read_buf(&mut r.buf), if open => {
                 if !matches!(n, Ok(n) if n > 0) {
-                    open = false;
-                    counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
-                    counters.disconnected.fetch_add(1, Ordering::Relaxed);
+                    open = r.ended(Ending::dropped("dropped")).await;
                 }
             }
         }
@@ -352,23 +497,143 @@ async fn read_loop(mut r: Reader, mut requests: mpsc::Receiver<Control>) {
     }
 }
 
+/// How a connection ended.
+#[derive(Debug)]
+struct Ending {
+    /// The key it is counted by in [`Counters::ends`].
+    reason: String,
+    /// The server closed its stream (a close, a stream error): ours answers it.
+    closed: bool,
+    /// Where `<see-other-host/>` sends the client.
+    other_host: Option<String>,
+}
+
+impl Ending {
+    /// The connection ended without a close from the server.
+    fn dropped(reason: &str) -> Self {
+        Ending {
+            reason: reason.into(),
+            closed: false,
+            other_host: None,
+        }
+    }
+
+    /// The server closed the stream, with `error` when it sent one.
+    fn closed(error: Option<&Element>) -> Self {
+        let condition = error.and_then(|e| {
+            e.elements()
+                .find(|c| c.ns == ns::STREAM_ERRORS && c.name != "text")
+        });
+        let reason = match condition {
+            None => "closed".to_owned(),
+            Some(c) if c.name == "system-shutdown" || c.name == "see-other-host" => c.name.clone(),
+            Some(c) => format!("stream-error:{}", c.name),
+        };
+        Ending {
+            reason,
+            closed: true,
+            other_host: condition
+                .filter(|c| c.name == "see-other-host")
+                .map(|c| c.text_content().trim().to_owned())
+                .filter(|h| !h.is_empty()),
+        }
+    }
+}
+
+/// The address `<see-other-host/>` names (RFC 6120 §4.9.3.19: a host name or IP
+/// address, IPv6 in brackets, with an optional port, 5222 by default), when it
+/// resolves within a second and is on loopback or `allow_remote` lets it be elsewhere.
+async fn other_host(named: &str, allow_remote: bool) -> Option<SocketAddr> {
+    let addr = match named.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, 5222),
+        Err(_) => {
+            let lookup = async {
+                match tokio::net::lookup_host(named).await {
+                    Ok(mut found) => found.next(),
+                    // No port given.
+                    Err(_) => tokio::net::lookup_host((named, 5222)).await.ok()?.next(),
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(1), lookup)
+                .await
+                .ok()??
+        }
+    };
+    (allow_remote || addr.ip().is_loopback()).then_some(addr)
+}
+
 impl Reader {
-    /// Handles one frame; `false` when the stream is over.
-    async fn on_frame(&mut self, frame: Frame, phase: u32, current: &mut PhaseReceived) -> bool {
+    /// Counts the end of the connection, answers the server's close, and with
+    /// `--reconnect` logs in again; `true` when a new connection is up.
+    async fn ended(&mut self, ending: Ending) -> bool {
+        let counters = self.ctx.counters.clone();
+        counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
+        counters.disconnected.fetch_add(1, Ordering::Relaxed);
+        counters.ends.lock().add(ending.reason.clone());
+        let old = self.writer.take().await;
+        if let (Some(mut w), true) = (old, ending.closed) {
+            // RFC 6120 §4.4: the server reads until our close, so everything written
+            // before it reaches the server.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                w.write_all(b"</stream:stream>").await?;
+                w.shutdown().await
+            })
+            .await;
+        }
+        // Answers to requests sent on the old connection will not come.
+        self.pending.clear();
+        self.joining.clear();
+        let Some(policy) = self.ctx.reconnect.clone() else {
+            self.writer.end().await;
+            return false;
+        };
+        let named = match &ending.other_host {
+            Some(host) => other_host(host, policy.allow_remote).await,
+            None => None,
+        };
+        let index = self.index as usize;
+        for attempt in 0..policy.attempts {
+            tokio::time::sleep(Reconnect::backoff(attempt, self.index)).await;
+            let server = policy.target(self.server, named, attempt);
+            if let Ok(est) = policy.connector.login_via(index, server).await {
+                let (read, write) = tokio::io::split(est.io);
+                (self.read, self.server) = (read, est.server);
+                (self.framer, self.buf) = (est.framer, est.buf);
+                self.writer.put(write).await;
+                counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                counters.sessions_open.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        counters.reconnects_given_up.fetch_add(1, Ordering::Relaxed);
+        self.writer.end().await;
+        false
+    }
+
+    /// Handles one frame; how the connection ended when it did.
+    async fn on_frame(
+        &mut self,
+        frame: Frame,
+        phase: u32,
+        current: &mut PhaseReceived,
+    ) -> Option<Ending> {
         let bytes = match frame {
             Frame::Element(b) => b,
-            Frame::Whitespace | Frame::StreamOpen(_) => return true,
-            Frame::StreamClose => return false,
+            Frame::Whitespace | Frame::StreamOpen(_) => return None,
+            Frame::StreamClose => return Some(Ending::closed(None)),
         };
         let Ok(top) = parse_top_level(&bytes, NsContext::CLIENT) else {
-            return true; // a stanza the strict parser refuses is not one of ours
+            return None; // a stanza the strict parser refuses is not one of ours
         };
         let stanza = match top {
             TopLevel::Stanza(s) => s,
-            TopLevel::Nonza(e) => return !e.is("error", ns::STREAM),
+            TopLevel::Nonza(e) if e.is("error", ns::STREAM) => {
+                return Some(Ending::closed(Some(&e)));
+            }
+            TopLevel::Nonza(_) => return None,
         };
         if matches!(stanza.kind, Kind::Presence(_)) && self.on_room_presence(&stanza) {
-            return true;
+            return None;
         }
         match stanza.kind {
             Kind::Message(t) if t != MessageType::Error => {
@@ -377,14 +642,24 @@ impl Reader {
                         MessageType::Groupchat => Carrier::Groupchat,
                         _ => Carrier::Chat,
                     };
-                    self.on_probe(carrier, probe, phase, current);
+                    // XEP-0203: the server kept it (offline storage) before delivering.
+                    let delayed = find(&stanza.payload, ns::DELAY.as_bytes()).is_some();
+                    self.on_probe(carrier, probe, delayed, phase, current);
                 }
+            }
+            // A probe the server refused comes back to its sender as an error.
+            Kind::Message(MessageType::Error)
+                if child_text(&stanza.payload, b"body")
+                    .and_then(Probe::decode)
+                    .is_some() =>
+            {
+                (self.ctx.counters.bounced).fetch_add(1, Ordering::Relaxed);
             }
             Kind::Presence(PresenceType::Available) => {
                 match child_text(&stanza.payload, b"status").and_then(Probe::decode) {
                     // The server echoes our own updates back to us (RFC 6121 §4.4.2).
                     Some(probe) if probe.sender != self.index => {
-                        self.on_probe(Carrier::Presence, probe, phase, current);
+                        self.on_probe(Carrier::Presence, probe, false, phase, current);
                     }
                     Some(_) => {}
                     None => {
@@ -399,15 +674,14 @@ impl Reader {
                 }
             }
             Kind::Presence(PresenceType::Subscribe) => {
-                let Some(from) = stanza.from.as_ref().map(|j| j.to_bare().to_string()) else {
-                    return true;
-                };
+                // One without a sender is ignored (`None`: the stream goes on).
+                let from = stanza.from.as_ref().map(|j| j.to_bare().to_string())?;
                 if self.approve.contains(&from) {
                     if write(&self.writer, roster::approve(&escape(&from)).as_bytes())
                         .await
                         .is_err()
                     {
-                        return false;
+                        return Some(Ending::dropped("dropped"));
                     }
                     self.ctx.counters.approved.fetch_add(1, Ordering::Relaxed);
                 }
@@ -446,12 +720,12 @@ impl Reader {
                     )
                 };
                 if write(&self.writer, reply.as_bytes()).await.is_err() {
-                    return false;
+                    return Some(Ending::dropped("dropped"));
                 }
             }
             _ => {}
         }
-        true
+        None
     }
 
     /// Counts presence from a MUC room and hands a pending join its answer; `true`
@@ -480,12 +754,14 @@ impl Reader {
         !error
     }
 
-    /// Accounts for one probe of `carrier` that arrived in `phase`; a groupchat probe
-    /// from this very client is its echo, counted apart.
+    /// Accounts for one probe of `carrier` that arrived in `phase`, `delayed` when the
+    /// server had stored it; a groupchat probe from this very client is its echo,
+    /// counted apart.
     fn on_probe(
         &mut self,
         carrier: Carrier,
         probe: Probe,
+        delayed: bool,
         phase: u32,
         current: &mut PhaseReceived,
     ) {
@@ -507,6 +783,7 @@ impl Reader {
             Arrival::InOrder | Arrival::OutOfOrder => {
                 let took = latency(Duration::from_micros(probe.scheduled_us), arrived);
                 got.latency.record(took);
+                got.delayed += u64::from(delayed);
                 if echo {
                     counters.echoes.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -600,7 +877,7 @@ pub async fn send_phase(plan: SendPlan, counters: Arc<Counters>) -> u64 {
     let base = plan.phase_start.duration_since(plan.epoch);
     let mut next = 0;
     let mut out = String::new();
-    while let Some(due) = plan.schedule.next_due(next) {
+    'schedule: while let Some(due) = plan.schedule.next_due(next) {
         tokio::time::sleep_until(plan.phase_start + due).await;
         let batch = plan.schedule.due(next, plan.phase_start.elapsed());
         out.clear();
@@ -615,8 +892,29 @@ pub async fn send_phase(plan: SendPlan, counters: Arc<Counters>) -> u64 {
             .encode(plan.size, &mut out);
             out.push_str(close);
         }
-        if write(&plan.writer, out.as_bytes()).await.is_err() {
-            break;
+        loop {
+            let connection = plan.writer.connection();
+            match write(&plan.writer, out.as_bytes()).await {
+                Ok(()) => break,
+                // The reader is logging in again: the batch goes on the next connection.
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    if !plan.writer.wait_up(None).await {
+                        return next;
+                    }
+                }
+                // The connection broke under the write: the server may have read some
+                // of it, so it counts as sent and is not written again.
+                Err(_) => {
+                    let n = batch.end - next;
+                    counters.write_failed.fetch_add(n, Ordering::Relaxed);
+                    counters.sent.fetch_add(n, Ordering::Relaxed);
+                    next = batch.end;
+                    if !plan.writer.wait_up(connection).await {
+                        return next;
+                    }
+                    continue 'schedule;
+                }
+            }
         }
         counters.sent.fetch_add(batch.end - next, Ordering::Relaxed);
         next = batch.end;
@@ -650,5 +948,110 @@ mod tests {
             Some(&b"s 1"[..])
         );
         assert_eq!(child_text(b"<priority>1</priority>", b"status"), None);
+    }
+}
+
+#[cfg(test)]
+mod reconnect_tests {
+    use super::*;
+    use crate::conn::ConnectConfig;
+    use crate::negotiate::{Mech, TlsMode};
+
+    fn policy(ports: &[u16]) -> Reconnect {
+        let servers = ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect();
+        Reconnect {
+            connector: Arc::new(Connector::new(ConnectConfig {
+                servers,
+                sources: Vec::new(),
+                domain: "localhost".into(),
+                tls: TlsMode::None,
+                tls_config: None,
+                mech: Mech::Plain,
+                prefix: "load".into(),
+                password: "pw".into(),
+                timeout: Duration::from_secs(1),
+            })),
+            attempts: 5,
+            allow_remote: false,
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn reconnects_go_round_the_other_endpoints() {
+        let p = policy(&[1, 2, 3]);
+        let from_2: Vec<u16> = (0..4).map(|a| p.target(addr(2), None, a).port()).collect();
+        assert_eq!(from_2, [3, 1, 2, 3]);
+        // The host <see-other-host/> names comes first, then the list as before.
+        let named = Some(addr(9));
+        let told: Vec<u16> = (0..3).map(|a| p.target(addr(1), named, a).port()).collect();
+        assert_eq!(told, [9, 2, 3]);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_two_seconds_staggered_by_client() {
+        let ms = |attempt, index| Reconnect::backoff(attempt, index).as_millis();
+        assert_eq!(ms(0, 7), 0);
+        assert_eq!(
+            [ms(1, 0), ms(2, 0), ms(3, 0), ms(6, 0)],
+            [50, 100, 200, 1600]
+        );
+        assert_eq!([ms(7, 0), ms(30, 0)], [2000, 2000]);
+        assert_eq!([ms(1, 3), ms(1, 23)], [65, 65]);
+    }
+
+    fn ending(xml: &str) -> Ending {
+        let e = Element::parse(xml.as_bytes(), NsContext::CLIENT).expect("element");
+        Ending::closed(Some(&e))
+    }
+
+    #[test]
+    fn stream_ends_are_told_apart() {
+        const E: &str = "xmlns:stream='http://etherx.jabber.org/streams'";
+        const NS: &str = "xmlns='urn:ietf:params:xml:ns:xmpp-streams'";
+        let e = ending(&format!(
+            "<stream:error {E}><system-shutdown {NS}/><text {NS}>bye</text></stream:error>"
+        ));
+        assert_eq!((e.reason.as_str(), e.closed), ("system-shutdown", true));
+        assert_eq!(e.other_host, None);
+        let e = ending(&format!(
+            "<stream:error {E}><see-other-host {NS}>[::1]:5223</see-other-host></stream:error>"
+        ));
+        assert_eq!(e.reason, "see-other-host");
+        assert_eq!(e.other_host.as_deref(), Some("[::1]:5223"));
+        let e = ending(&format!(
+            "<stream:error {E}><conflict {NS}/></stream:error>"
+        ));
+        assert_eq!(e.reason, "stream-error:conflict");
+        assert_eq!(Ending::closed(None).reason, "closed");
+        let e = Ending::dropped("dropped");
+        assert!(!e.closed);
+    }
+
+    #[tokio::test]
+    async fn see_other_host_names_are_resolved_on_loopback_only() {
+        assert_eq!(
+            other_host("127.0.0.2", false).await,
+            Some("127.0.0.2:5222".parse().unwrap())
+        );
+        assert_eq!(
+            other_host("[::1]:5223", false).await,
+            Some("[::1]:5223".parse().unwrap())
+        );
+        assert_eq!(
+            other_host("localhost:6000", false).await.map(|a| a.port()),
+            Some(6000)
+        );
+        assert_eq!(other_host("192.0.2.1:5222", false).await, None);
+        assert_eq!(
+            other_host("192.0.2.1", true).await,
+            Some("192.0.2.1:5222".parse().unwrap())
+        );
     }
 }

@@ -1095,7 +1095,10 @@ mod tests {
     fn label_spellings_are_stable() {
         assert_eq!(Listener::DirectTls.as_str(), "direct_tls");
         assert_eq!(SaslMechanism::ScramSha256.as_str(), "scram_sha_256");
-        assert_eq!(StreamErrorCondition::SeeOtherHost.as_str(), "see_other_host");
+        assert_eq!(
+            StreamErrorCondition::SeeOtherHost.as_str(),
+            "see_other_host"
+        );
         assert_eq!(StreamErrorCondition::ALL.len(), 16);
         // Handle arrays are indexed by discriminant, so `ALL` must be in that order.
         for (i, c) in StreamErrorCondition::ALL.iter().enumerate() {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use jid::{BareJid, FullJid, Jid};
 use shoal_proto::v1;
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
-use shoal_xmpp::stanza::{Kind, Stanza};
+use shoal_xmpp::stanza::{IqType, Kind, MessageType, Stanza};
 use tracing::{debug, warn};
 
 use crate::c2s::session::{Close, Deliver, Session};
@@ -84,6 +84,19 @@ pub enum SendFail {
     Full,
     /// It is gone: forget it.
     Gone,
+}
+
+/// Whether a stanza that reached no session (its session stopped, or was closing) is
+/// routed again to be handled as for a session that is gone: messages (another
+/// resource, offline storage, RFC 6121 §8.5.2.2.1 and §8.5.3.2.1) and requests (the
+/// sender's error, §8.5.3.2.3). Presence is not: the next session is sent current
+/// presence anew, and errors and results have no one left to go to.
+pub fn worth_handing_back(kind: Kind) -> bool {
+    match kind {
+        Kind::Message(t) => t != MessageType::Error,
+        Kind::Iq(t) => matches!(t, IqType::Get | IqType::Set),
+        Kind::Presence(_) => false,
+    }
 }
 
 /// Cheap to clone; one per node, shared by every actor.

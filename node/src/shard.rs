@@ -792,6 +792,7 @@ impl ShardHost {
     ) {
         // Serialised once, shared by every recipient.
         let xml = Bytes::from(stanza.to_xml());
+        let recipients = sessions.len();
         let mut gone = Vec::new();
         for session in sessions {
             match self
@@ -813,9 +814,12 @@ impl ShardHost {
                 Err(SendFail::Gone) => gone.push(session),
             }
         }
-        // A session whose actor is gone without unbinding (it crashed or its unbind was
-        // dropped) or whose node left is detected here and removed, so the next stanza
-        // is routed right.
+        // A session whose actor is gone without unbinding (it crashed, or stopped with
+        // its unbind still on the way) or whose node left is detected here and removed,
+        // so the next stanza is routed right; a stanza none of its sessions took is
+        // routed again once they are forgotten, as for sessions that are gone (offline
+        // storage, say).
+        let mut removed = 0;
         for session in gone {
             if let SessionHandle::Remote { node, jid, id } = &session {
                 self.unregister_session(user, jid, *id, Some(node.clone()));
@@ -823,7 +827,11 @@ impl ShardHost {
             if let Some(Slot::Ready(state)) = self.users.get_mut(user) {
                 let effects = state.remove_handle(&session, jobs::now_ms() / 1000);
                 self.apply(user, effects, since);
+                removed += 1;
             }
+        }
+        if removed > 0 && removed == recipients && router::worth_handing_back(stanza.kind) {
+            self.router.route(stanza, since);
         }
     }
 

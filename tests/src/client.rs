@@ -369,7 +369,9 @@ impl Client {
         }
     }
 
-    /// Waits for a stream error and the close that must follow; returns the condition.
+    /// Waits for a stream error and the close that must follow, answers the close with
+    /// ours (RFC 6120 §4.4: a server that closed a bound stream reads until then);
+    /// returns the condition.
     pub async fn expect_stream_error(&mut self) -> anyhow::Result<String> {
         let error = self.expect_stream_error_element().await?;
         Received::Element(error)
@@ -384,7 +386,12 @@ impl Client {
             match self.recv().await? {
                 Received::Element(e) if e.is("error", ns::STREAM) => {
                     return match self.recv().await? {
-                        Received::StreamClose | Received::Eof => Ok(e),
+                        Received::StreamClose => {
+                            // The server may have dropped the connection already.
+                            let _ = self.close().await;
+                            Ok(e)
+                        }
+                        Received::Eof => Ok(e),
                         other => bail!("expected the stream close after the error, got {other:?}"),
                     };
                 }

@@ -2,10 +2,12 @@
 //! sharing it, each with its own c2s, admin and cluster gRPC ports (all port 0).
 //!
 //! Nodes can be stopped gracefully (`stop`: they hand their shards off), killed
-//! (`kill`: no goodbye, their leases expire), restarted under the same node id, and
+//! (`kill`: no goodbye, their leases expire), restarted under the same node id and on
+//! the same client port (as a pod keeps its name, so clients find it again), and
 //! Redis itself can be restarted. Shard leases are short (3 s) so failover tests
 //! finish quickly.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use jid::BareJid;
@@ -46,6 +48,8 @@ pub struct TestCluster {
     /// Settings of every node beyond the defaults, then those of node `i`.
     settings: Vec<(String, String)>,
     node_settings: Vec<Vec<(String, String)>>,
+    /// Each node's client (STARTTLS) address, kept across restarts.
+    c2s: Vec<SocketAddr>,
 }
 
 impl TestCluster {
@@ -78,6 +82,7 @@ impl TestCluster {
                 .collect(),
             node_settings,
             nodes: Vec::new(),
+            c2s: Vec::new(),
             redis: RedisServer::start(),
             users: users
                 .iter()
@@ -109,8 +114,14 @@ impl TestCluster {
         {
             builder = builder.set(key, value);
         }
-        for (u, p) in &self.users {
-            builder = builder.user(u, p);
+        // The accounts live in the shared Redis: the first node creates them.
+        if self.c2s.is_empty() {
+            for (u, p) in &self.users {
+                builder = builder.user(u, p);
+            }
+        }
+        if let Some(addr) = self.c2s.get(i) {
+            builder = builder.set("c2s.bind", addr);
         }
         builder.start()
     }
@@ -119,8 +130,15 @@ impl TestCluster {
     pub fn add_node(&mut self) -> usize {
         let i = self.nodes.len();
         let node = self.boot(i);
+        self.c2s.push(node.c2s);
         self.nodes.push(Some(node));
         i
+    }
+
+    /// Every node's client address, running or not (a restarted node listens there
+    /// again).
+    pub fn c2s_addrs(&self) -> &[SocketAddr] {
+        &self.c2s
     }
 
     pub fn node(&self, i: usize) -> &TestNode {

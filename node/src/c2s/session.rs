@@ -5,6 +5,14 @@
 //! hosts as [`Deliver`]. It stamps and routes what the client sends, enforces the idle
 //! timeout and the outbound bound, and unbinds from its shard when it stops. It never
 //! touches another session's state.
+//!
+//! Closing loses nothing the server accepted. When the server closes the stream (drain,
+//! conflict, idle timeout) the session unbinds at once, so the account's owner routes
+//! new stanzas elsewhere, and keeps reading until the client's own close (RFC 6120
+//! §4.4, bounded by [`CLOSE_WAIT`]): what the client sent before it read our close is
+//! routed. A stanza that reaches the session once it can write no more is handed back
+//! to routing after the unbind, so the owner treats it as for a session that is gone
+//! (another resource, offline storage, or an error to the sender: RFC 6121 §8.5).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,7 +24,10 @@ use jid::{FullJid, Jid};
 use shoal_xmpp::c2s::{Action, C2sStream};
 use shoal_xmpp::error::{StreamError, StreamErrorCondition};
 use shoal_xmpp::ns;
-use shoal_xmpp::stanza::{IqType, Kind, MessageType, PresenceType, Stanza};
+use shoal_xmpp::stanza::{
+    IqType, Kind, MessageType, PresenceType, Stanza, TopLevel, parse_top_level,
+};
+use shoal_xmpp::xml::NsContext;
 use tokio::task::AbortHandle;
 use tracing::{debug, info};
 
@@ -24,8 +35,8 @@ use crate::c2s::io::{Outbound, QueueFull};
 use crate::c2s::{fresh_id, stanza_kind, stream_error_label};
 use crate::cluster::forward::NodeId;
 use crate::cluster::link::ToOwner;
-use crate::metrics::{ConnectionGuard, GaugeGuard, Mailbox, Metrics};
-use crate::router::{Home, Router};
+use crate::metrics::{ConnectionGuard, GaugeGuard, Metrics};
+use crate::router::{self, Home, Router};
 use crate::shard::{Attached, FromSession, FromSessionKind, SessionHandle, Unbind};
 use crate::user::{SessionFacts, SessionId, UserShared};
 
@@ -33,6 +44,12 @@ use crate::user::{SessionFacts, SessionId, UserShared};
 /// sender told `<resource-constraint/>`); the reader task waits instead, which is the
 /// back-pressure on a client that sends faster than it is served.
 const SESSION_MAILBOX: usize = 1024;
+
+/// How long a stream we closed waits for the client's close (RFC 6120 §4.4 leaves
+/// "reasonable" to the server). A client that reads answers within a round trip; one
+/// that does not holds a draining node no longer than this (the drain's grace bounds it
+/// too).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Bytes read from the client (`None`: the socket closed).
 #[derive(Message)]
@@ -97,6 +114,10 @@ pub struct Session {
     directed: HashSet<Jid>,
     /// What a new owner of the account needs to serve this session as before.
     facts: SessionFacts,
+    /// Our stream close is written: nothing more goes to the client.
+    close_sent: bool,
+    /// The account's owner was told the session is gone.
+    unbound: bool,
 }
 
 impl Session {
@@ -119,10 +140,15 @@ impl Session {
             shared: parts.shared,
             directed: HashSet::new(),
             facts: SessionFacts::default(),
+            close_sent: false,
+            unbound: false,
         }
     }
 
     fn write(&mut self, bytes: &[u8], ctx: &mut Context<Self>) {
+        if self.close_sent {
+            return;
+        }
         let Some(out) = &self.outbound else { return };
         match out.send(bytes) {
             Ok(()) => {}
@@ -161,7 +187,11 @@ impl Session {
                         info!(jid = %self.jid, condition = e.condition.as_str(), text = e.text.as_deref().unwrap_or(""), "stream error");
                         self.metrics.stream_error(stream_error_label(e.condition));
                     }
-                    self.finish(ctx);
+                    if self.stream.is_closing() {
+                        self.await_client_close(ctx);
+                    } else {
+                        self.finish(ctx);
+                    }
                     return;
                 }
                 // Negotiation actions cannot occur once bound.
@@ -313,6 +343,40 @@ impl Session {
         self.write(reply.to_xml().as_bytes(), ctx);
     }
 
+    /// We closed the stream: the owner learns now that the session is gone, and the
+    /// client's stanzas are still routed until its close or [`CLOSE_WAIT`].
+    fn await_client_close(&mut self, ctx: &mut Context<Self>) {
+        self.close_sent = true;
+        self.unbind();
+        ctx.run_later(CLOSE_WAIT, |act, ctx| {
+            debug!(jid = %act.jid, "no close from the client");
+            act.finish(ctx);
+        });
+    }
+
+    /// Tells the account's owner, once, that this session is gone. It goes the way
+    /// routed stanzas go, so a stanza handed back afterwards reaches the owner after it.
+    fn unbind(&mut self) {
+        if std::mem::replace(&mut self.unbound, true) {
+            return;
+        }
+        self.router.to_owner(ToOwner::Unbind(Unbind {
+            jid: self.jid.clone(),
+            id: self.id,
+        }));
+    }
+
+    /// A stanza for a client that reads no more: routed again after the unbind, so
+    /// the owner handles it as for a session that is gone.
+    fn hand_back(&mut self, msg: Deliver) {
+        self.unbind();
+        if let Ok(TopLevel::Stanza(st)) = parse_top_level(&msg.xml, NsContext::CLIENT)
+            && router::worth_handing_back(st.kind)
+        {
+            self.router.route(st, msg.since);
+        }
+    }
+
     /// Stops the actor; the stream close has been queued (or cannot be sent).
     fn finish(&mut self, ctx: &mut Context<Self>) {
         if let Some(out) = self.outbound.take() {
@@ -359,20 +423,7 @@ impl Actor for Session {
             p.to = Some(to);
             self.router.route(p, Instant::now());
         }
-        let unbind = Unbind {
-            jid: self.jid.clone(),
-            id: self.id,
-        };
-        if self
-            .router
-            .host_for(&self.jid.to_bare())
-            .try_send(unbind)
-            .is_err()
-        {
-            // The shard removes the entry when its next delivery finds this mailbox
-            // closed, so a lost unbind only delays the cleanup.
-            self.metrics.mailbox_drop(Mailbox::Shard);
-        }
+        self.unbind();
         if let Some(f) = self.on_stop.take() {
             f();
         }
@@ -409,8 +460,8 @@ impl Handler<Deliver> for Session {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        if self.stream.is_closed() {
-            return;
+        if self.close_sent || self.stream.is_closed() {
+            return self.hand_back(msg);
         }
         self.metrics.stanza_out(stanza_kind(msg.kind));
         self.metrics.routing_latency(msg.since.elapsed());
@@ -431,11 +482,14 @@ impl Handler<ReportAttach> for Session {
     type Result = ();
 
     fn handle(&mut self, msg: ReportAttach, ctx: &mut Self::Context) {
+        // A session that unbound (closing) is gone for its account: it answers so, or
+        // the new owner would attach it again and deliver to it.
+        let present = !self.unbound;
         let attached = Attached {
             jid: self.jid.clone(),
             id: self.id,
-            handle: Some(SessionHandle::Local(ctx.address())),
-            facts: Some(self.facts.clone()),
+            handle: present.then(|| SessionHandle::Local(ctx.address())),
+            facts: present.then(|| self.facts.clone()),
         };
         self.router.attached(&msg.owner, attached);
     }

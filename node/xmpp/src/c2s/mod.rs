@@ -90,7 +90,10 @@ pub enum Action {
     /// A stanza from the bound client, `from` stamped with its full JID.
     Stanza(Stanza),
     /// The stream is over: close the socket once everything sent so far is flushed.
-    /// `error` is what was sent to the peer, for the log line.
+    /// `error` is what was sent to the peer, for the log line. When the machine is
+    /// then [`C2sStream::is_closing`], only our side is closed (we closed a bound
+    /// stream): RFC 6120 §4.4 asks us to keep handling what the client sends until its
+    /// own close, which comes as a second `Close` without error.
     Close { error: Option<StreamError> },
 }
 
@@ -159,6 +162,10 @@ enum State {
         request: Stanza,
     },
     Established {
+        jid: FullJid,
+    },
+    /// We closed a bound stream; the client's stanzas until its close still count.
+    Closing {
         jid: FullJid,
     },
     Closed,
@@ -232,6 +239,11 @@ impl C2sStream {
         matches!(self.state, State::Closed)
     }
 
+    /// Whether our side of a bound stream is closed and the client's is not yet.
+    pub fn is_closing(&self) -> bool {
+        matches!(self.state, State::Closing { .. })
+    }
+
     /// Frames and handles everything complete in `buf`. `fresh_id` produces random
     /// tokens (stream ids, SASL nonces); it is a parameter because this crate reads no
     /// randomness.
@@ -251,8 +263,13 @@ impl C2sStream {
                 break;
             }
             match self.framer.next_frame(buf) {
+                Ok(Some(frame)) if self.is_closing() => self.on_frame_closing(frame, &mut out),
                 Ok(Some(frame)) => self.on_frame(frame, buf, fresh_id, &mut out),
                 Ok(None) => break,
+                Err(_) if self.is_closing() => {
+                    self.state = State::Closed;
+                    out.push(Action::Close { error: None });
+                }
                 Err(e) => self.fail_frame(e, fresh_id, &mut out),
             }
         }
@@ -326,13 +343,58 @@ impl C2sStream {
         out
     }
 
-    /// Closes the stream from our side (shutdown, conflict, idle timeout).
+    /// Closes the stream from our side (shutdown, conflict, idle timeout). A bound
+    /// stream is then [closing](Self::is_closing): the client's stanzas until its
+    /// close are still handed over (RFC 6120 §4.4), so that nothing it sent before it
+    /// read our close is lost.
     pub fn close_with(&mut self, error: StreamError) -> Vec<Action> {
         let mut out = Vec::new();
-        if !self.is_closed() {
-            self.stream_error(error, &mut || String::from("closing"), &mut out);
+        if self.is_closed() || self.is_closing() {
+            return out;
+        }
+        let bound = match &self.state {
+            State::Established { jid } => Some(jid.clone()),
+            _ => None,
+        };
+        self.stream_error(error, &mut || String::from("closing"), &mut out);
+        if let Some(jid) = bound {
+            self.state = State::Closing { jid };
         }
         out
+    }
+
+    /// A frame after we closed a bound stream: its stanzas are routed as before, the
+    /// client's close (or anything a client cannot send on a stream it keeps) ends it.
+    /// Nothing is sent any more.
+    fn on_frame_closing(&mut self, frame: Frame, out: &mut Vec<Action>) {
+        let State::Closing { jid } = &self.state else {
+            return;
+        };
+        let stanza = match frame {
+            Frame::Whitespace => return,
+            Frame::Element(bytes) => match parse_top_level(&bytes, NsContext::CLIENT) {
+                Ok(TopLevel::Stanza(st)) => Some(st),
+                Ok(TopLevel::Nonza(_)) | Err(StanzaParseError::Stanza { .. }) => return,
+                Err(StanzaParseError::Stream(_)) => None,
+            },
+            Frame::StreamOpen(_) | Frame::StreamClose => None,
+        };
+        match stanza {
+            Some(st) => {
+                // The same rules as on the open stream, minus the answers: a stanza
+                // that names someone else or asks for a binding is dropped.
+                let own = st.from.as_ref().is_none_or(|from| names_itself(from, jid));
+                if own && !is_iq_set_of(&st, ns::SESSION) && !is_iq_set_of(&st, ns::BIND) {
+                    let mut st = st;
+                    st.from = Some(Jid::from(jid.clone()));
+                    out.push(Action::Stanza(st));
+                }
+            }
+            None => {
+                self.state = State::Closed;
+                out.push(Action::Close { error: None });
+            }
+        }
     }
 
     fn on_frame(
@@ -652,23 +714,17 @@ impl C2sStream {
     ) {
         match &self.state {
             State::Established { jid } => {
-                if let Some(from) = &st.from {
-                    // RFC 6120 §8.1.2.1: a client may only name itself.
-                    let own = if from.is_full() {
-                        from.as_str() == jid.as_str()
-                    } else {
-                        from.as_str() == jid.to_bare().as_str()
-                    };
-                    if !own {
-                        return self.stream_error(
-                            StreamError::with_text(
-                                StreamErrorCondition::InvalidFrom,
-                                "'from' does not match the bound JID",
-                            ),
-                            fresh_id,
-                            out,
-                        );
-                    }
+                if let Some(from) = &st.from
+                    && !names_itself(from, jid)
+                {
+                    return self.stream_error(
+                        StreamError::with_text(
+                            StreamErrorCondition::InvalidFrom,
+                            "'from' does not match the bound JID",
+                        ),
+                        fresh_id,
+                        out,
+                    );
                 }
                 st.from = Some(Jid::from(jid.clone()));
                 if is_iq_set_of(&st, ns::SESSION) {
@@ -892,6 +948,16 @@ impl C2sStream {
         out.push(Action::Send(s));
         out.push(Action::Close { error: Some(error) });
         self.state = State::Closed;
+    }
+}
+
+/// Whether a client bound as `jid` names itself with `from` (RFC 6120 §8.1.2.1: a
+/// client may only name itself, by full or bare JID).
+fn names_itself(from: &Jid, jid: &FullJid) -> bool {
+    if from.is_full() {
+        from.as_str() == jid.as_str()
+    } else {
+        from.as_str() == jid.to_bare().as_str()
     }
 }
 

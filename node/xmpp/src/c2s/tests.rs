@@ -414,6 +414,64 @@ fn bind_session_and_from_stamping() {
     assert_eq!(closed_with(&out), Some(StreamErrorCondition::InvalidFrom));
 }
 
+/// RFC 6120 §4.4: after our close of a bound stream, what the client sent before it
+/// read the close is still routed (stamped, nothing answered), until its own close.
+#[test]
+fn closing_a_bound_stream_still_routes_until_the_clients_close() {
+    let mut h = Harness::new(true, true);
+    h.authenticate_plain();
+    h.bind("balcony");
+    let out = h
+        .stream
+        .close_with(StreamError::new(StreamErrorCondition::SystemShutdown));
+    assert_eq!(
+        sent(&out),
+        "<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>"
+    );
+    assert_eq!(
+        closed_with(&out),
+        Some(StreamErrorCondition::SystemShutdown)
+    );
+    assert!(h.stream.is_closing() && !h.stream.is_closed());
+    // A second close (the idle timer, say) sends nothing.
+    assert!(
+        h.stream
+            .close_with(StreamError::new(StreamErrorCondition::ConnectionTimeout))
+            .is_empty()
+    );
+    let out = h.feed(
+        "<message to='romeo@localhost' id='m1'><body>last</body></message> \
+         <iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>\
+         <message from='romeo@localhost/orchard' to='x@localhost'/><a xmlns='b'/>",
+    );
+    match &out[..] {
+        [Action::Stanza(st)] => assert_eq!(
+            st.to_xml(),
+            "<message to='romeo@localhost' from='juliet@localhost/balcony' id='m1'><body>last</body></message>"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let out = h.feed("</stream:stream>");
+    assert_eq!(out, vec![Action::Close { error: None }]);
+    assert!(h.stream.is_closed());
+    assert!(h.feed("<message to='romeo@localhost'/>").is_empty());
+}
+
+/// A stream closed before binding has no client stanzas to wait for.
+#[test]
+fn closing_before_binding_is_final() {
+    let mut h = Harness::new(true, true);
+    h.authenticate_plain();
+    let out = h
+        .stream
+        .close_with(StreamError::new(StreamErrorCondition::SystemShutdown));
+    assert_eq!(
+        closed_with(&out),
+        Some(StreamErrorCondition::SystemShutdown)
+    );
+    assert!(h.stream.is_closed());
+}
+
 #[test]
 fn bind_conflict_keeps_waiting_for_bind() {
     let mut h = Harness::new(true, true);
@@ -463,20 +521,6 @@ fn every_split_point_negotiates_the_same() {
             "cut at {cut}"
         );
     }
-}
-
-#[test]
-fn shutdown_close() {
-    let mut h = Harness::new(true, true);
-    h.authenticate_plain();
-    h.bind("r");
-    let out = h
-        .stream
-        .close_with(StreamError::new(StreamErrorCondition::SystemShutdown));
-    assert_eq!(
-        sent(&out),
-        "<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>"
-    );
 }
 
 // ---------------------------------------------------------------------------------
