@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use jid::BareJid;
+use metrics::Gauge;
 use shoal_xmpp::error::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
 use shoal_xmpp::ns;
 use shoal_xmpp::stanza::{Kind, Stanza, TopLevel, parse_top_level};
@@ -57,14 +58,38 @@ enum Op {
 #[derive(Clone)]
 pub struct StorageQueue {
     tx: mpsc::UnboundedSender<Op>,
-    pending: Arc<AtomicUsize>,
+    pending: Pending,
     pub storage: Storage,
 }
 
+/// Operations submitted and not finished: the queue's own count (for congestion) and
+/// the node's gauge of all queues (`shoal_storage_queue_depth`).
+#[derive(Clone)]
+struct Pending {
+    count: Arc<AtomicUsize>,
+    gauge: Gauge,
+}
+
+impl Pending {
+    fn add(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.gauge.increment(1.0);
+    }
+
+    fn done(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.decrement(1.0);
+    }
+}
+
 impl StorageQueue {
-    pub fn start(storage: Storage) -> Self {
+    /// Starts the worker; `depth` is the gauge it keeps its count in.
+    pub fn start(storage: Storage, depth: Gauge) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let pending = Arc::new(AtomicUsize::new(0));
+        let pending = Pending {
+            count: Arc::new(AtomicUsize::new(0)),
+            gauge: depth,
+        };
         tokio::spawn(run_queue(rx, pending.clone()));
         Self {
             tx,
@@ -75,7 +100,7 @@ impl StorageQueue {
 
     /// Whether optional work should be refused (see [`STORAGE_QUEUE_SOFT_LIMIT`]).
     pub fn is_congested(&self) -> bool {
-        self.pending.load(Ordering::Acquire) >= STORAGE_QUEUE_SOFT_LIMIT
+        self.pending.count.load(Ordering::Acquire) >= STORAGE_QUEUE_SOFT_LIMIT
     }
 
     /// Queues an operation on `user`'s data, after the ones already queued for `user`.
@@ -89,9 +114,9 @@ impl StorageQueue {
     }
 
     fn send(&self, op: Op) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        self.pending.add();
         if self.tx.send(op).is_err() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.pending.done();
             warn!("storage queue stopped; operation dropped");
         }
     }
@@ -99,7 +124,7 @@ impl StorageQueue {
 
 /// The queue's scheduler. A user is in `queued` while it has an operation running or
 /// waiting; `ready` lists the users with a waiting operation and none running.
-async fn run_queue(mut rx: mpsc::UnboundedReceiver<Op>, pending: Arc<AtomicUsize>) {
+async fn run_queue(mut rx: mpsc::UnboundedReceiver<Op>, pending: Pending) {
     let mut queued: HashMap<BareJid, VecDeque<Task>> = HashMap::new();
     let mut ready: VecDeque<BareJid> = VecDeque::new();
     let mut running: JoinSet<()> = JoinSet::new();
@@ -120,7 +145,7 @@ async fn run_queue(mut rx: mpsc::UnboundedReceiver<Op>, pending: Arc<AtomicUsize
             && let Some(task) = barrier.take()
         {
             task.await;
-            pending.fetch_sub(1, Ordering::AcqRel);
+            pending.done();
             continue;
         }
         if !open && running.is_empty() && queued.is_empty() && barrier.is_none() {
@@ -139,7 +164,7 @@ async fn run_queue(mut rx: mpsc::UnboundedReceiver<Op>, pending: Arc<AtomicUsize
                 None => open = false,
             },
             Some(done) = running.join_next_with_id() => {
-                pending.fetch_sub(1, Ordering::AcqRel);
+                pending.done();
                 let id = match done {
                     Ok((id, ())) => id,
                     Err(e) => {
@@ -488,7 +513,10 @@ mod tests {
     /// alongside; a barrier waits for everything before it and holds back what follows.
     #[tokio::test]
     async fn queue_orders_per_user_and_runs_users_side_by_side() {
-        let queue = StorageQueue::start(Storage::from_backend(Arc::new(MemoryStore::new())));
+        let queue = StorageQueue::start(
+            Storage::from_backend(Arc::new(MemoryStore::new())),
+            crate::metrics::Metrics::new().storage_queue_depth(),
+        );
         let log = Arc::new(Mutex::new(Vec::new()));
         let (a, b): (BareJid, BareJid) = ("a@x".parse().unwrap(), "b@x".parse().unwrap());
         let step = |name: &'static str, ms: u64| {

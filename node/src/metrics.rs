@@ -48,6 +48,7 @@ const REDIS_LATENCY: &str = "shoal_cluster_redis_seconds";
 const REDIS_ERRORS: &str = "shoal_cluster_redis_errors_total";
 const PARKED: &str = "shoal_cluster_parked_total";
 const PARK_DEPTH: &str = "shoal_cluster_park_depth";
+const STORAGE_QUEUE_DEPTH: &str = "shoal_storage_queue_depth";
 const REROUTED: &str = "shoal_cluster_rerouted_total";
 const ATTACHES: &str = "shoal_cluster_session_attaches_total";
 const DIRECTORY_LOOKUPS: &str = "shoal_cluster_directory_lookups_total";
@@ -498,6 +499,10 @@ fn describe() {
         "Stanzas and session events held because their account's shard had no owner."
     );
     describe_gauge!(
+        STORAGE_QUEUE_DEPTH,
+        "Storage operations (loads, writes, jobs) the shard hosts' queues hold now, running or waiting."
+    );
+    describe_gauge!(
         PARK_DEPTH,
         "Stanzas and session events held now because their account's shard has no owner."
     );
@@ -598,6 +603,7 @@ struct Inner {
     redis_errors: Vec<Counter>,
     parked: Counter,
     park_depth: Gauge,
+    storage_queue_depth: Gauge,
     rerouted: Vec<Counter>,
     attaches: Vec<Counter>,
     directory_lookups: Vec<Counter>,
@@ -698,6 +704,7 @@ impl Metrics {
                 ),
                 parked: metrics::counter!(PARKED),
                 park_depth: metrics::gauge!(PARK_DEPTH),
+                storage_queue_depth: metrics::gauge!(STORAGE_QUEUE_DEPTH),
                 rerouted: per_label(
                     RerouteReason::ALL,
                     |r| metrics::counter!(REROUTED, "reason" => r.as_str()),
@@ -867,6 +874,12 @@ impl Metrics {
     /// Work for an account parked while its shard had no owner.
     pub fn parked(&self) {
         self.inner.parked.increment(1);
+    }
+
+    /// The gauge of the shard hosts' storage queues: each host adds what it submits
+    /// and takes off what finished.
+    pub fn storage_queue_depth(&self) -> Gauge {
+        self.inner.storage_queue_depth.clone()
     }
 
     /// How much work the park holds now.
@@ -1194,6 +1207,7 @@ mod tests {
             r#"shoal_routed_total{kind="iq",route="server"}"#,
             "shoal_muc_rooms",
             "shoal_muc_occupants",
+            "shoal_storage_queue_depth",
             "process_resident_memory_bytes",
             "process_cpu_seconds_total",
         ] {

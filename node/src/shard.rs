@@ -289,6 +289,7 @@ pub struct ShardHost {
 impl ShardHost {
     pub fn new(router: Router, storage: Storage, config: ShardConfig) -> Self {
         let metrics = router.metrics().clone();
+        let depth = metrics.storage_queue_depth();
         Self {
             users: HashMap::new(),
             rooms: HashMap::new(),
@@ -296,7 +297,7 @@ impl ShardHost {
             idle: HashMap::new(),
             router,
             metrics,
-            queue: StorageQueue::start(storage),
+            queue: StorageQueue::start(storage, depth),
             config,
         }
     }
