@@ -2,11 +2,12 @@
 //! a node, forwarding TCP and announcing each client with a PROXY protocol header.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use tempfile::TempDir;
+
+use crate::program::Program;
 
 /// Which PROXY header HAProxy sends to the node (`send-proxy` / `send-proxy-v2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +30,8 @@ impl ProxyHeader {
 pub struct HaProxy {
     /// The frontends, in the order of the routes given to [`HaProxy::start`].
     pub frontends: Vec<SocketAddr>,
-    dir: TempDir,
-    child: Child,
+    /// Held for its lifetime: dropping it stops HAProxy.
+    _program: Program,
 }
 
 impl HaProxy {
@@ -60,58 +61,15 @@ impl HaProxy {
         }
         let config_path = dir.path().join("haproxy.cfg");
         std::fs::write(&config_path, config).expect("write HAProxy's configuration");
-        let log = std::fs::File::create(dir.path().join("haproxy.log")).expect("log file");
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run haproxy ({e}): run `bash scripts/test-deps.sh` to install it")
-            });
-        let mut haproxy = HaProxy {
+        let mut command = Command::new("haproxy");
+        command.arg("-db").arg("-f").arg(&config_path);
+        let mut program = Program::spawn("haproxy", command, dir, &[]);
+        program.wait_until(Duration::from_secs(20), || {
+            matches!(crate::node::http_get(ready, "/ready"), Ok((200, _)))
+        });
+        HaProxy {
             frontends,
-            dir,
-            child,
-        };
-        haproxy.wait_ready(ready);
-        haproxy
-    }
-
-    /// What HAProxy printed so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("haproxy.log")
-    }
-
-    fn wait_ready(&mut self, ready: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(crate::node::http_get(ready, "/ready"), Ok((200, _))) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("haproxy exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "haproxy did not serve within 20 s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(crate::POLL);
-        }
-    }
-}
-
-impl Drop for HaProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- HAProxy's output ---\n{}", self.log());
+            _program: program,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod interop;
 pub mod logs;
 pub mod node;
 pub mod pki;
+pub mod program;
 pub mod prosody;
 
 pub use client::{Client, ClientReader, ClientWriter, Received};

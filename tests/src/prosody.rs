@@ -5,18 +5,19 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use tempfile::TempDir;
+
+use crate::program::Program;
 
 /// A running Prosody serving one domain; killed when dropped. A test that fails while
 /// one runs prints the end of its log.
 pub struct Prosody {
     pub domain: String,
     pub c2s: SocketAddr,
-    dir: TempDir,
-    child: Child,
+    program: Program,
 }
 
 impl Prosody {
@@ -69,69 +70,21 @@ VirtualHost "{domain}"
         );
         let config_path = path("prosody.cfg.lua");
         std::fs::write(&config_path, config).expect("write Prosody's configuration");
-        let stdout = std::fs::File::create(path("stdout.log")).expect("Prosody's stdout log");
-        let child = Command::new("prosody")
-            .args(["-F", "--config", &config_path])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stderr(stdout.try_clone().expect("log file"))
-            .stdout(stdout)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run prosody ({e}): run `bash scripts/test-deps.sh` to install it")
-            });
-        let mut prosody = Prosody {
+        let mut command = Command::new("prosody");
+        command.args(["-F", "--config", &config_path]);
+        let mut program = Program::spawn("prosody", command, dir, &["prosody.log"]);
+        program.wait_until(Duration::from_secs(30), || {
+            std::net::TcpStream::connect(c2s).is_ok()
+        });
+        Prosody {
             domain: domain.to_owned(),
             c2s,
-            dir,
-            child,
-        };
-        prosody.wait_listening();
-        prosody
+            program,
+        }
     }
 
     /// Prosody's certificate, for its clients to trust.
     pub fn cert_path(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
-    }
-
-    /// What Prosody wrote to its log and to stdout so far.
-    pub fn log(&self) -> String {
-        ["stdout.log", "prosody.log"]
-            .iter()
-            .map(|f| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(self.c2s).is_err() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("prosody exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prosody did not listen on {} within 30 s:\n{}",
-                self.c2s,
-                self.log()
-            );
-            std::thread::sleep(crate::POLL);
-        }
-    }
-}
-
-impl Drop for Prosody {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(200).collect();
-            eprintln!("--- the last lines of Prosody's log ---");
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-        }
+        self.program.dir().join("cert.pem")
     }
 }
