@@ -118,14 +118,15 @@ struct AdminState {
 }
 
 /// Serves the admin endpoint on `listener` until `shutdown` completes, then finishes
-/// in-flight requests and returns.
+/// in-flight requests and returns. The recorder's upkeep runs inside this future, so
+/// dropping it (the node aborts the task once it has stopped) ends both.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: PrometheusHandle,
     health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let upkeep = tokio::spawn({
+    let upkeep = {
         let handle = handle.clone();
         async move {
             let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
@@ -134,18 +135,18 @@ pub async fn serve(
                 handle.run_upkeep();
             }
         }
-    });
-
+    };
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AdminState { handle, health });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
-    upkeep.abort();
-    result
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        result = server => result,
+        // The upkeep loop never ends.
+        () = upkeep => Ok(()),
+    }
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
