@@ -379,10 +379,15 @@ pub async fn run_until(
         max_stanza_size: config.c2s.max_stanza_size,
         max_depth: config.c2s.max_depth,
     };
+    let mut s2s_domains = vec![domain.clone()];
+    if let Some(muc) = router.muc_domain() {
+        s2s_domains.push(muc.clone());
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let s2s_settings = match config.s2s.bind {
         Some(_) => Some(Arc::new(
-            s2s::Settings::from_config(&config.s2s, limits, identity).context("s2s")?,
+            s2s::Settings::from_config(&config.s2s, limits, &identity, &s2s_domains)
+                .context("s2s")?,
         )),
         None => None,
     };
@@ -392,10 +397,6 @@ pub async fn run_until(
             metrics.clone(),
             stop_rx.clone(),
         ));
-    }
-    let mut s2s_domains = vec![domain.clone()];
-    if let Some(muc) = router.muc_domain() {
-        s2s_domains.push(muc.clone());
     }
     let s2s_negotiation = config.c2s.negotiation_timeout;
 

@@ -50,8 +50,9 @@ impl Policy {
 pub struct Settings {
     pub connector: Connector,
     pub trust: trust::Trust,
-    /// Our certificate and key.
-    pub identity: crate::tls::Identity,
+    /// Our domains our certificate is valid for by the roots we trust ourselves: only
+    /// from these is SASL EXTERNAL worth trying.
+    pub external_domains: HashSet<BareJid>,
     /// The TLS configuration of the s2s listeners.
     pub server_tls: Arc<rustls::ServerConfig>,
     pub policy: Policy,
@@ -65,12 +66,13 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// From `[s2s]` and our certificate; a missing dialback secret becomes a random one
-    /// (single node).
+    /// From `[s2s]`, our certificate and our domains (`ours`); a missing dialback
+    /// secret becomes a random one (single node).
     pub fn from_config(
         config: &S2sConfig,
         limits: FramerLimits,
-        identity: crate::tls::Identity,
+        identity: &crate::tls::Identity,
+        ours: &[BareJid],
     ) -> anyhow::Result<Self> {
         let resolver = resolve::Resolver::new(&resolve::ResolverConfig {
             nameservers: config.nameservers.clone(),
@@ -83,7 +85,7 @@ impl Settings {
         let connector = Connector::new(
             resolver,
             &trust,
-            &identity,
+            identity,
             domains(&config.insecure_domains),
             config.connect_timeout,
             config.connect_timeout,
@@ -94,9 +96,13 @@ impl Settings {
         };
         Ok(Self {
             connector,
-            server_tls: trust.server_config(&identity)?,
+            server_tls: trust.server_config(identity)?,
+            external_domains: ours
+                .iter()
+                .filter(|d| trust.valid_for(&identity.chain, d))
+                .cloned()
+                .collect(),
             trust,
-            identity,
             policy: Policy {
                 allow: domains(&config.allow_domains),
                 deny: domains(&config.deny_domains),
@@ -117,9 +123,7 @@ impl Settings {
             remote: remote.clone(),
             limits: self.limits,
             tls_required: self.tls_required,
-            // Worth trying only if our certificate is valid for `local` by the roots we
-            // trust ourselves.
-            sasl_external: self.trust.valid_for(&self.identity.chain, local),
+            sasl_external: self.external_domains.contains(local),
             dialback_secret: self.dialback_secret.clone(),
             purpose,
         }
